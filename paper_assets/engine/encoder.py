@@ -1,0 +1,200 @@
+"""The embedding engine: texts in, float32 CLS vectors out, in the input order.
+
+Per chunk of texts: tokenise (truncation at max_length, no padding), plan length-sorted token-budget batches,
+run them under ``torch.inference_mode``, put each vector back at its row. Tokenising the next chunk overlaps the
+forward passes of the current one (a background thread feeding a bounded queue). On CUDA, host batches are
+pinned and copied with ``non_blocking=True``, and bf16/fp16 run under autocast; the CPU path is the same
+algorithm with the weights cast to the chosen precision.
+
+Failure rules (counted in :class:`EncodeStats`):
+- a batch whose output has NaN/Inf is recomputed one row at a time (no padding, the known trigger); a row that
+  is still non-finite raises :class:`NonFiniteEmbeddingError`;
+- a batch that runs out of memory is split in half and retried, down to single rows.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import numpy as np
+import torch
+
+from .batching import pad_batch, plan_batches
+from .model import LoadedModel
+
+Payload = TypeVar("Payload")
+
+
+class NonFiniteEmbeddingError(RuntimeError):
+    pass
+
+
+@dataclass
+class EncodeStats:
+    rows: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    batches: int = 0
+    forward_seconds: float = 0.0
+    nan_batches_recomputed: int = 0
+    oom_splits: int = 0
+    truncated_rows: int = 0
+
+    def add(self, other: EncodeStats) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    @property
+    def token_efficiency(self) -> float:
+        return self.real_tokens / self.padded_tokens if self.padded_tokens else 1.0
+
+
+@dataclass
+class TokenizedChunk(Generic[Payload]):
+    payload: Payload
+    token_ids: list[list[int]]
+    lengths: np.ndarray
+    truncated: int
+    batches: list[np.ndarray] = field(default_factory=list)
+
+
+def _is_oom(err: BaseException) -> bool:
+    if isinstance(err, torch.cuda.OutOfMemoryError | MemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+class Encoder:
+    def __init__(self, loaded: LoadedModel, token_budget: int | None = None, max_batch_rows: int | None = None):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.device = loaded.device
+        self.max_length = loaded.config.max_length
+        self.token_budget = token_budget or loaded.config.token_budget
+        self.max_batch_rows = max_batch_rows or loaded.config.max_batch_rows
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        self._forward_fn = self.model
+        if loaded.config.compile:
+            self._forward_fn = torch.compile(self.model, dynamic=True)
+
+    # -- tokenisation ---------------------------------------------------------------------------------------------
+    def tokenize(self, texts: list[str], payload: Payload = None) -> TokenizedChunk[Payload]:
+        if not texts:
+            return TokenizedChunk(payload, [], np.zeros(0, dtype=np.int64), 0)
+        encoded = self.tokenizer(
+            texts,
+            truncation=True,
+            max_length=self.max_length,
+            padding=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            return_overflowing_tokens=False,
+            return_length=True,
+        )
+        lengths = np.asarray(encoded["length"], dtype=np.int64)
+        truncated = int(np.count_nonzero(lengths >= self.max_length))
+        chunk = TokenizedChunk(payload, encoded["input_ids"], lengths, truncated)
+        chunk.batches = plan_batches(lengths, self.token_budget, self.max_batch_rows)
+        return chunk
+
+    # -- forward --------------------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.device.type == "cuda" and self.loaded.dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.loaded.dtype)
+        return nullcontext()
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """CLS vectors of one padded batch as float32 numpy (may contain NaN; callers check)."""
+        with torch.inference_mode(), self._autocast():
+            out = self._forward_fn(input_ids=self._to_device(input_ids), attention_mask=self._to_device(attention_mask))
+            cls = out.last_hidden_state[:, 0, :].float()
+        return cls.cpu().numpy()
+
+    def _encode_rows(self, chunk: TokenizedChunk, rows: np.ndarray, stats: EncodeStats) -> np.ndarray:
+        input_ids, attention = pad_batch(chunk.token_ids, rows, self.pad_id)
+        try:
+            vectors = self.forward(input_ids, attention)
+        except Exception as err:  # noqa: BLE001 - only out-of-memory is handled, everything else re-raised
+            if not _is_oom(err) or len(rows) == 1:
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            stats.oom_splits += 1
+            half = len(rows) // 2
+            return np.concatenate(
+                [self._encode_rows(chunk, rows[:half], stats), self._encode_rows(chunk, rows[half:], stats)]
+            )
+        stats.batches += 1
+        stats.real_tokens += int(attention.sum())
+        stats.padded_tokens += int(attention.size)
+        if not np.isfinite(vectors).all():
+            if len(rows) == 1:
+                raise NonFiniteEmbeddingError(f"non-finite embedding for a row of {len(chunk.token_ids[rows[0]])} tokens")
+            stats.nan_batches_recomputed += 1
+            vectors = np.concatenate([self._encode_rows(chunk, rows[i : i + 1], stats) for i in range(len(rows))])
+        return vectors
+
+    def encode_tokenized(self, chunk: TokenizedChunk) -> tuple[np.ndarray, EncodeStats]:
+        stats = EncodeStats(rows=len(chunk.token_ids), truncated_rows=chunk.truncated)
+        out = np.empty((len(chunk.token_ids), self.loaded.hidden_size), dtype=np.float32)
+        started = time.perf_counter()
+        for rows in chunk.batches:
+            out[rows] = self._encode_rows(chunk, rows, stats)
+        stats.forward_seconds = time.perf_counter() - started
+        return out, stats
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.empty((0, self.loaded.hidden_size), dtype=np.float32)
+        return self.encode_tokenized(self.tokenize(texts))[0]
+
+    def encode_stream(
+        self, chunks: Iterable[tuple[Payload, list[str]]], prefetch: int = 2
+    ) -> Iterator[tuple[Payload, np.ndarray, EncodeStats]]:
+        """Encode chunks in order while a background thread reads and tokenises the next ones."""
+        pending: queue.Queue = queue.Queue(maxsize=prefetch)
+        done = object()
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                for payload, texts in chunks:
+                    if stop.is_set():
+                        return
+                    pending.put(self.tokenize(texts, payload))
+                pending.put(done)
+            except BaseException as err:  # noqa: BLE001 - handed to the consumer, which re-raises it
+                pending.put(err)
+
+        worker = threading.Thread(target=produce, name="paper-assets-tokenizer", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = pending.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                vectors, stats = self.encode_tokenized(item)
+                yield item.payload, vectors, stats
+        finally:
+            stop.set()
+            while worker.is_alive():
+                try:
+                    pending.get_nowait()
+                except queue.Empty:
+                    worker.join(timeout=0.05)

@@ -1,0 +1,137 @@
+"""Loading SPECTER2 (base model + proximity adapter) the way the notebook does, with guards it lacked.
+
+- The adapter must end up active: ``str(model.active_adapters) == "Stack[<name>]"``, or loading is refused
+  (adapters logs "none are activated" during a load that works, so its log is not the truth).
+- The model is cast to a reduced precision only after ``load_adapter`` (adapters loads adapters in fp32).
+- The fingerprint hashes base + adapter weights (before any cast), max_length and pooling, so a vector can be
+  traced to the exact model that made it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .device import precision_name, resolve_device, resolve_precision
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_MODEL = "allenai/specter2_base"
+DEFAULT_ADAPTER = "allenai/specter2"
+DEFAULT_ADAPTER_NAME = "proximity"
+POOLING = "cls"
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+class AdapterNotActiveError(ModelLoadError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    base_model: str = DEFAULT_BASE_MODEL
+    adapter: str = DEFAULT_ADAPTER
+    adapter_name: str = DEFAULT_ADAPTER_NAME
+    device: str = "auto"
+    precision: str = "auto"
+    max_length: int = 512
+    compile: bool = False
+    # Seq-len-sorted batches are cut so that rows * longest row <= token_budget (padded tokens).
+    token_budget: int = 16384
+    max_batch_rows: int = 512
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    dtype: torch.dtype
+    fingerprint: str
+    hidden_size: int
+    config: ModelConfig
+    num_parameters: int
+    num_layers: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def precision(self) -> str:
+        return precision_name(self.dtype)
+
+
+def _offline_help(name: str, what: str, err: Exception) -> ModelLoadError:
+    env = "PAPER_ASSETS_BASE_MODEL" if what == "base model" else "PAPER_ASSETS_ADAPTER"
+    return ModelLoadError(
+        f"could not load the {what} {name!r}: {type(err).__name__}: {err}\n"
+        f"If this machine is offline, download it where the Hub is reachable, e.g.\n"
+        f"  huggingface-cli download {name} --local-dir /models/{name.split('/')[-1]}\n"
+        f"copy that folder here and point {env} (or the specter2 resource's config) at it."
+    )
+
+
+def weights_fingerprint(model: torch.nn.Module, max_length: int, adapter_name: str) -> str:
+    digest = hashlib.sha256()
+    digest.update(f"max_length={max_length};pooling={POOLING};adapter={adapter_name}".encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        data = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
+        digest.update(np.ascontiguousarray(data).view(np.uint8).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_adapter_active(model: torch.nn.Module, adapter_name: str) -> None:
+    active = str(getattr(model, "active_adapters", None))
+    if active != f"Stack[{adapter_name}]":
+        raise AdapterNotActiveError(
+            f"adapter {adapter_name!r} is not active after loading (model.active_adapters = {active}); refusing "
+            "to embed with the bare base model. A base checkpoint that already contains an adapter with that name "
+            "causes this: load a clean base model or choose another adapter name."
+        )
+
+
+def load_model(config: ModelConfig) -> LoadedModel:
+    from adapters import AutoAdapterModel
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.base_model)
+        model = AutoAdapterModel.from_pretrained(config.base_model)
+    except (OSError, ValueError) as err:
+        raise _offline_help(config.base_model, "base model", err) from err
+    source = "hf" if not os.path.isdir(config.adapter) else None
+    try:
+        kwargs = {"source": source} if source else {}
+        model.load_adapter(config.adapter, load_as=config.adapter_name, set_active=True, **kwargs)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise _offline_help(config.adapter, "adapter", err) from err
+    check_adapter_active(model, config.adapter_name)
+    model.eval()
+    fingerprint = weights_fingerprint(model, config.max_length, config.adapter_name)
+    device = resolve_device(config.device)
+    dtype = resolve_precision(config.precision, device)
+    # CPU: weights are cast (AMX kernels want bf16 weights). CUDA: weights stay fp32 and autocast picks the
+    # kernels, which keeps LayerNorm/softmax in fp32 (see pytorch#103749 for NaNs with bf16 SDPA + padding).
+    if device.type != "cuda" and dtype != torch.float32:
+        model.to(dtype=dtype)
+    model.to(device)
+    hidden = int(model.config.hidden_size)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=dtype,
+        fingerprint=fingerprint,
+        hidden_size=hidden,
+        config=config,
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        num_layers=int(model.config.num_hidden_layers),
+    )

@@ -1,0 +1,161 @@
+"""The two partition steps: source range -> papers Parquet, papers Parquet -> embeddings Parquet."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import text as text_rules
+from .encoder import EncodeStats, Encoder
+from .ranges import IdRange
+from .source import SourceInfo, read_range
+from .storage import (
+    EMBEDDING_ROW_GROUP,
+    PAPERS_SCHEMA,
+    ChunkCheckpoints,
+    atomic_parquet_writer,
+    embeddings_batch,
+    embeddings_schema,
+    vectors_of,
+)
+
+Progress = Callable[[int, int, float], None]  # rows done, rows total, seconds elapsed
+
+
+@dataclass
+class PapersReport:
+    rows: int = 0
+    source_rows: int = 0
+    duplicate_corpusid: int = 0
+    rules: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
+    content_hash: str = ""
+    cleaned_fields: int = 0
+
+
+def build_papers(
+    info: SourceInfo, rng: IdRange, out_path: Path, sep_token: str = "[SEP]", batch_rows: int = 8192
+) -> PapersReport:
+    """Write the range's embeddable rows (id, text, text hash, rule) to ``out_path`` atomically."""
+    report = PapersReport()
+    read_stats, batches = read_range(info, rng, batch_rows)
+    report.source_rows, report.duplicate_corpusid = read_stats.source_rows, read_stats.duplicate_corpusid
+    content = hashlib.sha256(f"sep={sep_token}".encode())
+    with atomic_parquet_writer(out_path, PAPERS_SCHEMA) as writer:
+        for batch in batches:
+            ids = batch.column("corpusid").to_numpy()
+            keep_ids, texts, hashes, rules = [], [], [], []
+            for corpusid, title, abstract in zip(
+                ids, batch.column("title").to_pylist(), batch.column("abstract").to_pylist(), strict=True
+            ):
+                paper = text_rules.paper_text(title, abstract, sep_token)
+                if paper.text is None:
+                    report.skipped[paper.rule] += 1
+                    continue
+                digest = text_rules.text_sha256(paper.text)
+                keep_ids.append(corpusid)
+                texts.append(paper.text)
+                hashes.append(digest)
+                rules.append(paper.rule)
+                report.rules[paper.rule] += 1
+                content.update(f"{corpusid}:{digest};".encode())
+            if keep_ids:
+                writer.write_batch(
+                    pa.RecordBatch.from_arrays(
+                        [pa.array(keep_ids, pa.int64()), pa.array(texts), pa.array(hashes), pa.array(rules)],
+                        schema=PAPERS_SCHEMA,
+                    )
+                )
+                report.rows += len(keep_ids)
+    report.content_hash = content.hexdigest()[:16]
+    return report
+
+
+@dataclass
+class EmbedReport:
+    rows: int = 0
+    resumed_rows: int = 0
+    chunks: int = 0
+    resumed_chunks: int = 0
+    seconds: float = 0.0
+    encode: EncodeStats = field(default_factory=EncodeStats)
+    norms: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+
+    @property
+    def papers_per_second(self) -> float:
+        computed = self.rows - self.resumed_rows
+        return computed / self.seconds if self.seconds else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.encode.real_tokens / self.seconds if self.seconds else 0.0
+
+
+def _papers_chunks(papers_path: Path, chunk_rows: int) -> Iterator[pa.RecordBatch]:
+    parquet = pq.ParquetFile(papers_path)
+    yield from parquet.iter_batches(batch_size=chunk_rows, columns=["corpusid", "text", "text_sha256"])
+
+
+def embed_papers(
+    papers_path: Path,
+    out_path: Path,
+    encoder: Encoder,
+    checkpoint_dir: Path,
+    chunk_rows: int = 20_000,
+    file_metadata: dict | None = None,
+    progress: Progress | None = None,
+) -> EmbedReport:
+    """Embed every row of a papers file into ``out_path`` (atomically), checkpointing each finished chunk."""
+    started = time.perf_counter()
+    report = EmbedReport()
+    total = pq.ParquetFile(papers_path).metadata.num_rows
+    papers_digest = hashlib.sha256(Path(papers_path).read_bytes()).hexdigest()[:16]
+    loaded = encoder.loaded
+    checkpoints = ChunkCheckpoints(
+        checkpoint_dir,
+        {"papers_sha256": papers_digest, "model": loaded.fingerprint, "chunk_rows": chunk_rows,
+         "precision": loaded.precision},
+    )
+    schema = embeddings_schema(loaded.hidden_size)
+    done = 0
+
+    def todo() -> Iterator[tuple[tuple[int, pa.RecordBatch], list[str]]]:
+        nonlocal done
+        for index, chunk in enumerate(_papers_chunks(papers_path, chunk_rows)):
+            if checkpoints.has(index):
+                report.resumed_chunks += 1
+                report.resumed_rows += chunk.num_rows
+                done += chunk.num_rows
+                continue
+            yield (index, chunk), chunk.column("text").to_pylist()
+
+    for (index, chunk), vectors, stats in encoder.encode_stream(todo()):
+        checkpoints.write(index, embeddings_batch(chunk.column("corpusid").to_numpy(), vectors,
+                                                  chunk.column("text_sha256"), schema))
+        report.encode.add(stats)
+        done += chunk.num_rows
+        if progress:
+            progress(done, total, time.perf_counter() - started)
+
+    norms = []
+    with atomic_parquet_writer(out_path, embeddings_schema(loaded.hidden_size, file_metadata)) as writer:
+        for chunk_file in checkpoints.chunks():
+            table = pq.read_table(chunk_file)
+            norms.append(np.linalg.norm(vectors_of(table), axis=1))
+            writer.write_table(table.cast(writer.schema), row_group_size=EMBEDDING_ROW_GROUP)
+            report.rows += table.num_rows
+            report.chunks += 1
+        if report.rows != total:  # raised inside the writer: the previous good file stays in place
+            raise RuntimeError(f"embedded {report.rows} rows but {papers_path} has {total}; checkpoints inconsistent")
+    checkpoints.clear()
+    report.norms = np.concatenate(norms) if norms else np.zeros(0, dtype=np.float32)
+    report.seconds = time.perf_counter() - started
+    return report
