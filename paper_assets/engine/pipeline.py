@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from .ranges import IdRange
 from .source import SourceInfo, read_range
 from .storage import (
     EMBEDDING_ROW_GROUP,
+    METADATA_KEY,
     PAPERS_SCHEMA,
     ChunkCheckpoints,
     atomic_parquet_writer,
@@ -38,7 +40,10 @@ class PapersReport:
     rules: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)
     content_hash: str = ""
-    cleaned_fields: int = 0
+
+    def as_metadata(self) -> dict:
+        return {"rows": self.rows, "source_rows": self.source_rows, "duplicate_corpusid": self.duplicate_corpusid,
+                "rules": dict(self.rules), "skipped": dict(self.skipped), "content_hash": self.content_hash}
 
 
 def build_papers(
@@ -75,7 +80,8 @@ def build_papers(
                     )
                 )
                 report.rows += len(keep_ids)
-    report.content_hash = content.hexdigest()[:16]
+        report.content_hash = content.hexdigest()[:16]
+        writer.add_key_value_metadata({METADATA_KEY: json.dumps(report.as_metadata(), sort_keys=True)})
     return report
 
 

@@ -67,7 +67,7 @@ def vectors_of(table: pa.Table | pa.RecordBatch) -> np.ndarray:
 
 
 def file_metadata(path: str | os.PathLike) -> dict:
-    raw = pq.read_schema(path).metadata or {}
+    raw = pq.read_metadata(path).metadata or {}
     return json.loads(raw.get(METADATA_KEY, b"{}"))
 
 
@@ -232,9 +232,15 @@ def refresh_catalog(conn, home: ProjectHome) -> list[str]:
         ("papers", home.papers_dir, "papers"),
         ("embeddings", home.embeddings_dir, "embeddings"),
     ):
-        if any(folder.glob(f"{prefix}-*.parquet")):
+        files = sorted(folder.glob(f"{prefix}-*.parquet"))
+        if files:
             pattern = str(folder / f"{prefix}-*.parquet").replace("'", "''")
-            conn.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT * FROM read_parquet('{pattern}')")
+            columns = "*"
+            if view == "embeddings":
+                # Parquet has no fixed-size list: cast back to ARRAY so array_cosine_similarity & co. work.
+                dim = pq.read_schema(files[0]).field("embedding").type.list_size
+                columns = f"corpusid, embedding::FLOAT[{int(dim)}] AS embedding, text_sha256"
+            conn.execute(f"CREATE OR REPLACE VIEW {view} AS SELECT {columns} FROM read_parquet('{pattern}')")
             made.append(view)
         else:
             conn.execute(f"DROP VIEW IF EXISTS {view}")

@@ -86,6 +86,10 @@ def build_model(
         for name, param in model.named_parameters():
             if f"adapters.{adapter_name}." in name and name.endswith("weight"):
                 param.normal_(0.0, adapter_init_std)
+            elif "LayerNorm.weight" in name:
+                param.normal_(1.0, 0.3)  # trained models' norms vary between papers; fresh LayerNorms do not
+            elif "LayerNorm.bias" in name:
+                param.normal_(0.0, 0.2)
     model.save_adapter(str(adapter_dir), adapter_name)
     if not include_adapter_in_base:
         model.delete_adapter(adapter_name)

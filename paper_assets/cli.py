@@ -1,0 +1,261 @@
+"""``paper-assets``: demo | embed | bench | publish | ui."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .settings import Settings, load_settings
+
+DEMO_PAPERS = 2000
+
+
+def _dagster_home(settings: Settings) -> Path:
+    home = Path(settings.home) / "dagster"
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text(
+            "telemetry:\n  enabled: false\n"
+            "# paper_embeddings runs in pool 'gpu': one step per GPU at a time. Raise the limit with\n"
+            "#   dagster instance concurrency set gpu <number of GPUs>\n"
+            "concurrency:\n  pools:\n    default_limit: 1\n",
+            encoding="utf-8",
+        )
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+def prepare_demo(settings: Settings, papers_jsonl: str | None, count: int) -> Settings:
+    """Build (if absent) the demo source DB and the offline stand-in model, and record them in the home config."""
+    from .engine import sample_source
+    from .engine.storage import ProjectHome
+    from .engine.tiny_model import build_model
+
+    layout = ProjectHome(settings.home)
+    source = layout.demo_dir / "source.duckdb"
+    if not source.exists():
+        papers = (sample_source.read_jsonl_papers(papers_jsonl) if papers_jsonl
+                  else sample_source.generate_papers(count))
+        sample_source.write_source(source, papers)
+        print(f"built demo source {source} ({len(papers):,} papers)")
+    model_dir = layout.demo_dir / "model"
+    if not (model_dir / "adapter" / "adapter_config.json").exists():
+        import duckdb
+
+        with duckdb.connect(str(source), read_only=True) as conn:
+            texts = [f"{t or ''} {a or ''}" for t, a in
+                     conn.execute("SELECT title, abstract FROM papers_with_abstracts").fetchall()]
+        build_model(model_dir, texts)
+        print(f"built offline stand-in model {model_dir} (random weights, NOT SPECTER2)")
+    config_file = Path(settings.home) / "paper_assets.json"
+    if not config_file.exists():
+        demo = Settings(home=settings.home, source=str(source), base_model=str(model_dir / "base"),
+                        adapter=str(model_dir / "adapter"), range_width=settings.range_width)
+        demo.save()
+        print(f"wrote {config_file} (environment variables override it)")
+    return load_settings()
+
+
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+def materialize_all(settings: Settings, log=print) -> dict:
+    """Materialise every partition of every asset through Dagster into the persistent instance."""
+    _dagster_home(settings)
+    from dagster import DagsterInstance, materialize
+
+    from .definitions import build_definitions
+    from .defs import embeddings, shards, source
+    from .defs.partitions import CORPUSID_RANGES
+
+    defs = build_definitions(settings)
+    resources = defs.resources
+    instance = DagsterInstance.get()
+    started = time.perf_counter()
+    result = materialize([source.s2_source], resources=resources, instance=instance, run_config=QUIET)
+    assert result.success
+    keys = sorted(instance.get_dynamic_partitions(CORPUSID_RANGES))
+    embed_seconds = 0.0
+    papers_total = 0
+    for key in keys:
+        t0 = time.perf_counter()
+        result = materialize([embeddings.papers, embeddings.paper_embeddings], partition_key=key,
+                             resources=resources, instance=instance, run_config=QUIET)
+        embed_seconds += time.perf_counter() - t0
+        events = result.asset_materializations_for_node("paper_embeddings")
+        rows = int(events[0].metadata["dagster/row_count"].value) if events else 0
+        papers_total += rows
+        log(f"  {key}: {rows:,} papers")
+    if keys:
+        result = materialize([shards.hub_shards], resources=resources, instance=instance, run_config=QUIET,
+                             tags={"dagster/asset_partition_range_start": keys[0],
+                                   "dagster/asset_partition_range_end": keys[-1]})
+        assert result.success
+    return {"partitions": len(keys), "papers": papers_total, "seconds": time.perf_counter() - started,
+            "embed_seconds": embed_seconds, "home": settings.home,
+            "dagster_home": os.environ["DAGSTER_HOME"]}
+
+
+def cmd_demo(args) -> int:
+    settings = load_settings()
+    Path(settings.home).mkdir(parents=True, exist_ok=True)
+    settings = prepare_demo(settings, args.papers_jsonl, args.papers)
+    print(f"materialising every partition of s2_source -> papers -> paper_embeddings -> hub_shards in {settings.home}")
+    summary = materialize_all(settings)
+    rate = summary["papers"] / summary["embed_seconds"] if summary["embed_seconds"] else 0.0
+    print(
+        f"\ndone: {summary['partitions']} partitions, {summary['papers']:,} papers in {summary['seconds']:.1f} s "
+        f"({rate:,.1f} papers/s through papers+embeddings runs)\n"
+        f"  embeddings:  {Path(settings.home) / 'embeddings'}\n"
+        f"  catalog:     {Path(settings.home) / 'warehouse.duckdb'} (views papers, embeddings)\n"
+        f"  hub layout:  {settings.hub_repo or Path(settings.home) / 'hub'}\n"
+        f"  Dagster UI:  DAGSTER_HOME={summary['dagster_home']} dagster dev -w workspace.yaml  "
+        f"(or: paper-assets ui)"
+    )
+    return 0
+
+
+def cmd_embed(args) -> int:
+    import tempfile
+
+    from .engine.encoder import Encoder
+    from .engine.model import ModelConfig, load_model
+    from .engine.pipeline import build_papers, embed_papers
+    from .engine.ranges import IdRange, parse_range
+    from .engine.source import inspect_source, range_stats
+
+    settings = load_settings()
+    info = inspect_source(args.source, args.table)
+    width = args.range_width or settings.range_width
+    if args.range:
+        ranges = [parse_range(args.range)]
+    else:
+        stats, invalid = range_stats(info, width)
+        ranges = [IdRange(lo, lo + width - 1) for lo in stats]
+        if invalid:
+            print(f"warning: {invalid} row(s) have no valid corpusid and are not embedded", file=sys.stderr)
+    config = ModelConfig(base_model=args.base_model or settings.base_model, adapter=args.adapter or settings.adapter,
+                         device=args.device or settings.device, precision=args.precision or settings.precision,
+                         token_budget=args.token_budget or settings.token_budget, compile=args.compile)
+    encoder = Encoder(load_model(config))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    total, started = 0, time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=out, prefix=".work-") as work:
+        for rng in ranges:
+            papers_file = Path(work) / f"papers-{rng.key}.parquet"
+            papers = build_papers(info, rng, papers_file)
+            meta = {"model": {"base_model": config.base_model, "adapter": config.adapter,
+                              "fingerprint": encoder.loaded.fingerprint, "precision": encoder.loaded.precision},
+                    "range": rng.key, "source_release": info.version}
+            report = embed_papers(papers_file, out / f"embeddings-{rng.key}.parquet", encoder,
+                                  Path(work) / "checkpoints" / rng.key, chunk_rows=settings.chunk_rows,
+                                  file_metadata=meta)
+            total += report.rows
+            print(f"{rng.key}: {report.rows:,} embedded, {sum(papers.skipped.values())} skipped (no text), "
+                  f"{papers.duplicate_corpusid} duplicate ids, {report.papers_per_second:,.1f} papers/s")
+    elapsed = time.perf_counter() - started
+    print(f"{total:,} papers in {elapsed:.1f} s ({total / elapsed if elapsed else 0:,.1f} papers/s) -> {out}")
+    return 0
+
+
+def cmd_publish(args) -> int:
+    from .defs.shards import card_builder, collect_shards
+    from .engine.publish import HubTarget, LocalFolderTarget, publish_shards
+    from .engine.storage import ProjectHome
+
+    settings = load_settings()
+    layout = ProjectHome(settings.home)
+    keys = args.ranges or sorted(p.stem.removeprefix("embeddings-")
+                                 for p in layout.embeddings_dir.glob("embeddings-*.parquet"))
+    if not keys:
+        print(f"nothing to publish: no embeddings in {layout.embeddings_dir}", file=sys.stderr)
+        return 1
+    repo = args.repo or settings.hub_repo
+    target = (HubTarget(repo, revision=args.revision or settings.hub_revision, private=settings.hub_private)
+              if repo else LocalFolderTarget(layout.hub_folder))
+    report = publish_shards(target, collect_shards(layout, keys), card_builder(layout),
+                            message=f"paper_assets: publish {len(keys)} range(s)")
+    print(json.dumps({"target": report.target, "commit": report.commit_sha, "url": report.commit_url,
+                      "uploaded": report.uploaded, "skipped": report.skipped, "deleted": report.deleted,
+                      "bytes_uploaded": report.bytes_uploaded, "conflicts": report.conflicts}, indent=2))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .engine.bench import run_benchmark
+
+    return run_benchmark(args)
+
+
+def cmd_ui(args) -> int:
+    settings = load_settings()
+    home = _dagster_home(settings)
+    workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
+    argv = ["dagster", "dev", "-w", str(workspace), "-h", args.host, "-p", str(args.port)]
+    print(f"DAGSTER_HOME={home} {' '.join(argv)}")
+    os.execvp(argv[0], argv)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="paper-assets", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="build the offline demo (source + stand-in model) and materialise everything")
+    demo.add_argument("--papers-jsonl", help="build the demo source from this JSONL of papers instead of generating")
+    demo.add_argument("--papers", type=int, default=DEMO_PAPERS, help="papers to generate (default %(default)s)")
+    demo.set_defaults(func=cmd_demo)
+
+    embed = sub.add_parser("embed", help="embed a source DuckDB into embeddings Parquet files (no Dagster)")
+    embed.add_argument("--source", required=True)
+    embed.add_argument("--out", required=True)
+    embed.add_argument("--table", default="papers_with_abstracts")
+    embed.add_argument("--base-model")
+    embed.add_argument("--adapter")
+    embed.add_argument("--device")
+    embed.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    embed.add_argument("--range", help="only this inclusive corpusid range, e.g. 0-999999 (one output file)")
+    embed.add_argument("--range-width", type=int)
+    embed.add_argument("--token-budget", type=int)
+    embed.add_argument("--compile", action="store_true", help="torch.compile the model")
+    embed.set_defaults(func=cmd_embed)
+
+    bench = sub.add_parser("bench", help="engine vs a faithful re-implementation of the notebook, same data+model")
+    bench.add_argument("--source", help="source DuckDB (default: built from ../shared/data or the demo source)")
+    bench.add_argument("--base-model")
+    bench.add_argument("--adapter")
+    bench.add_argument("--papers", type=int, default=256)
+    bench.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    bench.add_argument("--compile", action="store_true")
+    bench.add_argument("--token-budget", type=int, default=16384)
+    bench.add_argument("--json", help="also write the results to this file")
+    bench.add_argument("--pipeline-papers", type=int, default=0,
+                       help="also measure read->tokenise->write papers/s and RSS with the tiny model at N and 10N")
+    bench.set_defaults(func=cmd_bench)
+
+    publish = sub.add_parser("publish", help="publish the home's embeddings (same code as the hub_shards asset)")
+    publish.add_argument("--repo", help="dataset repo id (default PAPER_ASSETS_HUB_REPO; none: local folder)")
+    publish.add_argument("--revision")
+    publish.add_argument("ranges", nargs="*", help="range keys (default: every embeddings partition)")
+    publish.set_defaults(func=cmd_publish)
+
+    ui = sub.add_parser("ui", help="dagster dev -w workspace.yaml with this home's DAGSTER_HOME")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=3000)
+    ui.set_defaults(func=cmd_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

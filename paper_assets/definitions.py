@@ -1,0 +1,46 @@
+"""The Dagster code location: ``dagster dev -w workspace.yaml`` loads ``defs`` from here."""
+
+from __future__ import annotations
+
+from dagster import Definitions, load_asset_checks_from_modules
+from dagster_duckdb import DuckDBResource
+
+from .defs import embeddings, shards, source
+from .defs.resources import ProjectHomeResource, S2SourceResource, ShardPublisherResource, Specter2Resource
+from .defs.sensors import s2_source_release_sensor
+from .engine.storage import ProjectHome
+from .settings import Settings, load_settings
+
+
+def build_resources(settings: Settings) -> dict:
+    home = ProjectHome(settings.home)
+    return {
+        "home": ProjectHomeResource(root=str(home.root)),
+        "source": S2SourceResource(
+            path=settings.source, table=settings.source_table, hub_repo=settings.source_hub_repo,
+            hub_file=settings.source_hub_file, revision=settings.source_revision, range_width=settings.range_width,
+        ),
+        "specter2": Specter2Resource(
+            base_model=settings.base_model, adapter=settings.adapter, device=settings.device,
+            precision=settings.precision, token_budget=settings.token_budget, chunk_rows=settings.chunk_rows,
+            compile=settings.compile,
+        ),
+        "publisher": ShardPublisherResource(
+            hub_repo=settings.hub_repo, revision=settings.hub_revision, private=settings.hub_private,
+            local_folder=str(home.hub_folder),
+        ),
+        "catalog": DuckDBResource(database=str(home.warehouse)),
+    }
+
+
+def build_definitions(settings: Settings | None = None) -> Definitions:
+    settings = settings or load_settings()
+    return Definitions(
+        assets=[source.s2_source, embeddings.papers, embeddings.paper_embeddings, shards.hub_shards],
+        asset_checks=load_asset_checks_from_modules([embeddings, shards]),
+        sensors=[s2_source_release_sensor],
+        resources=build_resources(settings),
+    )
+
+
+defs = build_definitions()

@@ -1,0 +1,209 @@
+"""papers[range] and paper_embeddings[range]: the cleaned text of a range and its SPECTER2 vectors."""
+
+
+import json
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    DataVersion,
+    Failure,
+    MaterializeResult,
+    MetadataValue,
+    TableColumn,
+    TableSchema,
+    asset,
+)
+from dagster_duckdb import DuckDBResource
+
+from ..engine import quality
+from ..engine.pipeline import build_papers, embed_papers
+from ..engine.publish import sha256_file
+from ..engine.ranges import IdRange, parse_range
+from ..engine.storage import METADATA_KEY, ProjectHome, atomic_path
+from . import catalog as catalog_views
+from .partitions import corpusid_ranges
+from .resources import ProjectHomeResource, S2SourceResource, Specter2Resource
+
+EMBEDDING_CHECKS = ("row_count", "vectors_valid", "corpusid_unique_in_range", "norms_in_band", "adapter_canary")
+
+
+def partition_range(context: AssetExecutionContext) -> IdRange:
+    return parse_range(context.partition_key)
+
+
+@asset(
+    partitions_def=corpusid_ranges,
+    deps=["s2_source"],
+    group_name="embeddings",
+    code_version="1",
+    description="Embeddable rows of one corpusid range: id, text (title [SEP] abstract), text sha256, text rule.",
+)
+def papers(
+    context: AssetExecutionContext,
+    source: S2SourceResource,
+    specter2: Specter2Resource,
+    home: ProjectHomeResource,
+    catalog: DuckDBResource,
+) -> MaterializeResult:
+    rng = partition_range(context)
+    layout = home.layout()
+    info = source.resolve()
+    out = layout.papers_file(rng)
+    report = build_papers(info, rng, out, sep_token=specter2.sep_token)
+    catalog_views.refresh(catalog, layout)
+    return MaterializeResult(
+        metadata={
+            "dagster/row_count": report.rows,
+            "source_rows": report.source_rows,
+            "duplicate_corpusid_dropped": report.duplicate_corpusid,
+            **{f"rule_{k}": v for k, v in sorted(report.rules.items())},
+            **{f"skipped_{k}": v for k, v in sorted(report.skipped.items())},
+            "source_release": info.version,
+            "path": MetadataValue.path(str(out)),
+            "duckdb_view": "papers",
+            "dagster/column_schema": TableSchema(columns=[
+                TableColumn("corpusid", "int64"), TableColumn("text", "string"),
+                TableColumn("text_sha256", "string"), TableColumn("text_rule", "string")]),
+        },
+        data_version=DataVersion(report.content_hash),
+    )
+
+
+def _norm_registry(layout: ProjectHome):
+    return layout.root / "stats" / "norms.json"
+
+
+def _update_norm_registry(layout: ProjectHome, key: str, fingerprint: str, stats: dict) -> dict:
+    path = _norm_registry(layout)
+    with layout.lock("norms"):
+        registry = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        registry[key] = {"fingerprint": fingerprint, **stats}
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(registry, indent=1, sort_keys=True), encoding="utf-8")
+    return registry
+
+
+def norm_band_for(specter2: Specter2Resource, registry: dict, fingerprint: str) -> tuple[float, float]:
+    if specter2.norm_band:
+        low, high = specter2.norm_band
+        return float(low), float(high)
+    entries = [e for e in registry.values() if e.get("fingerprint") == fingerprint and e.get("count")]
+    return quality.norm_band([e["median"] for e in entries], [e["mad"] for e in entries], specter2.norm_k)
+
+
+def gate_file(layout: ProjectHome, rng: IdRange):
+    return layout.embeddings_file(rng).with_suffix(".checks.json")
+
+
+class _ProgressLog:
+    def __init__(self, context: AssetExecutionContext, every_seconds: float = 30.0):
+        self.context, self.every, self.last = context, every_seconds, 0.0
+
+    def __call__(self, done: int, total: int, elapsed: float) -> None:
+        if elapsed - self.last < self.every and done < total:
+            return
+        self.last = elapsed
+        rate = done / elapsed if elapsed else 0.0
+        eta = (total - done) / rate if rate else float("nan")
+        self.context.log.info(f"embedded {done:,}/{total:,} papers ({done / max(total, 1):.1%}), "
+                              f"{rate:,.1f} papers/s, ETA {eta:,.0f} s")
+
+
+@asset(
+    partitions_def=corpusid_ranges,
+    deps=["papers"],
+    group_name="embeddings",
+    code_version="1",
+    pool="gpu",
+    check_specs=[AssetCheckSpec(name, asset="paper_embeddings", blocking=True) for name in EMBEDDING_CHECKS],
+    description="SPECTER2 vectors (CLS, float32) per corpusid of one range, with text hash and model fingerprint.",
+)
+def paper_embeddings(
+    context: AssetExecutionContext,
+    specter2: Specter2Resource,
+    home: ProjectHomeResource,
+    catalog: DuckDBResource,
+) -> MaterializeResult:
+    rng = partition_range(context)
+    layout = home.layout()
+    papers_file = layout.papers_file(rng)
+    if not papers_file.exists():
+        raise Failure(f"papers[{rng.key}] is not materialised ({papers_file} missing): materialise papers first")
+    papers_meta = json.loads((pq.read_metadata(papers_file).metadata or {}).get(METADATA_KEY, b"{}"))
+    load_started = time.perf_counter()
+    encoder = specter2.get_encoder()
+    loaded = encoder.loaded
+    load_seconds = time.perf_counter() - load_started
+    model_meta = {"base_model": specter2.base_model, "adapter": specter2.adapter,
+                  "adapter_name": specter2.adapter_name, "fingerprint": loaded.fingerprint,
+                  "precision": loaded.precision, "device": str(loaded.device), "max_length": specter2.max_length,
+                  "pooling": "cls"}
+    file_meta = {"model": model_meta, "range": rng.key, "papers_content_hash": papers_meta.get("content_hash")}
+    out = layout.embeddings_file(rng)
+    report = embed_papers(papers_file, out, encoder, layout.checkpoint_dir(rng), chunk_rows=specter2.chunk_rows,
+                          file_metadata=file_meta, progress=_ProgressLog(context))
+    catalog_views.refresh(catalog, layout)
+
+    scan = quality.scan_embeddings(out, rng)
+    norm_stats = quality.robust_stats(scan.norms)
+    registry = _update_norm_registry(layout, rng.key, loaded.fingerprint, norm_stats)
+    canary = specter2.canary_vectors(layout)
+    outcomes = [
+        quality.check_count(scan.rows, int(papers_meta.get("rows", -1)), papers_meta.get("skipped", {})),
+        quality.check_vectors(scan, loaded.hidden_size),
+        quality.check_ids(scan, rng),
+        quality.check_norms(scan.norms, norm_band_for(specter2, registry, loaded.fingerprint),
+                            specter2.max_norm_outlier_fraction),
+        quality.check_canary(canary["current"], canary["reference"], canary["without_adapter"], loaded.precision),
+    ]
+    gate = {"file_sha256": sha256_file(out), "rows": scan.rows, "passed": all(o.passed for o in outcomes),
+            "failed": [o.name for o in outcomes if not o.passed], "model": model_meta}
+    with atomic_path(gate_file(layout, rng)) as tmp:
+        tmp.write_text(json.dumps(gate, indent=1, sort_keys=True), encoding="utf-8")
+
+    stats = report.encode
+    return MaterializeResult(
+        metadata={
+            "dagster/row_count": scan.rows,
+            "dagster/column_schema": TableSchema(columns=[
+                TableColumn("corpusid", "int64"), TableColumn("embedding", f"fixed_size_list<float32>[{scan.dim}]"),
+                TableColumn("text_sha256", "string")]),
+            "papers_per_second": round(report.papers_per_second, 2),
+            "tokens_per_second": round(report.tokens_per_second, 1),
+            "token_efficiency": round(stats.token_efficiency, 4),
+            "forward_batches": stats.batches,
+            "truncated_rows_512": stats.truncated_rows,
+            "nan_batches_recomputed": stats.nan_batches_recomputed,
+            "oom_splits": stats.oom_splits,
+            "resumed_rows_from_checkpoint": report.resumed_rows,
+            "seconds": round(report.seconds, 2),
+            "model_load_seconds": round(load_seconds, 2),
+            "device": str(loaded.device),
+            "precision": loaded.precision,
+            "model_base": specter2.base_model,
+            "model_adapter": specter2.adapter,
+            "model_fingerprint": loaded.fingerprint,
+            "source_papers_content_hash": str(papers_meta.get("content_hash")),
+            **{f"norm_{k}": round(v, 6) for k, v in norm_stats.items() if k != "count"},
+            "norm_histogram": MetadataValue.md(quality.markdown_histogram(scan.norms)),
+            "path": MetadataValue.path(str(out)),
+            "duckdb_view": "embeddings",
+            "quality_gate": "passed" if gate["passed"] else f"FAILED: {', '.join(gate['failed'])}",
+        },
+        check_results=[
+            AssetCheckResult(check_name=o.name, passed=o.passed, severity=AssetCheckSeverity.ERROR,
+                             description=o.description, metadata=_check_metadata(o.metadata))
+            for o in outcomes
+        ],
+        data_version=DataVersion(f"{loaded.fingerprint}-{papers_meta.get('content_hash')}"),
+    )
+
+
+def _check_metadata(values: dict) -> dict:
+    return {k: (float(v) if isinstance(v, float | np.floating) else v) for k, v in values.items()}

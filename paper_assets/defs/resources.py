@@ -1,0 +1,137 @@
+"""Resources: where the source is, which model embeds, where shards are published, where the home is."""
+
+
+import threading
+from pathlib import Path
+
+import numpy as np
+from dagster import ConfigurableResource
+from pydantic import Field, PrivateAttr
+
+from ..engine import publish
+from ..engine.encoder import Encoder
+from ..engine.model import ModelConfig, load_model
+from ..engine.quality import CANARY_TEXT
+from ..engine.source import SourceInfo, inspect_source, local_version
+from ..engine.storage import ProjectHome, atomic_path
+
+
+class ProjectHomeResource(ConfigurableResource):
+    root: str = Field(description="PAPER_ASSETS_HOME: Parquet partitions, catalog, Dagster instance")
+
+    def layout(self) -> ProjectHome:
+        return ProjectHome(self.root)
+
+
+class S2SourceResource(ConfigurableResource):
+    """The cleaned S2 DuckDB file: a local path, or a file of a Hub dataset repo at a pinned revision."""
+
+    path: str = Field(default="", description="local DuckDB file (used when hub_repo is empty)")
+    table: str = "papers_with_abstracts"
+    hub_repo: str = Field(default="", description="dataset repo id holding the source file")
+    hub_file: str = "S2_papers_cleaned.db"
+    revision: str = Field(default="main", description="commit sha, tag or branch of hub_repo")
+    range_width: int = Field(default=1_000_000, description="corpus ids per partition")
+    hub_endpoint: str = Field(default="", description="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
+
+    def _api(self):
+        from huggingface_hub import HfApi
+
+        return HfApi(endpoint=self.hub_endpoint or None, token=publish.token_from_env(required=False))
+
+    def current_version(self) -> str:
+        """Cheap: file identity for a local source, the revision's commit sha for a Hub source."""
+        if self.hub_repo:
+            sha = self._api().repo_info(self.hub_repo, repo_type="dataset", revision=self.revision).sha
+            return f"hub-{sha}"
+        return local_version(self.path)
+
+    def resolve(self) -> SourceInfo:
+        if not self.hub_repo:
+            return inspect_source(self.path, self.table)
+        from huggingface_hub import hf_hub_download
+
+        publish.validate_repo_id(self.hub_repo)
+        version = self.current_version()
+        local = hf_hub_download(
+            self.hub_repo, self.hub_file, repo_type="dataset", revision=version.removeprefix("hub-"),
+            endpoint=self.hub_endpoint or None, token=publish.token_from_env(required=False),
+        )
+        return inspect_source(local, self.table, version=version)
+
+
+_MODEL_CACHE: dict[ModelConfig, Encoder] = {}
+_MODEL_LOCK = threading.Lock()
+
+
+class Specter2Resource(ConfigurableResource):
+    """SPECTER2 (base + proximity adapter), loaded once per process on the best device."""
+
+    base_model: str = "allenai/specter2_base"
+    adapter: str = "allenai/specter2"
+    adapter_name: str = "proximity"
+    device: str = Field(default="auto", description="auto (cuda -> mps -> cpu), cpu, cuda, cuda:N, mps")
+    precision: str = Field(default="auto", description="auto, fp32, bf16, fp16")
+    max_length: int = 512
+    token_budget: int = Field(default=16384, description="padded tokens per forward batch")
+    max_batch_rows: int = 512
+    compile: bool = False
+    chunk_rows: int = Field(default=20_000, description="rows per checkpointed chunk of a partition")
+    sep_token: str = "[SEP]"
+    norm_k: float = Field(default=8.0, description="norm band: median ± k·MAD across partitions")
+    norm_band: list[float] = Field(default_factory=list, description="fixed [low, high] norm band instead")
+    max_norm_outlier_fraction: float = 0.001
+
+    _canary: dict = PrivateAttr(default_factory=dict)
+
+    def model_config_key(self) -> ModelConfig:
+        return ModelConfig(
+            base_model=self.base_model, adapter=self.adapter, adapter_name=self.adapter_name, device=self.device,
+            precision=self.precision, max_length=self.max_length, compile=self.compile,
+            token_budget=self.token_budget, max_batch_rows=self.max_batch_rows,
+        )
+
+    def get_encoder(self) -> Encoder:
+        key = self.model_config_key()
+        with _MODEL_LOCK:
+            if key not in _MODEL_CACHE:
+                encoder = Encoder(load_model(key))
+                sep = encoder.tokenizer.sep_token
+                if sep != self.sep_token:
+                    raise ValueError(f"tokenizer sep token {sep!r} differs from configured sep_token {self.sep_token!r}")
+                _MODEL_CACHE[key] = encoder
+            return _MODEL_CACHE[key]
+
+    def canary_vectors(self, home: ProjectHome) -> dict[str, np.ndarray]:
+        """Canary now, its stored reference for this fingerprint+precision, and with the adapter switched off."""
+        encoder = self.get_encoder()
+        loaded = encoder.loaded
+        current = encoder.encode([CANARY_TEXT])[0]
+        reference_file = home.root / "stats" / f"canary-{loaded.fingerprint}-{loaded.precision}.npy"
+        if not reference_file.exists():
+            with atomic_path(reference_file) as tmp, open(tmp, "wb") as handle:
+                np.save(handle, current)
+        reference = np.load(reference_file)
+        active = loaded.model.active_adapters
+        loaded.model.set_active_adapters(None)
+        try:
+            without = encoder.encode([CANARY_TEXT])[0]
+        finally:
+            loaded.model.set_active_adapters(active)
+        return {"current": current, "reference": reference, "without_adapter": without}
+
+
+class ShardPublisherResource(ConfigurableResource):
+    """Where hub_shards go: a Hub dataset repo (HF_TOKEN from the environment) or a local folder."""
+
+    hub_repo: str = Field(default="", description="dataset repo id; empty publishes to local_folder")
+    revision: str = "main"
+    private: bool = False
+    local_folder: str = ""
+    endpoint: str = Field(default="", description="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
+
+    def target(self) -> publish.PublishTarget:
+        if self.hub_repo:
+            return publish.HubTarget(self.hub_repo, revision=self.revision, private=self.private,
+                                     endpoint=self.endpoint or None)
+        return publish.LocalFolderTarget(Path(self.local_folder))

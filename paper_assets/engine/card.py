@@ -1,0 +1,63 @@
+"""The dataset card (README.md) of a published embeddings repo. Deterministic: same inputs, same bytes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+def dataset_card(shards: list[str], rows: Mapping[str, int], model: Mapping[str, str], source_release: str,
+                 dim: int) -> str:
+    total = sum(rows.get(s, 0) for s in shards)
+    lines = [
+        "---",
+        "license: odc-by",
+        "task_categories:",
+        "- feature-extraction",
+        "tags:",
+        "- specter2",
+        "- embeddings",
+        "- semantic-scholar",
+        "configs:",
+        "- config_name: default",
+        "  data_files:",
+        "  - split: train",
+        '    path: "data/*.parquet"',
+        "---",
+        "",
+        "# SPECTER2 embeddings of Semantic Scholar papers",
+        "",
+        f"{total:,} papers in {len(shards)} shard(s), one per corpus-id range, made by "
+        "[paper_assets](https://github.com/) from a cleaned Semantic Scholar database.",
+        "",
+        "## Schema",
+        "",
+        "| column | type | meaning |",
+        "|---|---|---|",
+        "| corpusid | int64 | Semantic Scholar corpus id |",
+        f"| embedding | fixed_size_list<float32>[{dim}] | CLS vector of `title [SEP] abstract` (max 512 tokens) |",
+        "| text_sha256 | string | sha256 of the exact text embedded |",
+        "",
+        "## Model",
+        "",
+        f"- base model: `{model.get('base_model', '?')}`",
+        f"- adapter: `{model.get('adapter', '?')}` loaded as `{model.get('adapter_name', 'proximity')}`",
+        f"- fingerprint (weights + max_length + pooling): `{model.get('fingerprint', '?')}`",
+        f"- precision: {model.get('precision', '?')}",
+        "",
+        "## Source",
+        "",
+        f"- release: `{source_release}`",
+        "",
+        "| shard | rows |",
+        "|---|---|",
+    ]
+    lines += [f"| `{s}` | {rows[s]:,} |" if s in rows else f"| `{s}` | (published elsewhere) |" for s in shards]
+    lines += [
+        "",
+        "## Attribution",
+        "",
+        "Paper metadata comes from the Semantic Scholar Academic Graph (Kinney et al., 2023), released under the "
+        "ODC-BY 1.0 license; SPECTER2 is by the Allen Institute for AI (Singh et al., 2023).",
+        "",
+    ]
+    return "\n".join(lines)

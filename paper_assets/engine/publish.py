@@ -1,0 +1,354 @@
+"""Publishing embedding shards: to a Hugging Face dataset repo or to a local folder with the same layout.
+
+One call publishes many partitions in ONE commit (the Hub allows ~128 commits/hour/repo). A shard whose sha256
+already equals the remote one is not uploaded, so re-publishing unchanged data makes no commit. Every commit
+names its ``parent_commit``: a concurrent commit makes it fail with 412, and we re-read the head, recompute what
+is still missing and try again. 429/5xx answers are retried with backoff (honouring ``Retry-After``); a failed
+commit is never re-sent blindly: the head is re-read first, and the ``parent_commit`` guard turns a commit that
+did land into a 412 followed by "nothing left to do".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from .storage import FileLock, atomic_path
+
+SHARD_DIR = "data"
+CARD_PATH = "README.md"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_REPO_PATH = re.compile(r"^(README\.md|data/embeddings-\d{9,12}-\d{9,12}\.parquet)$")
+
+
+class PublishError(RuntimeError):
+    pass
+
+
+class ConflictError(PublishError):
+    """The branch moved since we read it (HTTP 412 on the Hub)."""
+
+
+class TransientError(PublishError):
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def token_from_env(required: bool = True) -> str | bool:
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if token:
+        return token
+    if required:
+        raise PublishError(
+            "HF_TOKEN is not set: publishing to the Hub needs a token with write access in the environment "
+            "(export HF_TOKEN=hf_...); tokens are never read from config files or metadata"
+        )
+    return False  # huggingface_hub: do not fall back to a cached login
+
+
+def validate_repo_id(repo_id: str) -> str:
+    if not _REPO_ID.match(repo_id) or ".." in repo_id:
+        raise PublishError(f"{repo_id!r} is not a valid Hub repo id (expected owner/name)")
+    return repo_id
+
+
+def validate_repo_path(path: str) -> str:
+    if not _REPO_PATH.match(path):
+        raise PublishError(f"refusing to publish to unexpected repo path {path!r}")
+    return path
+
+
+def shard_path(range_key: str) -> str:
+    return validate_repo_path(f"{SHARD_DIR}/embeddings-{range_key}.parquet")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    path: str
+    size: int
+    sha256: str | None  # known for LFS files
+    git_sha1: str | None  # known for regular files
+
+    def matches(self, data_sha256: str, data_git_sha1: str | None = None) -> bool:
+        if self.sha256 is not None:
+            return self.sha256 == data_sha256
+        return data_git_sha1 is not None and self.git_sha1 == data_git_sha1
+
+
+@dataclass
+class Shard:
+    """A partition's shard: ``local`` None means the partition has no rows any more (delete remotely)."""
+
+    range_key: str
+    local: Path | None
+    rows: int = 0
+
+    @property
+    def path_in_repo(self) -> str:
+        return shard_path(self.range_key)
+
+
+class PublishTarget(Protocol):
+    description: str
+
+    def head(self) -> str | None: ...
+
+    def remote_files(self, paths: list[str], revision: str | None) -> dict[str, RemoteFile]: ...
+
+    def list_shards(self, revision: str | None) -> list[str]: ...
+
+    def commit(self, adds: dict[str, Path | bytes], deletes: list[str], message: str, parent: str | None
+               ) -> tuple[str, str]: ...
+
+
+@dataclass
+class PublishReport:
+    target: str
+    commit_sha: str | None = None
+    commit_url: str | None = None
+    uploaded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    bytes_uploaded: int = 0
+    conflicts: int = 0
+    transient_retries: int = 0
+    remote: dict[str, RemoteFile] = field(default_factory=dict)
+
+
+CardBuilder = Callable[[list[str]], str]
+
+
+def publish_shards(
+    target: PublishTarget,
+    shards: list[Shard],
+    card_builder: CardBuilder | None,
+    message: str,
+    max_attempts: int = 6,
+    backoff_seconds: float = 1.0,
+) -> PublishReport:
+    report = PublishReport(target=target.description)
+    local_sha = {s.path_in_repo: sha256_file(s.local) for s in shards if s.local is not None}
+    for attempt in range(max_attempts):
+        head = target.head()
+        wanted = [s.path_in_repo for s in shards] + [CARD_PATH]
+        remote = target.remote_files(wanted, head)
+        adds: dict[str, Path | bytes] = {}
+        uploaded, skipped, deleted = [], [], []
+        for shard in shards:
+            path = shard.path_in_repo
+            if shard.local is None:
+                if path in remote:
+                    deleted.append(path)
+            elif path in remote and remote[path].matches(local_sha[path]):
+                skipped.append(path)
+            else:
+                adds[path] = shard.local
+                uploaded.append(path)
+        if card_builder is not None:
+            present = (set(target.list_shards(head)) | set(adds)) - set(deleted)
+            card = card_builder(sorted(present)).encode("utf-8")
+            card_remote = remote.get(CARD_PATH)
+            if card_remote is None or not card_remote.matches(sha256_bytes(card), git_blob_sha1(card)):
+                adds[CARD_PATH] = card
+        report.uploaded, report.skipped, report.deleted = uploaded, skipped, deleted
+        if not adds and not deleted:
+            report.remote = remote
+            return report
+        try:
+            report.commit_sha, report.commit_url = target.commit(adds, deleted, message, head)
+        except ConflictError:
+            report.conflicts += 1
+            continue
+        except TransientError as err:
+            # Not re-sent as is: the next loop re-reads the head and recomputes; parent_commit makes a commit
+            # that did land turn into a 412 + "nothing to do" instead of a duplicate.
+            report.transient_retries += 1
+            time.sleep(min(err.retry_after if err.retry_after is not None else backoff_seconds * 2**attempt, 30))
+            continue
+        report.bytes_uploaded = sum(
+            len(v) if isinstance(v, bytes) else os.path.getsize(v) for k, v in adds.items() if k != CARD_PATH
+        )
+        report.remote = target.remote_files(wanted, report.commit_sha)
+        return report
+    raise PublishError(f"gave up publishing to {target.description} after {max_attempts} attempts "
+                       f"({report.conflicts} conflicts, {report.transient_retries} transient errors)")
+
+
+class LocalFolderTarget:
+    """A folder laid out like a Hub dataset repo; commits are recorded in ``.commits.jsonl``."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+        self.description = f"folder {self.root}"
+        self._log = self.root / ".commits.jsonl"
+
+    def _file(self, path: str) -> Path:
+        resolved = (self.root / validate_repo_path(path)).resolve()
+        if self.root not in resolved.parents:
+            raise PublishError(f"{path!r} escapes {self.root}")
+        return resolved
+
+    def head(self) -> str | None:
+        if not self._log.exists():
+            return None
+        lines = self._log.read_text(encoding="utf-8").splitlines()
+        return json.loads(lines[-1])["commit"] if lines else None
+
+    def remote_files(self, paths: list[str], revision: str | None = None) -> dict[str, RemoteFile]:
+        found = {}
+        for path in paths:
+            file = self._file(path)
+            if file.exists():
+                found[path] = RemoteFile(path, file.stat().st_size, sha256_file(file), None)
+        return found
+
+    def list_shards(self, revision: str | None = None) -> list[str]:
+        return sorted(f"{SHARD_DIR}/{p.name}" for p in (self.root / SHARD_DIR).glob("embeddings-*.parquet"))
+
+    def commit(self, adds, deletes, message, parent):
+        self.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.root / ".lock"):
+            if self.head() != parent:
+                raise ConflictError(f"{self.description} moved since {parent}")
+            for path, content in adds.items():
+                with atomic_path(self._file(path)) as tmp:
+                    tmp.write_bytes(content if isinstance(content, bytes) else Path(content).read_bytes())
+            for path in deletes:
+                self._file(path).unlink(missing_ok=True)
+            record = {"parent": parent, "message": message, "added": sorted(adds), "deleted": sorted(deletes),
+                      "sha256": {p: self.remote_files([p])[p].sha256 for p in sorted(adds)}}
+            commit = sha256_bytes(json.dumps(record, sort_keys=True).encode())[:40]
+            with open(self._log, "a", encoding="utf-8") as log:
+                log.write(json.dumps({"commit": commit, **record}, sort_keys=True) + "\n")
+                log.flush()
+                os.fsync(log.fileno())
+        return commit, self.root.as_uri()
+
+
+def _redact(text: str) -> str:
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    text = text.replace(token, "***") if token else text
+    return re.sub(r"hf_[A-Za-z0-9]{8,}", "hf_***", text)
+
+
+class HubTarget:
+    """A Hub dataset repo through ``huggingface_hub.HfApi`` (created if missing)."""
+
+    def __init__(self, repo_id: str, revision: str = "main", private: bool = False, endpoint: str | None = None,
+                 max_read_retries: int = 5, backoff_seconds: float = 1.0):
+        from huggingface_hub import HfApi
+
+        self.repo_id = validate_repo_id(repo_id)
+        self.revision = revision
+        self.private = private
+        self.api = HfApi(endpoint=endpoint, token=token_from_env(required=True))
+        self.description = f"hf://datasets/{repo_id}@{revision}"
+        self.max_read_retries = max_read_retries
+        self.backoff_seconds = backoff_seconds
+        self._ready = False
+
+    def _classify(self, err: Exception) -> Exception:
+        from huggingface_hub.utils import HfHubHTTPError
+
+        message = _redact(f"{type(err).__name__}: {err}")
+        response = getattr(err, "response", None)
+        status = getattr(response, "status_code", None)
+        if isinstance(err, HfHubHTTPError) and status == 412:
+            return ConflictError(message)
+        if status == 429 or (status is not None and status >= 500):
+            retry_after = response.headers.get("Retry-After") if response is not None else None
+            try:
+                seconds = float(retry_after) if retry_after is not None else None
+            except ValueError:
+                seconds = None
+            return TransientError(message, seconds)
+        if status in (401, 403):
+            return PublishError(f"the Hub refused the token for {self.repo_id} ({status}); check HF_TOKEN's rights")
+        return PublishError(message)
+
+    def _read(self, call: Callable):
+        for attempt in range(self.max_read_retries + 1):
+            try:
+                return call()
+            except Exception as err:  # noqa: BLE001 - classified below, unknown errors re-raised redacted
+                mapped = self._classify(err)
+                if not isinstance(mapped, TransientError) or attempt == self.max_read_retries:
+                    raise mapped from None
+                time.sleep(min(mapped.retry_after if mapped.retry_after is not None
+                               else self.backoff_seconds * 2**attempt, 30))
+        raise AssertionError("unreachable")
+
+    def _ensure_repo(self) -> None:
+        if self._ready:
+            return
+        self._read(lambda: self.api.create_repo(self.repo_id, repo_type="dataset", private=self.private,
+                                                exist_ok=True))
+        if self.revision != "main":
+            self._read(lambda: self.api.create_branch(self.repo_id, branch=self.revision, repo_type="dataset",
+                                                      exist_ok=True))
+        self._ready = True
+
+    def head(self) -> str | None:
+        self._ensure_repo()
+        return self._read(lambda: self.api.repo_info(self.repo_id, repo_type="dataset", revision=self.revision).sha)
+
+    def remote_files(self, paths: list[str], revision: str | None) -> dict[str, RemoteFile]:
+        infos = self._read(lambda: self.api.get_paths_info(
+            self.repo_id, paths, repo_type="dataset", revision=revision or self.revision))
+        found = {}
+        for info in infos:
+            if getattr(info, "blob_id", None) is None:
+                continue  # a folder
+            lfs = getattr(info, "lfs", None)
+            found[info.path] = RemoteFile(info.path, info.size, lfs.sha256 if lfs else None,
+                                          None if lfs else info.blob_id)
+        return found
+
+    def list_shards(self, revision: str | None) -> list[str]:
+        from huggingface_hub.utils import EntryNotFoundError
+
+        def listing():
+            try:
+                return [f.path for f in self.api.list_repo_tree(
+                    self.repo_id, path_in_repo=SHARD_DIR, repo_type="dataset", revision=revision or self.revision)]
+            except EntryNotFoundError:
+                return []
+
+        return sorted(p for p in self._read(listing) if _REPO_PATH.match(p) and p != CARD_PATH)
+
+    def commit(self, adds, deletes, message, parent):
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+        operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=c if isinstance(c, bytes) else str(c))
+                      for p, c in sorted(adds.items())]
+        operations += [CommitOperationDelete(path_in_repo=p) for p in sorted(deletes)]
+        try:
+            info = self.api.create_commit(self.repo_id, operations, commit_message=message, repo_type="dataset",
+                                          revision=self.revision, parent_commit=parent)
+        except Exception as err:  # noqa: BLE001 - mapped to Conflict/Transient/PublishError, token redacted
+            raise self._classify(err) from None
+        return info.oid, info.commit_url
