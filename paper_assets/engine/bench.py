@@ -1,0 +1,270 @@
+"""``paper-assets bench``: the engine against a faithful re-implementation of the notebook, same process, data and
+model; plus (``--pipeline-papers N``) the read -> tokenise -> embed -> write path with the tiny model at N and 10N.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow.parquet as pq
+import torch
+
+from . import sample_source
+from .encoder import Encoder
+from .model import ModelConfig, load_model
+from .pipeline import build_papers, embed_papers
+from .ranges import IdRange
+from .reference import read_reference, run_seed_recipe
+from .source import inspect_source
+from .storage import vectors_of
+from .tiny_model import BERT_BASE, TINY, build_model
+
+SHARED_PAPERS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "scirepeval_sample_papers.jsonl"
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 20 ms)."""
+
+    def __enter__(self) -> PeakRSS:
+        self._proc = psutil.Process()
+        self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def default_source(work: Path) -> Path:
+    source = work / "bench_source.duckdb"
+    if not source.exists():
+        if SHARED_PAPERS.exists():
+            sample_source.write_source(source, sample_source.read_jsonl_papers(SHARED_PAPERS))
+        else:
+            sample_source.write_source(source, sample_source.generate_papers(3000, seed=7))
+    return source
+
+
+def _texts_of(source: Path) -> list[str]:
+    import duckdb
+
+    with duckdb.connect(str(source), read_only=True) as conn:
+        return [f"{t or ''} {a or ''}" for t, a in conn.execute("SELECT title, abstract FROM papers_with_abstracts")
+                .fetchall()]
+
+
+def benchmark_model(work: Path, source: Path, shape=BERT_BASE) -> tuple[str, str]:
+    folder = work / f"model-{shape.hidden_size}x{shape.num_layers}"
+    if not (folder / "adapter" / "adapter_config.json").exists():
+        build_model(folder, _texts_of(source), shape=shape)
+    return str(folder / "base"), str(folder / "adapter")
+
+
+def flops_per_token(params_non_embedding: int, layers: int, hidden: int, mean_seq: float) -> float:
+    """≈ 2·params (matmuls) + 4·layers·seq·hidden (QKᵀ and attention·V) per token."""
+    return 2.0 * params_non_embedding + 4.0 * layers * mean_seq * hidden
+
+
+def _non_embedding_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
+
+
+def _first_ids(source: Path, n: int) -> int:
+    import duckdb
+
+    with duckdb.connect(str(source), read_only=True) as conn:
+        ids = conn.execute(
+            "SELECT CAST(corpusid AS BIGINT) AS id FROM papers_with_abstracts ORDER BY corpusid LIMIT ?", [n]
+        ).fetchall()
+    return int(max(i[0] for i in ids))
+
+
+def run_pair(source: Path, base: str, adapter: str, papers: int, precision: str, compile_model: bool,
+             token_budget: int, work: Path) -> dict:
+    torch.manual_seed(0)
+    info = inspect_source(source)
+    if info.id_type != "integer":
+        raise SystemExit("bench needs an integer corpusid source (the notebook orders by corpusid as text otherwise)")
+    last_id = _first_ids(source, papers)
+    reference_model = load_model(ModelConfig(base_model=base, adapter=adapter, precision="fp32", device="cpu"))
+    engine_model = (reference_model if precision == "fp32" and not compile_model else
+                    load_model(ModelConfig(base_model=base, adapter=adapter, precision=precision, device="cpu",
+                                           compile=compile_model, token_budget=token_budget)))
+    encoder = Encoder(engine_model, token_budget=token_budget)
+    # Warm both paths up on a few texts so one-time costs (allocator, compile) are not timed.
+    warm = ["warm up [SEP] " + "word " * 200] * 8
+    encoder.encode(warm)
+    from .reference import embed_batch
+
+    embed_batch(warm, reference_model.tokenizer, reference_model.model, reference_model.device)
+
+    ref_db = work / "reference.duckdb"
+    ref_db.unlink(missing_ok=True)
+    with PeakRSS() as ref_rss:
+        t0 = time.perf_counter()
+        ref_stats = run_seed_recipe(str(source), reference_model.tokenizer, reference_model.model,
+                                    reference_model.device, ref_db, limit=papers)
+        ref_seconds = time.perf_counter() - t0
+    ref_ids, ref_vectors = read_reference(ref_db)
+
+    papers_file, out = work / "papers.parquet", work / "embeddings.parquet"
+    with PeakRSS() as eng_rss:
+        t0 = time.perf_counter()
+        papers_report = build_papers(info, IdRange(0, last_id), papers_file, sep_token=encoder.tokenizer.sep_token)
+        report = embed_papers(papers_file, out, encoder, work / "checkpoints", chunk_rows=2048)
+        eng_seconds = time.perf_counter() - t0
+    table = pq.read_table(out)
+    eng_ids = table.column("corpusid").to_numpy()
+    eng_vectors = vectors_of(table)
+    rules = pq.read_table(papers_file, columns=["corpusid", "text_rule"])
+    full_text = set(np.asarray(rules.column("corpusid"))[np.asarray(rules.column("text_rule")) == "title_abstract"])
+    common = np.array(sorted(set(ref_ids) & set(eng_ids) & full_text), dtype=np.int64)
+    ref_pos = {v: i for i, v in enumerate(ref_ids)}
+    eng_pos = {v: i for i, v in enumerate(eng_ids)}
+    a = ref_vectors[[ref_pos[i] for i in common]].astype(np.float64)
+    b = eng_vectors[[eng_pos[i] for i in common]].astype(np.float64)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    centre = a.mean(axis=0)
+    ca, cb = a - centre, b - centre
+    centred = (ca * cb).sum(1) / (np.linalg.norm(ca, axis=1) * np.linalg.norm(cb, axis=1))
+    rng = np.random.default_rng(0)
+    shuffled = a[rng.permutation(len(a))]
+    between_papers = (a * shuffled).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(shuffled, axis=1))
+
+    # Batch-composition independence: the same papers embedded alone and in other company must agree.
+    subset = rules.slice(0, min(48, rules.num_rows))
+    texts = pq.read_table(papers_file, columns=["text"]).column("text").to_pylist()[: subset.num_rows]
+    alone = np.stack([encoder.encode([t])[0] for t in texts[:16]])
+    mixed = Encoder(engine_model, token_budget=4096).encode(list(reversed(texts)))[::-1][:16]
+    comp = (alone * mixed).sum(1) / (np.linalg.norm(alone, axis=1) * np.linalg.norm(mixed, axis=1))
+
+    model = engine_model.model
+    mean_seq = report.encode.real_tokens / max(report.rows, 1)
+    fpt = flops_per_token(_non_embedding_params(model), engine_model.num_layers, engine_model.hidden_size, mean_seq)
+    ref_rate, eng_rate = papers / ref_seconds, report.rows / eng_seconds
+    return {
+        "papers": papers,
+        "reference": {"papers_per_second": ref_rate, "seconds": ref_seconds,
+                      "tokens_per_second": ref_stats["real_tokens"] / ref_seconds,
+                      "token_efficiency": ref_stats["real_tokens"] / ref_stats["padded_tokens"],
+                      "peak_rss_mb": ref_rss.peak / 2**20, "precision": "fp32", "batch": "64 unsorted"},
+        "engine": {"papers_per_second": eng_rate, "seconds": eng_seconds,
+                   "tokens_per_second": report.encode.real_tokens / eng_seconds,
+                   "token_efficiency": report.encode.token_efficiency, "peak_rss_mb": eng_rss.peak / 2**20,
+                   "precision": engine_model.precision, "compile": compile_model, "token_budget": token_budget,
+                   "rows": report.rows, "skipped_no_text": sum(papers_report.skipped.values())},
+        "speedup": eng_rate / ref_rate,
+        "fidelity": {"rows_compared": int(len(common)), "cosine_min": float(cos.min()),
+                     "cosine_p0_1": float(np.percentile(cos, 0.1)), "cosine_median": float(np.median(cos)),
+                     "centred_cosine_min": float(centred.min()),
+                     "cosine_between_different_papers_median": float(np.median(between_papers)),
+                     "non_finite": int((~np.isfinite(eng_vectors)).sum()),
+                     "batch_composition_cosine_min": float(comp.min())},
+        "model": {"base": base, "adapter": adapter, "parameters": engine_model.num_parameters,
+                  "layers": engine_model.num_layers, "hidden": engine_model.hidden_size,
+                  "fingerprint": engine_model.fingerprint},
+        "flops": {"per_token_estimate": fpt, "engine_gflops_per_second": fpt * report.encode.real_tokens
+                  / eng_seconds / 1e9, "mean_tokens_per_paper": mean_seq,
+                  "note": "MFU = engine_gflops_per_second / hardware peak (e.g. 362 TFLOPS bf16 on an L40S)"},
+    }
+
+
+def _pipeline_child(n: int, work: str, queue) -> None:
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    work_dir = Path(work)
+    source = work_dir / f"pipeline-{n}.duckdb"
+    sample_source.write_source(source, sample_source.generate_papers(n, seed=3, id_gap=40))
+    base, adapter = str(work_dir / "pipeline-model" / "base"), str(work_dir / "pipeline-model" / "adapter")
+    encoder = Encoder(load_model(ModelConfig(base_model=base, adapter=adapter, precision="fp32", device="cpu")),
+                      token_budget=65536)
+    info = inspect_source(source)
+    t0 = time.perf_counter()
+    build_papers(info, IdRange(0, 10**12), work_dir / f"p-{n}.parquet")
+    t1 = time.perf_counter()
+    report = embed_papers(work_dir / f"p-{n}.parquet", work_dir / f"e-{n}.parquet", encoder,
+                          work_dir / f"ck-{n}", chunk_rows=20_000)
+    t2 = time.perf_counter()
+    queue.put({"papers": n, "papers_per_second": n / (t2 - t0), "read_clean_write_papers_per_second": n / (t1 - t0),
+               "embed_stage_papers_per_second": report.rows / (t2 - t1), "forward_seconds":
+               report.encode.forward_seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+def run_pipeline(n: int, work: Path) -> dict:
+    model_dir = work / "pipeline-model"
+    if not (model_dir / "adapter" / "adapter_config.json").exists():
+        build_model(model_dir, [p["title"] + " " + (p["abstract"] or "") for p in sample_source.generate_papers(500)],
+                    shape=TINY)
+    results = []
+    ctx = multiprocessing.get_context("spawn")
+    for count in (n, 10 * n):
+        queue = ctx.Queue()
+        child = ctx.Process(target=_pipeline_child, args=(count, str(work), queue))
+        child.start()
+        results.append(queue.get())
+        child.join()
+    return {"runs": results, "rss_ratio_10x": results[1]["peak_rss_mb"] / results[0]["peak_rss_mb"],
+            "model": f"tiny {TINY}"}
+
+
+def _print(result: dict) -> None:
+    if "reference" in result:
+        ref, eng, fid = result["reference"], result["engine"], result["fidelity"]
+        print(f"papers: {result['papers']}  model: {result['model']['layers']} layers x {result['model']['hidden']} "
+              f"({result['model']['parameters'] / 1e6:.1f}M params)")
+        print(f"reference (notebook): {ref['papers_per_second']:8.2f} papers/s  {ref['tokens_per_second']:9.1f} tok/s  "
+              f"token efficiency {ref['token_efficiency']:.3f}  peak RSS {ref['peak_rss_mb']:.0f} MB")
+        print(f"engine ({eng['precision']}):        {eng['papers_per_second']:8.2f} papers/s  "
+              f"{eng['tokens_per_second']:9.1f} tok/s  token efficiency {eng['token_efficiency']:.3f}  "
+              f"peak RSS {eng['peak_rss_mb']:.0f} MB")
+        print(f"speedup: {result['speedup']:.2f}x")
+        print(f"fidelity over {fid['rows_compared']} rows: cosine min {fid['cosine_min']:.6f}  "
+              f"p0.1 {fid['cosine_p0_1']:.6f}  centred min {fid['centred_cosine_min']:.6f}  "
+              f"(different papers: median {fid['cosine_between_different_papers_median']:.4f})  "
+              f"batch-composition min {fid['batch_composition_cosine_min']:.6f}  non-finite {fid['non_finite']}")
+        print(f"estimated {result['flops']['engine_gflops_per_second']:.1f} GFLOP/s "
+              f"({result['flops']['per_token_estimate'] / 1e6:.1f} MFLOP/token)")
+    if "pipeline" in result:
+        for run in result["pipeline"]["runs"]:
+            print(f"pipeline {run['papers']:>8,} papers: {run['papers_per_second']:9.1f} papers/s end to end, "
+                  f"read+clean+write {run['read_clean_write_papers_per_second']:9.1f}/s, "
+                  f"embed stage {run['embed_stage_papers_per_second']:9.1f}/s, peak RSS {run['peak_rss_mb']:.0f} MB")
+        print(f"peak RSS ratio 10x papers: {result['pipeline']['rss_ratio_10x']:.3f}")
+
+
+def run_benchmark(args) -> int:
+    work = Path(os.environ.get("PAPER_ASSETS_BENCH_DIR") or Path(tempfile.gettempdir()) / "paper_assets_bench")
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                                "torch": torch.__version__, "threads": torch.get_num_threads()}}
+    if args.papers > 0:
+        source = Path(args.source) if args.source else default_source(work)
+        if args.base_model and args.adapter:
+            base, adapter = args.base_model, args.adapter
+        else:
+            base, adapter = benchmark_model(work, source)
+        result.update(run_pair(source, base, adapter, args.papers, args.precision, args.compile,
+                               args.token_budget, work))
+    if args.pipeline_papers:
+        result["pipeline"] = run_pipeline(args.pipeline_papers, work)
+    _print(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return 0
