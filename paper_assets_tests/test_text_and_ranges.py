@@ -1,0 +1,68 @@
+import pytest
+
+from paper_assets.engine.batching import pad_batch, plan_batches
+from paper_assets.engine.ranges import IdRange, InvalidRangeKey, parse_range, range_for
+from paper_assets.engine.text import clean_field, paper_text, text_sha256
+
+
+def test_text_rule_title_sep_abstract():
+    assert paper_text("A title", "An abstract.", "[SEP]").text == "A title [SEP] An abstract."
+    assert paper_text("A title", "An abstract.", "[SEP]").rule == "title_abstract"
+
+
+@pytest.mark.parametrize("abstract", [None, "", "   ", "\t\n"])
+def test_title_only_when_abstract_missing(abstract):
+    result = paper_text("Only a title", abstract, "[SEP]")
+    assert (result.text, result.rule) == ("Only a title", "title_only")
+
+
+def test_abstract_only_and_nothing():
+    assert paper_text(None, "Body", "[SEP]").text == "[SEP] Body"
+    assert paper_text(" ", None, "[SEP]").rule == "no_text"
+    assert paper_text(None, None, "[SEP]").text is None
+
+
+def test_cleaning_control_characters_surrogates_and_whitespace():
+    assert clean_field("a\x00b\x1f c\u0085d  \n e") == "a b c d e"
+    assert clean_field("lone \ud800 surrogate") == "lone \ufffd surrogate"
+    assert clean_field("\x00\x01 ") is None
+    text_sha256(clean_field("x\ud800"))  # encodable after cleaning
+
+
+def test_range_keys_are_zero_padded_and_strict():
+    rng = range_for(1_234_567, 1_000_000)
+    assert rng == IdRange(1_000_000, 1_999_999)
+    assert rng.key == "001000000-001999999"
+    assert parse_range(rng.key) == rng
+    assert parse_range("0-99") == IdRange(0, 99)
+    for bad in ("../etc-passwd", "1-0", "abc", "000000001-000000000", "1/2-3"):
+        with pytest.raises(InvalidRangeKey):
+            parse_range(bad)
+
+
+def test_plan_batches_covers_every_row_once_within_budget_longest_first():
+    import numpy as np
+
+    lengths = np.random.default_rng(0).integers(1, 513, size=1000)
+    batches = plan_batches(lengths, token_budget=4096, max_rows=64)
+    rows = np.concatenate(batches)
+    assert sorted(rows.tolist()) == list(range(1000))
+    for batch in batches:
+        assert lengths[batch].max() * len(batch) <= 4096 or len(batch) == 1
+        assert len(batch) <= 64
+    assert lengths[batches[0]].max() == lengths.max()
+    padded = sum(lengths[b].max() * len(b) for b in batches)
+    unsorted = sum(lengths[i : i + 64].max() * len(lengths[i : i + 64]) for i in range(0, 1000, 64))
+    assert padded < 0.7 * unsorted
+
+
+def test_pad_batch():
+    ids, mask = pad_batch([[1, 2, 3], [4]], np_rows([1, 0]), pad_id=0)
+    assert ids.tolist() == [[4, 0, 0], [1, 2, 3]]
+    assert mask.tolist() == [[1, 0, 0], [1, 1, 1]]
+
+
+def np_rows(values):
+    import numpy as np
+
+    return np.array(values)
