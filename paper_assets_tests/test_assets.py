@@ -1,0 +1,171 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from dagster import DagsterInstance, build_sensor_context, instance_for_test, materialize
+
+from paper_assets.definitions import build_definitions
+from paper_assets.defs import embeddings, shards, source
+from paper_assets.defs.partitions import CORPUSID_RANGES
+from paper_assets.defs.sensors import s2_source_release_sensor
+from paper_assets.engine.ranges import parse_range
+from paper_assets.engine.storage import ProjectHome, vectors_of
+from paper_assets.settings import Settings
+
+from .conftest import REPO, make_source
+
+QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+
+
+@pytest.fixture()
+def project(tmp_path, home, tiny_model, generated_papers):
+    base, adapter = tiny_model
+    src = make_source(tmp_path / "source.duckdb", generated_papers[:300], "VARCHAR")
+    settings = Settings(home=str(home), source=str(src), base_model=base, adapter=adapter, chunk_rows=64)
+    return settings, build_definitions(settings)
+
+
+def run(assets, defs, instance, **kwargs):
+    result = materialize(assets, resources=defs.resources, instance=instance, run_config=QUIET, **kwargs)
+    assert result.success
+    return result
+
+
+def test_definitions_validate_from_the_workspace(tmp_path):
+    env = dict(os.environ, PAPER_ASSETS_HOME=str(tmp_path / "home"), DAGSTER_HOME=str(tmp_path))
+    out = subprocess.run([str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", "workspace.yaml"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_asset_graph_lineage(project):
+    _, defs = project
+    graph = defs.resolve_asset_graph()
+    parents = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys}
+               for k in graph.get_all_asset_keys()}
+    assert parents == {"s2_source": set(), "papers": {"s2_source"}, "paper_embeddings": {"papers"},
+                       "hub_shards": {"paper_embeddings"}}
+    checks = {c.name for c in graph.asset_check_keys}
+    assert {"row_count", "vectors_valid", "corpusid_unique_in_range", "norms_in_band", "adapter_canary",
+            "published_matches_local"} <= checks
+
+
+def test_one_partition_of_each_asset(project):
+    settings, defs = project
+    layout = ProjectHome(settings.home)
+    with instance_for_test() as instance:
+        run([source.s2_source], defs, instance)
+        keys = sorted(instance.get_dynamic_partitions(CORPUSID_RANGES))
+        assert keys and all(parse_range(k).hi - parse_range(k).lo + 1 == 1_000_000 for k in keys)
+        key = keys[0]
+        result = run([embeddings.papers, embeddings.paper_embeddings], defs, instance, partition_key=key)
+        meta = result.asset_materializations_for_node("paper_embeddings")[0].metadata
+        rows = meta["dagster/row_count"].value
+        for name in ("papers_per_second", "tokens_per_second", "token_efficiency", "device", "precision",
+                     "model_fingerprint", "norm_median", "norm_histogram", "path", "duckdb_view"):
+            assert name in meta, name
+        checks = result.get_asset_check_evaluations()
+        assert len(checks) == 5 and all(c.passed for c in checks)
+        table = pq.read_table(layout.embeddings_file(parse_range(key)))
+        assert table.schema.field("embedding").type.list_size == 64
+        assert table.num_rows == rows == pq.read_metadata(layout.papers_file(parse_range(key))).num_rows
+        assert np.isfinite(vectors_of(table)).all()
+
+        run([shards.hub_shards], defs, instance, partition_key=key)
+        published = layout.hub_folder / "data" / f"embeddings-{key}.parquet"
+        assert published.read_bytes() == layout.embeddings_file(parse_range(key)).read_bytes()
+        card = (layout.hub_folder / "README.md").read_text()
+        assert "configs:" in card and "data/*.parquet" in card and "ODC-BY" in card
+
+        with duckdb.connect(str(layout.warehouse), read_only=True) as conn:
+            assert conn.execute("SELECT count(*) FROM embeddings").fetchone()[0] == rows
+            similarity = conn.execute(
+                "SELECT array_cosine_similarity(a.embedding, b.embedding) FROM embeddings a, embeddings b "
+                "WHERE a.corpusid = b.corpusid LIMIT 1").fetchone()[0]
+            assert similarity == pytest.approx(1.0, abs=1e-5)
+            assert conn.execute("SELECT count(*) FROM papers").fetchone()[0] == rows
+
+
+def test_sensor_registers_new_ranges_and_requests_only_changed_ones(project, tmp_path, generated_papers):
+    settings, defs = project
+    with instance_for_test() as instance:
+        resources = {"source": defs.resources["source"]}
+        context = build_sensor_context(instance=instance, resources=resources)
+        first = s2_source_release_sensor(context)
+        keys = sorted({r.partition_key for r in first.run_requests if r.partition_key})
+        assert keys and first.dynamic_partitions_requests[0].partition_keys == keys
+        instance.add_dynamic_partitions(CORPUSID_RANGES, keys)
+        cursor = first.cursor
+
+        again = s2_source_release_sensor(build_sensor_context(instance=instance, resources=resources, cursor=cursor))
+        assert "already seen" in again.skip_message
+
+        # A new release: one paper of the first range changes, a paper appears in a brand-new range.
+        papers = [dict(p) for p in generated_papers[:300]]
+        papers[0]["abstract"] = "A corrected abstract."
+        papers.append({"corpusid": 250_000_123, "title": "New range", "abstract": "Fresh."})
+        os.remove(settings.source)
+        make_source(tmp_path / "source.duckdb", papers, "VARCHAR")
+        third = s2_source_release_sensor(build_sensor_context(instance=instance, resources=resources, cursor=cursor))
+        requested = sorted(r.partition_key for r in third.run_requests if r.partition_key)
+        assert requested == sorted([keys[0], "250000000-250999999"])
+        assert third.dynamic_partitions_requests[0].partition_keys == ["250000000-250999999"]
+
+
+def test_failing_blocking_check_stops_hub_shards(project):
+    settings, defs = project
+    with instance_for_test() as instance:
+        run([source.s2_source], defs, instance)
+        key = sorted(instance.get_dynamic_partitions(CORPUSID_RANGES))[0]
+        run([embeddings.papers], defs, instance, partition_key=key)
+        # Switch the adapter off in this process's loaded model: the canary must notice.
+        encoder = defs.resources["specter2"].get_encoder()
+        defs.resources["specter2"].canary_vectors(ProjectHome(settings.home))  # reference recorded while active
+        encoder.loaded.model.set_active_adapters(None)
+        try:
+            result = materialize([embeddings.paper_embeddings, shards.hub_shards], resources=defs.resources,
+                                 instance=instance, partition_key=key, run_config=QUIET, raise_on_error=False)
+        finally:
+            encoder.loaded.model.set_active_adapters("proximity")
+        canary = [c for c in result.get_asset_check_evaluations() if c.check_name == "adapter_canary"][0]
+        assert not canary.passed
+        assert not result.asset_materializations_for_node("hub_shards")  # blocked within the run
+        gate = json.loads(embeddings.gate_file(ProjectHome(settings.home), parse_range(key)).read_text())
+        assert gate["failed"] == ["adapter_canary"]
+        # ... and in a later, separate run too.
+        later = materialize([shards.hub_shards], resources=defs.resources, instance=instance, partition_key=key,
+                            run_config=QUIET, raise_on_error=False)
+        assert not later.success
+        assert not (ProjectHome(settings.home).hub_folder / "data").exists()
+
+
+def test_demo_end_to_end_in_a_temporary_home(tmp_path):
+    env = dict(os.environ, PAPER_ASSETS_HOME=str(tmp_path / "demo-home"))
+    env.pop("DAGSTER_HOME", None)
+    out = subprocess.run([sys.executable, "-m", "paper_assets.cli", "demo", "--papers", "400"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "done:" in out.stdout and "400 papers" in out.stdout
+    layout = ProjectHome(tmp_path / "demo-home")
+    embedded = sum(pq.read_metadata(p).num_rows for p in layout.embeddings_dir.glob("embeddings-*.parquet"))
+    eligible = sum(pq.read_metadata(p).num_rows for p in layout.papers_dir.glob("papers-*.parquet"))
+    assert embedded == eligible > 350
+    assert len(list((layout.hub_folder / "data").glob("*.parquet"))) == len(list(layout.embeddings_dir.glob("*.parquet")))
+    commits = (layout.hub_folder / ".commits.jsonl").read_text().splitlines()
+    assert len(commits) == 1  # every partition in one commit
+    instance = DagsterInstance.from_config(str(layout.dagster_home))
+    try:
+        keys = instance.get_dynamic_partitions(CORPUSID_RANGES)
+        from dagster import AssetKey
+
+        for asset in ("papers", "paper_embeddings"):
+            materialized = instance.get_materialized_partitions(AssetKey(asset))
+            assert set(keys) == set(materialized), asset
+    finally:
+        instance.dispose()
