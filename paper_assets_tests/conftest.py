@@ -11,6 +11,13 @@ os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "0")
 
+# huggingface_hub reads HF_ENDPOINT once, at import (CommitInfo parses commit URLs against it): the Hub-protocol
+# test server therefore starts before anything imports huggingface_hub, and lives for the whole session.
+from .hub_server import HubServer  # noqa: E402
+
+HUB = HubServer().__enter__()
+os.environ["HF_ENDPOINT"] = HUB.endpoint
+
 from paper_assets.engine import sample_source  # noqa: E402
 from paper_assets.engine.tiny_model import build_model  # noqa: E402
 
