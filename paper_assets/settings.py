@@ -1,26 +1,6 @@
-"""Configuration: environment variables, then ``$PAPER_ASSETS_HOME/paper_assets.json`` (written by
-``paper-assets demo``), then built-in defaults. The HF token is never part of it: it is read from ``HF_TOKEN``
-at the moment of publishing.
-
-| variable                        | meaning                                               | default                        |
-|---------------------------------|-------------------------------------------------------|--------------------------------|
-| PAPER_ASSETS_HOME               | project home (Parquet, catalog, Dagster instance)     | ``.paper_assets`` in checkout  |
-| PAPER_ASSETS_SOURCE             | cleaned S2 DuckDB file                                | ``$HOME/demo/source.duckdb``   |
-| PAPER_ASSETS_SOURCE_TABLE       | table in it                                           | ``papers_with_abstracts``      |
-| PAPER_ASSETS_SOURCE_HUB_REPO    | dataset repo holding the source file (instead of path)| unset                          |
-| PAPER_ASSETS_SOURCE_HUB_FILE    | file in that repo                                     | ``S2_papers_cleaned.db``       |
-| PAPER_ASSETS_SOURCE_REVISION    | pinned revision (commit sha, tag or branch)           | ``main``                       |
-| PAPER_ASSETS_RANGE_WIDTH        | corpus ids per partition                              | 1000000                        |
-| PAPER_ASSETS_BASE_MODEL         | base model id or folder                               | ``allenai/specter2_base``      |
-| PAPER_ASSETS_ADAPTER            | adapter id or folder                                  | ``allenai/specter2``           |
-| PAPER_ASSETS_DEVICE             | auto, cpu, cuda, cuda:N, mps                          | auto                           |
-| PAPER_ASSETS_PRECISION          | auto, fp32, bf16, fp16                                | auto                           |
-| PAPER_ASSETS_TOKEN_BUDGET       | padded tokens per forward batch                       | 16384                          |
-| PAPER_ASSETS_CHUNK_ROWS         | rows per checkpointed chunk inside a partition        | 20000                          |
-| PAPER_ASSETS_COMPILE            | 1 to use torch.compile                                | 0                              |
-| PAPER_ASSETS_HUB_REPO           | dataset repo to publish to; unset: ``$HOME/hub``      | unset                          |
-| PAPER_ASSETS_HUB_REVISION       | branch to publish to                                  | ``main``                       |
-| PAPER_ASSETS_HUB_PRIVATE        | 1 to create the repo private                          | 0                              |
+"""Configuration: environment variables ``PAPER_ASSETS_<FIELD>`` (see :class:`Settings` and the README's
+configuration reference), then ``$PAPER_ASSETS_HOME/paper_assets.json`` (written by ``paper-assets demo``), then the
+defaults below. The HF token is never part of it: it is read from ``HF_TOKEN`` at the moment of publishing.
 """
 
 from __future__ import annotations

@@ -141,7 +141,7 @@ def test_invalid_repo_ids_and_paths_are_refused(hub):
         with pytest.raises(PublishError):
             HubTarget(bad, endpoint=hub.endpoint)
     with pytest.raises(PublishError, match="unexpected repo path"):
-        Shard("../../x", None).path_in_repo
+        _ = Shard("../../x", None).path_in_repo
 
 
 def test_published_repo_downloads_and_loads(hub, two_shards, tmp_path):

@@ -98,7 +98,7 @@ class Specter2Resource(ConfigurableResource):
                 encoder = Encoder(load_model(key))
                 sep = encoder.tokenizer.sep_token
                 if sep != self.sep_token:
-                    raise ValueError(f"tokenizer sep token {sep!r} differs from configured sep_token {self.sep_token!r}")
+                    raise ValueError(f"tokenizer sep token {sep!r} differs from the configured {self.sep_token!r}")
                 _MODEL_CACHE[key] = encoder
             return _MODEL_CACHE[key]
 

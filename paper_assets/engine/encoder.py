@@ -143,7 +143,8 @@ class Encoder:
         stats.padded_tokens += int(attention.size)
         if not np.isfinite(vectors).all():
             if len(rows) == 1:
-                raise NonFiniteEmbeddingError(f"non-finite embedding for a row of {len(chunk.token_ids[rows[0]])} tokens")
+                tokens = len(chunk.token_ids[rows[0]])
+                raise NonFiniteEmbeddingError(f"non-finite embedding for a row of {tokens} tokens")
             stats.nan_batches_recomputed += 1
             vectors = np.concatenate([self._encode_rows(chunk, rows[i : i + 1], stats) for i in range(len(rows))])
         return vectors

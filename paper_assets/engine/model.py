@@ -111,7 +111,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
     try:
         kwargs = {"source": source} if source else {}
         model.load_adapter(config.adapter, load_as=config.adapter_name, set_active=True, **kwargs)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         raise _offline_help(config.adapter, "adapter", err) from err
     check_adapter_active(model, config.adapter_name)
     model.eval()

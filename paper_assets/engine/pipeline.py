@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import text as text_rules
-from .encoder import EncodeStats, Encoder
+from .encoder import Encoder, EncodeStats
 from .ranges import IdRange
 from .source import SourceInfo, read_range
 from .storage import (

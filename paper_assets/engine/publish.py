@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -249,6 +250,12 @@ class LocalFolderTarget:
         return commit, self.root.as_uri()
 
 
+# huggingface_hub uploads several LFS files through tqdm's thread_map, whose class-level lock handling races when two
+# threads of one process upload at once (AttributeError: 'tqdm' has no attribute '_lock'). Commits from one process
+# are therefore serialised; separate processes (Dagster runs) still publish concurrently.
+_COMMIT_LOCK = threading.Lock()
+
+
 def _redact(text: str) -> str:
     token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
     text = text.replace(token, "***") if token else text
@@ -272,22 +279,30 @@ class HubTarget:
         self._ready = False
 
     def _classify(self, err: Exception) -> Exception:
-        from huggingface_hub.utils import HfHubHTTPError
+        """Map an error (and the errors it wraps, e.g. a failed LFS upload) to Conflict/Transient/PublishError."""
+        import requests
 
-        message = _redact(f"{type(err).__name__}: {err}")
-        response = getattr(err, "response", None)
-        status = getattr(response, "status_code", None)
-        if isinstance(err, HfHubHTTPError) and status == 412:
-            return ConflictError(message)
-        if status == 429 or (status is not None and status >= 500):
-            retry_after = response.headers.get("Retry-After") if response is not None else None
-            try:
-                seconds = float(retry_after) if retry_after is not None else None
-            except ValueError:
-                seconds = None
-            return TransientError(message, seconds)
-        if status in (401, 403):
-            return PublishError(f"the Hub refused the token for {self.repo_id} ({status}); check HF_TOKEN's rights")
+        chain, seen = [], err
+        while seen is not None and len(chain) < 10:
+            chain.append(seen)
+            seen = seen.__cause__ or seen.__context__
+        message = _redact("; ".join(f"{type(e).__name__}: {e}" for e in chain))
+        for inner in chain:
+            response = getattr(inner, "response", None)
+            status = getattr(response, "status_code", None)
+            if status == 412:
+                return ConflictError(message)
+            if status == 429 or (status is not None and status >= 500):
+                retry_after = response.headers.get("Retry-After")
+                try:
+                    seconds = float(retry_after) if retry_after is not None else None
+                except ValueError:
+                    seconds = None
+                return TransientError(message, seconds)
+            if status in (401, 403):
+                return PublishError(f"the Hub refused the token for {self.repo_id} ({status}); check HF_TOKEN's rights")
+            if isinstance(inner, requests.ConnectionError | requests.Timeout):
+                return TransientError(message)
         return PublishError(message)
 
     def _read(self, call: Callable):
@@ -347,8 +362,9 @@ class HubTarget:
                       for p, c in sorted(adds.items())]
         operations += [CommitOperationDelete(path_in_repo=p) for p in sorted(deletes)]
         try:
-            info = self.api.create_commit(self.repo_id, operations, commit_message=message, repo_type="dataset",
-                                          revision=self.revision, parent_commit=parent)
+            with _COMMIT_LOCK:
+                info = self.api.create_commit(self.repo_id, operations, commit_message=message, repo_type="dataset",
+                                              revision=self.revision, parent_commit=parent)
         except Exception as err:  # noqa: BLE001 - mapped to Conflict/Transient/PublishError, token redacted
             raise self._classify(err) from None
         return info.oid, info.commit_url

@@ -16,6 +16,7 @@ import duckdb
 import pyarrow as pa
 
 from .storage import atomic_path
+from .text import _SURROGATES
 
 SOURCE_DDL = """
 CREATE TABLE papers_with_abstracts (
@@ -75,6 +76,11 @@ def generate_papers(count: int, seed: int = 0, first_id: int = 1000, id_gap: int
     return papers
 
 
+def _utf8(value):
+    """JSON can carry lone surrogates (``"\\ud800"``) that no UTF-8 database can store: they become U+FFFD."""
+    return _SURROGATES.sub("\ufffd", value) if isinstance(value, str) else value
+
+
 def read_jsonl_papers(path: str | Path) -> list[dict]:
     papers = []
     with open(path, encoding="utf-8") as handle:
@@ -86,8 +92,9 @@ def read_jsonl_papers(path: str | Path) -> list[dict]:
             if corpusid is None:
                 raise ValueError(f"{path}:{line_no}: record has no corpusid/corpus_id/id")
             papers.append(
-                {"corpusid": corpusid, "title": record.get("title"), "abstract": record.get("abstract"),
-                 "year": record.get("year"), "citation_count": record.get("n_citations", record.get("citation_count")),
+                {"corpusid": corpusid, "title": _utf8(record.get("title")),
+                 "abstract": _utf8(record.get("abstract")), "year": record.get("year"),
+                 "citation_count": record.get("n_citations", record.get("citation_count")),
                  "venue": record.get("venue")}
             )
     return papers

@@ -153,7 +153,7 @@ def invalid_id_rows(info: SourceInfo) -> pa.Table:
     sql = f"""SELECT CAST(corpusid AS VARCHAR) AS corpusid_raw, title, abstract FROM {_quoted(info.table)}
               WHERE ({id_expression(info)}) IS NULL"""
     with _connect(info.path) as conn:
-        return conn.execute(sql).to_arrow_table()
+        return conn.sql(sql).to_arrow_table()
 
 
 @dataclass
@@ -162,7 +162,9 @@ class RangeReadStats:
     duplicate_corpusid: int = 0
 
 
-def read_range(info: SourceInfo, rng: IdRange, batch_rows: int = 8192) -> tuple[RangeReadStats, Iterator[pa.RecordBatch]]:
+def read_range(
+    info: SourceInfo, rng: IdRange, batch_rows: int = 8192
+) -> tuple[RangeReadStats, Iterator[pa.RecordBatch]]:
     """Rows of one range, one per id (duplicate rule applied), ordered by id, as Arrow batches.
 
     Columns: ``corpusid`` int64, ``title`` string, ``abstract`` string.

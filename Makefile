@@ -1,0 +1,35 @@
+# One-command entry points. Everything installs into .venv (created if missing).
+PYTHON ?= python3
+VENV ?= .venv
+# torch: 2.13.0 is the CPU build on machines that carry it locally, and PyPI's default (CUDA) build elsewhere.
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test test-fast ui bench lint
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/paper-assets demo
+
+# The whole suite, UI browser tier included (needs Debian's chromium; .ci/run installs it).
+test: setup
+	HF_HUB_DISABLE_XET=1 $(BIN)/python -m pytest -q -ra
+
+test-fast: setup
+	HF_HUB_DISABLE_XET=1 $(BIN)/python -m pytest -q -ra -m "not browser"
+
+ui: setup
+	$(BIN)/paper-assets ui
+
+bench: setup
+	$(BIN)/paper-assets bench --papers 256 --json BENCHMARKS.json --pipeline-papers 20000
+
+lint: setup
+	$(BIN)/ruff check paper_assets paper_assets_tests
