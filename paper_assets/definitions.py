@@ -23,7 +23,7 @@ def build_resources(settings: Settings) -> dict:
         "specter2": Specter2Resource(
             base_model=settings.base_model, adapter=settings.adapter, device=settings.device,
             precision=settings.precision, token_budget=settings.token_budget, chunk_rows=settings.chunk_rows,
-            compile=settings.compile,
+            compile=settings.compile, device_lock_dir=str(home.root / ".locks" / "devices"),
         ),
         "publisher": ShardPublisherResource(
             hub_repo=settings.hub_repo, revision=settings.hub_revision, private=settings.hub_private,

@@ -66,3 +66,19 @@ def np_rows(values):
     import numpy as np
 
     return np.array(values)
+
+
+def test_concurrent_processes_claim_different_gpus(tmp_path):
+    import subprocess
+    import sys
+
+    from paper_assets.engine.device import claim_slot
+
+    assert claim_slot(tmp_path, 2) == 0
+    assert claim_slot(tmp_path, 2) == 0  # the same process keeps its claim
+    code = f"from paper_assets.engine.device import claim_slot; print(claim_slot({str(tmp_path)!r}, 2))"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert other == "1"
+    code_full = f"from paper_assets.engine.device import claim_slot; print(claim_slot({str(tmp_path)!r}, 1))"
+    full = subprocess.run([sys.executable, "-c", code_full], capture_output=True, text=True, check=True)
+    assert full.stdout.strip() == "None"

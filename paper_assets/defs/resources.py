@@ -78,6 +78,7 @@ class Specter2Resource(ConfigurableResource):
     compile: bool = False
     chunk_rows: int = Field(default=20_000, description="rows per checkpointed chunk of a partition")
     sep_token: str = "[SEP]"
+    device_lock_dir: str = Field(default="", description="GPU claims for device=auto on multi-GPU machines")
     norm_k: float = Field(default=8.0, description="norm band: median ± k·MAD across partitions")
     norm_band: list[float] = Field(default_factory=list, description="fixed [low, high] norm band instead")
     max_norm_outlier_fraction: float = 0.001
@@ -89,6 +90,7 @@ class Specter2Resource(ConfigurableResource):
             base_model=self.base_model, adapter=self.adapter, adapter_name=self.adapter_name, device=self.device,
             precision=self.precision, max_length=self.max_length, compile=self.compile,
             token_budget=self.token_budget, max_batch_rows=self.max_batch_rows,
+            device_lock_dir=self.device_lock_dir or None,
         )
 
     def get_encoder(self) -> Encoder:

@@ -2,20 +2,53 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 from functools import lru_cache
+from pathlib import Path
 
 import torch
+
+_CLAIMED: dict[str, int] = {}  # lock file -> open descriptor, held for the life of the process
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-def resolve_device(requested: str = "auto") -> torch.device:
+def claim_slot(lock_dir: str | os.PathLike, slots: int, prefix: str = "cuda") -> int | None:
+    """The first of ``slots`` devices no other process on this machine holds (an ``flock`` per device, released
+    when the process exits). Concurrent partition runs thus land on different GPUs instead of all on cuda:0."""
+    folder = Path(lock_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(slots):
+        path = str(folder / f"{prefix}-{index}.lock")
+        if path in _CLAIMED:
+            return index
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        _CLAIMED[path] = fd
+        return index
+    return None
+
+
+def resolve_device(requested: str = "auto", lock_dir: str | os.PathLike | None = None) -> torch.device:
+    """``auto``: CUDA (with several GPUs and a ``lock_dir``: the first one no other process has claimed), then MPS,
+    then the CPU. An explicit device is used as given."""
     if requested != "auto":
         device = torch.device(requested)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device {requested!r} requested but CUDA is not available")
         return device
     if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if count > 1 and lock_dir is not None:
+            index = claim_slot(lock_dir, count)
+            if index is None:
+                raise RuntimeError(f"all {count} GPUs are claimed by other runs; lower the 'gpu' pool limit")
+            return torch.device(f"cuda:{index}")
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")

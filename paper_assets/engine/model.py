@@ -47,6 +47,8 @@ class ModelConfig:
     # Seq-len-sorted batches are cut so that rows * longest row <= token_budget (padded tokens).
     token_budget: int = 16384
     max_batch_rows: int = 512
+    # Where processes claim GPUs when several are present (device "auto"); None: always cuda:0.
+    device_lock_dir: str | None = None
 
 
 @dataclass
@@ -116,7 +118,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
     check_adapter_active(model, config.adapter_name)
     model.eval()
     fingerprint = weights_fingerprint(model, config.max_length, config.adapter_name)
-    device = resolve_device(config.device)
+    device = resolve_device(config.device, config.device_lock_dir)
     dtype = resolve_precision(config.precision, device)
     # CPU: weights are cast (AMX kernels want bf16 weights). CUDA: weights stay fp32 and autocast picks the
     # kernels, which keeps LayerNorm/softmax in fp32 (see pytorch#103749 for NaNs with bf16 SDPA + padding).

@@ -1,0 +1,171 @@
+"""The Dagster UI for real: `dagster dev -w workspace.yaml` on 127.0.0.1 with a temporary project home, driven through
+headless Chromium (Debian's package, via Playwright) and through its GraphQL API."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO
+
+ARTIFACTS = REPO / "test-artifacts" / "ui"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def graphql(url: str, query: str, variables: dict | None = None) -> dict:
+    request = urllib.request.Request(f"{url}/graphql", data=json.dumps({"query": query, "variables": variables or {}})
+                                     .encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        payload = json.loads(response.read())
+    assert "errors" not in payload, payload
+    return payload["data"]
+
+
+@pytest.fixture(scope="module")
+def dagster_dev(tmp_path_factory):
+    """A project home with the demo source + stand-in model, s2_source and papers materialised, and a webserver."""
+    home = tmp_path_factory.mktemp("ui-home")
+    env = dict(os.environ, PAPER_ASSETS_HOME=str(home), DAGSTER_HOME=str(home / "dagster"))
+    prepare = (
+        "from paper_assets.cli import prepare_demo, _dagster_home, QUIET\n"
+        "from paper_assets.settings import load_settings\n"
+        "s = prepare_demo(load_settings(), None, 300)\n_dagster_home(s)\n"
+        "from dagster import DagsterInstance, materialize\n"
+        "from paper_assets.definitions import build_definitions\n"
+        "from paper_assets.defs import source, embeddings\n"
+        "from paper_assets.defs.partitions import CORPUSID_RANGES\n"
+        "d = build_definitions(s); i = DagsterInstance.get()\n"
+        "assert materialize([source.s2_source], resources=d.resources, instance=i, run_config=QUIET).success\n"
+        "for k in i.get_dynamic_partitions(CORPUSID_RANGES):\n"
+        "    assert materialize([embeddings.papers], partition_key=k, resources=d.resources, instance=i,"
+        " run_config=QUIET).success\n"
+    )
+    subprocess.run([sys.executable, "-c", prepare], env=env, check=True, cwd=REPO, timeout=600,
+                   capture_output=True)
+    port = free_port()
+    log = open(home / "dagster-dev.log", "w")  # noqa: SIM115 - closed in teardown
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p",
+         str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/server_info", timeout=5):
+                    break
+            except OSError as err:
+                if time.time() > deadline or server.poll() is not None:
+                    log_tail = (home / "dagster-dev.log").read_text()[-3000:]
+                    raise RuntimeError(f"dagster dev did not start: {log_tail}") from err
+                time.sleep(1)
+        yield url, home
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(server.pid, sig)
+                server.wait(timeout=30)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+        log.close()
+
+
+def partition_keys(url: str) -> list[str]:
+    data = graphql(url, """{ assetNodeOrError(assetKey: {path: ["paper_embeddings"]}) {
+        ... on AssetNode { partitionKeys } } }""")
+    return data["assetNodeOrError"]["partitionKeys"]
+
+
+def wait_for_runs(url: str, timeout: float = 300) -> list[dict]:
+    query = "{ runsOrError { ... on Runs { results { runId status tags { key value } } } } }"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        runs = graphql(url, query)["runsOrError"]["results"]
+        if runs and all(r["status"] in ("SUCCESS", "FAILURE", "CANCELED") for r in runs):
+            return runs
+        time.sleep(2)
+    raise AssertionError(f"runs did not finish in {timeout}s: {runs}")
+
+
+@pytest.mark.browser
+def test_materialise_one_partition_from_the_ui(dagster_dev):
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (apt-get install chromium); .ci/run installs it")
+        pytest.skip("Debian's chromium is not installed")
+    from playwright.sync_api import expect, sync_playwright
+
+    url, _ = dagster_dev
+    key = partition_keys(url)[0]
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{url}/assets/paper_embeddings", wait_until="networkidle")
+            page.wait_for_timeout(1500)
+            if page.get_by_role("button", name="Skip").count():
+                page.get_by_role("button", name="Skip").click()
+            page.screenshot(path=str(ARTIFACTS / "1-asset-page.png"))
+            page.get_by_role("button", name="Materialize…").click()
+            page.get_by_text("Select a partition or create one").click()
+            page.get_by_text(key, exact=True).first.click()
+            page.get_by_text("Launch runs to materialize paper_embeddings").click()  # closes the drop-down
+            page.screenshot(path=str(ARTIFACTS / "2-launch-dialog.png"))
+            page.get_by_role("button", name="Launch 1 run").click()
+            runs = wait_for_runs(url)
+            assert [r["status"] for r in runs] == ["SUCCESS"]
+            tags = {t["key"]: t["value"] for t in runs[0]["tags"]}
+            assert tags["dagster/partition"] == key
+
+            page.goto(f"{url}/assets/paper_embeddings?view=checks", wait_until="networkidle")
+            for check in ("row_count", "vectors_valid", "corpusid_unique_in_range", "norms_in_band",
+                          "adapter_canary"):
+                expect(page.get_by_text(check, exact=True).first).to_be_visible(timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "3-checks.png"), full_page=True)
+
+            page.goto(f"{url}/assets/paper_embeddings?view=events&partition={key}", wait_until="networkidle")
+            page.wait_for_timeout(1500)
+            for name in ("papers_per_second", "model_fingerprint", "norm_histogram", "token_efficiency"):
+                expect(page.get_by_text(name, exact=True).first).to_be_visible(timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "4-metadata.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def test_partition_backfill_through_graphql(dagster_dev):
+    url, home = dagster_dev
+    keys = partition_keys(url)[-2:]
+    mutation = """mutation($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $params) {
+        __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }"""
+    params = {"partitionNames": keys, "assetSelection": [{"path": ["paper_embeddings"]}], "fromFailure": False}
+    launched = graphql(url, mutation, {"params": params})["launchPartitionBackfill"]
+    assert launched["__typename"] == "LaunchBackfillSuccess", launched
+    query = """query($id: String!) { partitionBackfillOrError(backfillId: $id) {
+        ... on PartitionBackfill { status } } }"""
+    deadline, status = time.time() + 400, None
+    while time.time() < deadline:
+        status = graphql(url, query, {"id": launched["backfillId"]})["partitionBackfillOrError"]["status"]
+        if status in ("COMPLETED", "COMPLETED_SUCCESS", "FAILED", "CANCELED", "COMPLETED_FAILED"):
+            break
+        time.sleep(3)
+    assert status in ("COMPLETED", "COMPLETED_SUCCESS"), status
+    for key in keys:
+        assert (home / "embeddings" / f"embeddings-{key}.parquet").exists()
