@@ -28,6 +28,9 @@ class ModelShape:
     num_heads: int
     intermediate_size: int
     vocab_size: int
+    # BERT's 0.02 makes a random 12-layer model map every paper to nearly the same CLS vector (median cosine
+    # between different papers 0.998), which hides numerical differences; 0.08 gives ~0.93, closer to a trained model.
+    init_std: float = 0.08
 
 
 TINY = ModelShape(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, vocab_size=8000)
@@ -78,6 +81,7 @@ def build_model(
         num_attention_heads=shape.num_heads,
         intermediate_size=shape.intermediate_size,
         max_position_embeddings=512,
+        initializer_range=shape.init_std,
     )
     model = BertAdapterModel(config)
     model.add_adapter(adapter_name, config=SeqBnConfig(reduction_factor=16))

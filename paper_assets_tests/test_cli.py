@@ -1,0 +1,72 @@
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from paper_assets.engine.storage import file_metadata
+
+from .conftest import REPO, make_source
+
+
+def cli(*args, env=None, timeout=600):
+    out = subprocess.run([sys.executable, "-m", "paper_assets.cli", *args], cwd=REPO, capture_output=True, text=True,
+                         env=dict(os.environ, **(env or {})), timeout=timeout)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.parametrize("id_type", ["VARCHAR", "BIGINT"])
+def test_embed_command_on_integer_and_varchar_sources(tmp_path, tiny_model, generated_papers, id_type):
+    base, adapter = tiny_model
+    papers = generated_papers[:80] + [{"corpusid": 5_000_123, "title": "Title only", "abstract": None}]
+    src = make_source(tmp_path / "s.duckdb", papers, id_type)
+    out = tmp_path / "out"
+    cli("embed", "--source", str(src), "--out", str(out), "--base-model", base, "--adapter", adapter,
+        "--device", "cpu", "--precision", "fp32", env={"PAPER_ASSETS_HOME": str(tmp_path / "h")})
+    files = sorted(out.glob("embeddings-*.parquet"))
+    assert [f.name for f in files][-1] == "embeddings-005000000-005999999.parquet"
+    table = pa.concat_tables(pq.read_table(f) for f in files)
+    assert table.num_rows == 81 and table.schema.field("embedding").type == pa.list_(pa.float32(), 64)
+    assert sorted(table.column("corpusid").to_pylist()) == sorted(int(p["corpusid"]) for p in papers)
+    assert file_metadata(files[0])["model"]["precision"] == "fp32"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # work files cleaned up
+
+
+def test_embed_command_single_range(tmp_path, tiny_model, generated_papers):
+    base, adapter = tiny_model
+    src = make_source(tmp_path / "s.duckdb", generated_papers[:50])
+    ids = sorted(p["corpusid"] for p in generated_papers[:50])
+    cli("embed", "--source", str(src), "--out", str(tmp_path / "o"), "--base-model", base, "--adapter", adapter,
+        "--range", f"{ids[10]}-{ids[19]}", env={"PAPER_ASSETS_HOME": str(tmp_path / "h")})
+    (only,) = (tmp_path / "o").glob("*.parquet")
+    assert pq.read_table(only).column("corpusid").to_pylist() == ids[10:20]
+
+
+def test_bench_command_reports_every_figure(tmp_path, tiny_model, generated_papers):
+    base, adapter = tiny_model
+    src = make_source(tmp_path / "s.duckdb", generated_papers[:120])
+    report = tmp_path / "bench.json"
+    stdout = cli("bench", "--source", str(src), "--base-model", base, "--adapter", adapter, "--papers", "96",
+                 "--precision", "fp32", "--json", str(report), env={"PAPER_ASSETS_BENCH_DIR": str(tmp_path / "b")})
+    result = json.loads(report.read_text())
+    assert "speedup" in stdout and result["papers"] == 96
+    for side in ("reference", "engine"):
+        for key in ("papers_per_second", "tokens_per_second", "token_efficiency", "peak_rss_mb"):
+            assert result[side][key] > 0
+    fidelity = result["fidelity"]
+    assert fidelity["non_finite"] == 0 and fidelity["rows_compared"] > 80
+    assert fidelity["cosine_min"] >= 0.99999 and fidelity["batch_composition_cosine_min"] >= 0.99999
+    assert result["engine"]["token_efficiency"] > result["reference"]["token_efficiency"]
+    assert result["flops"]["per_token_estimate"] > 0
+
+
+def test_publish_command_uses_the_asset_code(tmp_path):
+    home = tmp_path / "h"
+    (home / "embeddings").mkdir(parents=True)
+    out = subprocess.run([sys.executable, "-m", "paper_assets.cli", "publish"], cwd=REPO, capture_output=True,
+                         text=True, env=dict(os.environ, PAPER_ASSETS_HOME=str(home)), timeout=300)
+    assert out.returncode == 1 and "nothing to publish" in out.stderr
