@@ -69,7 +69,8 @@ def test_one_partition_of_each_asset(project):
         meta = result.asset_materializations_for_node("paper_embeddings")[0].metadata
         rows = meta["dagster/row_count"].value
         for name in ("papers_per_second", "tokens_per_second", "token_efficiency", "device", "precision",
-                     "model_fingerprint", "norm_median", "norm_histogram", "path", "duckdb_view"):
+                     "model_fingerprint", "norm_median", "norm_histogram", "path", "duckdb_view", "source_release",
+                     "dagster/column_schema"):
             assert name in meta, name
         checks = result.get_asset_check_evaluations()
         assert len(checks) == 5 and all(c.passed for c in checks)

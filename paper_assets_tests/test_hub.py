@@ -90,8 +90,11 @@ def test_a_concurrent_commit_is_kept_and_ours_retried_after_412(hub, two_shards,
     foreign = write_shard(tmp_path / "foreign.parquet", 7_000_000, 5, seed=9)
     other = Shard("007000000-007999999", foreign, 5)
 
-    def someone_else_commits(state):
-        publish_shards(target(hub), [other], None, "someone else")
+    def someone_else_commits(state):  # another client, committing between our head read and our commit
+        from huggingface_hub import HfApi
+
+        HfApi(endpoint=hub.endpoint, token=TOKEN).upload_file(
+            path_or_fileobj=str(foreign), path_in_repo=other.path_in_repo, repo_id=REPO_ID, repo_type="dataset")
 
     hub.state.before_commit_hooks.append(someone_else_commits)
     report = publish_shards(target(hub), two_shards, card, "ours")

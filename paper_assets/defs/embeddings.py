@@ -144,7 +144,8 @@ def paper_embeddings(
                   "adapter_name": specter2.adapter_name, "fingerprint": loaded.fingerprint,
                   "precision": loaded.precision, "device": str(loaded.device), "max_length": specter2.max_length,
                   "pooling": "cls"}
-    file_meta = {"model": model_meta, "range": rng.key, "papers_content_hash": papers_meta.get("content_hash")}
+    file_meta = {"model": model_meta, "range": rng.key, "papers_content_hash": papers_meta.get("content_hash"),
+                 "source_release": papers_meta.get("source_version")}
     out = layout.embeddings_file(rng)
     report = embed_papers(papers_file, out, encoder, layout.checkpoint_dir(rng), chunk_rows=specter2.chunk_rows,
                           file_metadata=file_meta, progress=_ProgressLog(context))
@@ -189,6 +190,7 @@ def paper_embeddings(
             "model_base": specter2.base_model,
             "model_adapter": specter2.adapter,
             "model_fingerprint": loaded.fingerprint,
+            "source_release": str(papers_meta.get("source_version")),
             "source_papers_content_hash": str(papers_meta.get("content_hash")),
             **{f"norm_{k}": round(v, 6) for k, v in norm_stats.items() if k != "count"},
             "norm_histogram": MetadataValue.md(quality.markdown_histogram(scan.norms)),

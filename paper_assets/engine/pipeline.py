@@ -40,9 +40,10 @@ class PapersReport:
     rules: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)
     content_hash: str = ""
+    source_version: str = ""
 
     def as_metadata(self) -> dict:
-        return {"rows": self.rows, "source_rows": self.source_rows, "duplicate_corpusid": self.duplicate_corpusid,
+        return {"source_version": self.source_version, "rows": self.rows, "source_rows": self.source_rows, "duplicate_corpusid": self.duplicate_corpusid,
                 "rules": dict(self.rules), "skipped": dict(self.skipped), "content_hash": self.content_hash}
 
 
@@ -50,7 +51,7 @@ def build_papers(
     info: SourceInfo, rng: IdRange, out_path: Path, sep_token: str = "[SEP]", batch_rows: int = 8192
 ) -> PapersReport:
     """Write the range's embeddable rows (id, text, text hash, rule) to ``out_path`` atomically."""
-    report = PapersReport()
+    report = PapersReport(source_version=info.version)
     read_stats, batches = read_range(info, rng, batch_rows)
     report.source_rows, report.duplicate_corpusid = read_stats.source_rows, read_stats.duplicate_corpusid
     content = hashlib.sha256(f"sep={sep_token}".encode())
