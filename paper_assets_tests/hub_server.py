@@ -213,6 +213,16 @@ class Handler(BaseHTTPRequestHandler):
             return None
         return repo
 
+    def _commit_at(self, match) -> Commit | None:
+        """The commit a ``rev`` in the URL names, or None after answering 404."""
+        repo = self._repo(match)
+        if repo is None:
+            return None
+        commit = repo.resolve(match.group("rev"))
+        if commit is None:
+            self._error(404, "Invalid rev id", "RevisionNotFound")
+        return commit
+
     def create_repo(self, match, body, query):
         if not self._authorized():
             return self._error(401, "Invalid credentials in Authorization header")
@@ -322,12 +332,9 @@ class Handler(BaseHTTPRequestHandler):
         return entry
 
     def paths_info(self, match, body, query):
-        repo = self._repo(match)
-        if repo is None:
-            return
-        commit = repo.resolve(match.group("rev"))
+        commit = self._commit_at(match)
         if commit is None:
-            return self._error(404, "Invalid rev id", "RevisionNotFound")
+            return
         form = parse_qs(body.decode())
         entries = []
         for path in form.get("paths", []):
@@ -338,12 +345,9 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, entries)
 
     def tree(self, match, body, query):
-        repo = self._repo(match)
-        if repo is None:
-            return
-        commit = repo.resolve(match.group("rev"))
+        commit = self._commit_at(match)
         if commit is None:
-            return self._error(404, "Invalid rev id", "RevisionNotFound")
+            return
         folder = unquote(match.group("path") or "").strip("/")
         prefix = folder + "/" if folder else ""
         entries, folders = [], set()
@@ -373,12 +377,9 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, out)
 
     def resolve(self, match, body, query):
-        repo = self._repo(match)
-        if repo is None:
-            return
-        commit = repo.resolve(match.group("rev"))
+        commit = self._commit_at(match)
         if commit is None:
-            return self._error(404, "Invalid rev id", "RevisionNotFound")
+            return
         path = unquote(match.group("path"))
         stored = commit.files.get(path)
         if stored is None:
