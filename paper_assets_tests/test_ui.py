@@ -93,11 +93,17 @@ def partition_keys(url: str) -> list[str]:
     return data["assetNodeOrError"]["partitionKeys"]
 
 
-def wait_for_runs(url: str, timeout: float = 300) -> list[dict]:
-    query = "{ runsOrError { ... on Runs { results { runId status tags { key value } } } } }"
-    deadline = time.time() + timeout
+RUNS = "{ runsOrError { ... on Runs { results { runId status tags { key value } } } } }"
+
+
+def run_ids(url: str) -> set[str]:
+    return {r["runId"] for r in graphql(url, RUNS)["runsOrError"]["results"]}
+
+
+def wait_for_new_runs(url: str, known: set[str], timeout: float = 300) -> list[dict]:
+    deadline, runs = time.time() + timeout, []
     while time.time() < deadline:
-        runs = graphql(url, query)["runsOrError"]["results"]
+        runs = [r for r in graphql(url, RUNS)["runsOrError"]["results"] if r["runId"] not in known]
         if runs and all(r["status"] in ("SUCCESS", "FAILURE", "CANCELED") for r in runs):
             return runs
         time.sleep(2)
@@ -110,6 +116,7 @@ def test_materialise_one_partition_from_the_ui(dagster_dev):
         if os.environ.get("CI"):
             pytest.fail("chromium is not installed (apt-get install chromium); .ci/run installs it")
         pytest.skip("Debian's chromium is not installed")
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import expect, sync_playwright
 
     url, _ = dagster_dev
@@ -120,17 +127,24 @@ def test_materialise_one_partition_from_the_ui(dagster_dev):
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"{url}/assets/paper_embeddings", wait_until="networkidle")
-            page.wait_for_timeout(1500)
-            if page.get_by_role("button", name="Skip").count():
-                page.get_by_role("button", name="Skip").click()
+            materialize_button = page.get_by_role("button", name="Materialize…")
+            expect(materialize_button).to_be_visible(timeout=60_000)
+            # A fresh instance greets with a "Join the Dagster community" dialog, a moment after loading.
+            try:
+                page.get_by_role("button", name="Skip").click(timeout=10_000)
+            except PlaywrightTimeout:
+                pass
             page.screenshot(path=str(ARTIFACTS / "1-asset-page.png"))
-            page.get_by_role("button", name="Materialize…").click()
+            materialize_button.click()
+            dialog_title = page.get_by_text("Launch runs to materialize paper_embeddings")
+            expect(dialog_title).to_be_visible(timeout=30_000)
             page.get_by_text("Select a partition or create one").click()
             page.get_by_text(key, exact=True).first.click()
-            page.get_by_text("Launch runs to materialize paper_embeddings").click()  # closes the drop-down
+            dialog_title.click()  # closes the drop-down, keeps the dialog
             page.screenshot(path=str(ARTIFACTS / "2-launch-dialog.png"))
+            before = run_ids(url)
             page.get_by_role("button", name="Launch 1 run").click()
-            runs = wait_for_runs(url)
+            runs = wait_for_new_runs(url, before)
             assert [r["status"] for r in runs] == ["SUCCESS"]
             tags = {t["key"]: t["value"] for t in runs[0]["tags"]}
             assert tags["dagster/partition"] == key

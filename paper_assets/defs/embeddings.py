@@ -30,7 +30,13 @@ from . import catalog as catalog_views
 from .partitions import corpusid_ranges
 from .resources import ProjectHomeResource, S2SourceResource, Specter2Resource
 
-EMBEDDING_CHECKS = ("row_count", "vectors_valid", "corpusid_unique_in_range", "norms_in_band", "adapter_canary")
+EMBEDDING_CHECKS = {
+    "row_count": "one embedding per eligible source row of the range (skipped rows reported by reason)",
+    "vectors_valid": "no NaN/Inf or all-zero vectors; dimension equals the model's hidden size",
+    "corpusid_unique_in_range": "every corpusid unique and inside the partition's range",
+    "norms_in_band": "L2 norms within median ± k·MAD learned across partitions (or a configured band)",
+    "adapter_canary": "a fixed text reproduces its fingerprinted reference vector and the adapter changes it",
+}
 
 
 def partition_range(context: AssetExecutionContext) -> IdRange:
@@ -121,7 +127,8 @@ class _ProgressLog:
     group_name="embeddings",
     code_version="1",
     pool="gpu",
-    check_specs=[AssetCheckSpec(name, asset="paper_embeddings", blocking=True) for name in EMBEDDING_CHECKS],
+    check_specs=[AssetCheckSpec(name, asset="paper_embeddings", blocking=True, description=text)
+                 for name, text in EMBEDDING_CHECKS.items()],
     description="SPECTER2 vectors (CLS, float32) per corpusid of one range, with text hash and model fingerprint.",
 )
 def paper_embeddings(
