@@ -72,8 +72,9 @@ def card_builder(layout: ProjectHome):
     deps=["paper_embeddings"],
     group_name="publishing",
     backfill_policy=BackfillPolicy.single_run(),
-    check_specs=[AssetCheckSpec("published_matches_local", asset="hub_shards",
-                                description="every published shard has the local file's sha256; removed ranges are gone")],
+    check_specs=[AssetCheckSpec(
+        "published_matches_local", asset="hub_shards",
+        description="every published shard has the local file's sha256; removed ranges are gone")],
     description="One Parquet shard per range in a Hub dataset repo, many ranges per commit, with a dataset card.",
 )
 def hub_shards(context: AssetExecutionContext, publisher: ShardPublisherResource,

@@ -43,8 +43,9 @@ class PapersReport:
     source_version: str = ""
 
     def as_metadata(self) -> dict:
-        return {"source_version": self.source_version, "rows": self.rows, "source_rows": self.source_rows, "duplicate_corpusid": self.duplicate_corpusid,
-                "rules": dict(self.rules), "skipped": dict(self.skipped), "content_hash": self.content_hash}
+        return {"source_version": self.source_version, "rows": self.rows, "source_rows": self.source_rows,
+                "duplicate_corpusid": self.duplicate_corpusid, "rules": dict(self.rules),
+                "skipped": dict(self.skipped), "content_hash": self.content_hash}
 
 
 def build_papers(
