@@ -100,7 +100,25 @@ def check_adapter_active(model: torch.nn.Module, adapter_name: str) -> None:
         )
 
 
+class _DuringLoadFilter(logging.Filter):
+    """adapters warns "none are activated" while loading even when loading works (adapters#815); the truth is
+    checked right after by :func:`check_adapter_active`, so the misleading line is dropped during the load only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "none are activated for the forward pass" not in record.getMessage()
+
+
 def load_model(config: ModelConfig) -> LoadedModel:
+    adapters_log = logging.getLogger("adapters.model_mixin")
+    quiet = _DuringLoadFilter()
+    adapters_log.addFilter(quiet)
+    try:
+        return _load_model(config)
+    finally:
+        adapters_log.removeFilter(quiet)
+
+
+def _load_model(config: ModelConfig) -> LoadedModel:
     from adapters import AutoAdapterModel
     from transformers import AutoTokenizer
 
