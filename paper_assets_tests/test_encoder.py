@@ -150,3 +150,26 @@ def test_unreachable_weights_explain_how_to_use_a_local_copy(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
     assert "allenai/specter2_base" in out and "PAPER_ASSETS_BASE_MODEL" in out and "--local-dir" in out
+
+
+def _assert_cleaning_invisible(tokenizer, samples):
+    from paper_assets.engine.text import clean_field
+
+    for raw in samples:
+        cleaned = clean_field(raw) or ""
+        assert tokenizer(cleaned)["input_ids"] == tokenizer(raw)["input_ids"], repr(raw)
+
+
+def test_text_cleaning_is_invisible_to_the_tokenizer(fp32):
+    """The cleaning rule deletes/spaces exactly what BERT's normaliser does, so vectors match the notebook's."""
+    alphabet = list("ab cé.-(") + ["\x00", "\x0b", "\x1c", "\x7f", "\x80", "\x85", "\x94", "\u00ad", "\u200b",
+                                   "\ufeff", "\ufffd", "\ue000", "\u0378", "\u00a0", "\u2028", "\u3000", "\t", "\n",
+                                   "\r", "\u00e2", "ß", "漢"]
+    rng = np.random.default_rng(1)
+    _assert_cleaning_invisible(fp32.tokenizer, ["".join(rng.choice(alphabet, size=rng.integers(1, 40)))
+                                                for _ in range(400)])
+
+
+def test_text_cleaning_is_invisible_to_the_tokenizer_on_real_abstracts(fp32, shared_papers):
+    _assert_cleaning_invisible(fp32.tokenizer, [p[field] for p in shared_papers for field in ("title", "abstract")
+                                                if p.get(field)])

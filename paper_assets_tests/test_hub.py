@@ -11,8 +11,8 @@ from paper_assets.defs import embeddings, shards, source
 from paper_assets.defs.partitions import CORPUSID_RANGES
 from paper_assets.defs.resources import S2SourceResource, ShardPublisherResource
 from paper_assets.engine.card import dataset_card
-from paper_assets.engine.publish import HubTarget, PublishError, Shard, publish_shards, sha256_file
-from paper_assets.engine.storage import embeddings_batch, embeddings_schema
+from paper_assets.engine.publish import HubTarget, PublishError, Shard, publish_shards
+from paper_assets.engine.storage import embeddings_batch, embeddings_schema, sha256_file
 from paper_assets.settings import Settings
 
 from .conftest import HUB, make_source

@@ -103,3 +103,17 @@ def test_source_is_opened_read_only_while_another_process_reads(tmp_path):
         info = inspect_source(path)
         _, batches = read_range(info, IdRange(0, 99))
         assert sum(b.num_rows for b in batches) == 2
+
+
+@pytest.mark.parametrize("id_type", ["BIGINT", "VARCHAR"])
+def test_reading_in_id_windows_gives_exactly_the_rows_of_one_pass(tmp_path, id_type):
+    import random
+
+    rng = random.Random(4)
+    papers = [{"corpusid": rng.randrange(0, 5_000), "title": f"t{i}", "abstract": "a" * rng.randrange(0, 9)}
+              for i in range(3_000)]  # many duplicate ids, so windows must keep an id's copies together
+    info = inspect_source(make_source(tmp_path / "s.duckdb", papers, id_type))
+    whole = pa.Table.from_batches(list(read_range(info, IdRange(0, 4_999), window_rows=10**9)[1]))
+    windowed = pa.Table.from_batches(list(read_range(info, IdRange(0, 4_999), batch_rows=100, window_rows=97)[1]))
+    assert whole.num_rows == len({p["corpusid"] for p in papers})
+    assert windowed.equals(whole)

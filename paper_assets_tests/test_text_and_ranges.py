@@ -23,8 +23,10 @@ def test_abstract_only_and_nothing():
 
 
 def test_cleaning_control_characters_surrogates_and_whitespace():
-    assert clean_field("a\x00b\x1f c\u0085d  \n e") == "a b c d e"
-    assert clean_field("lone \ud800 surrogate") == "lone \ufffd surrogate"
+    # Deleted like the BERT tokenizer deletes them (category C, U+FFFD); tab/newline and Unicode spaces are spaces.
+    assert clean_field("a\x00b\x1f c\u0085d  \n e\u200b\ufffd\u2028f\u00a0g") == "ab cd e f g"
+    assert clean_field("typing\u00e2\x80\x94relational") == "typing\u00e2relational"
+    assert clean_field("lone \ud800 surrogate") == "lone surrogate"
     assert clean_field("\x00\x01 ") is None
     text_sha256(clean_field("x\ud800"))  # encodable after cleaning
 
@@ -57,7 +59,8 @@ def test_plan_batches_covers_every_row_once_within_budget_longest_first():
 
 
 def test_pad_batch():
-    ids, mask = pad_batch([[1, 2, 3], [4]], np_rows([1, 0]), pad_id=0)
+    flat, offsets = np_rows([1, 2, 3, 4]), np_rows([0, 3, 4])
+    ids, mask = pad_batch(flat, offsets, np_rows([1, 0]), pad_id=0)
     assert ids.tolist() == [[4, 0, 0], [1, 2, 3]]
     assert mask.tolist() == [[1, 0, 0], [1, 1, 1]]
 

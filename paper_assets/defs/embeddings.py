@@ -23,9 +23,8 @@ from dagster_duckdb import DuckDBResource
 
 from ..engine import quality
 from ..engine.pipeline import build_papers, embed_papers
-from ..engine.publish import sha256_file
 from ..engine.ranges import IdRange, parse_range
-from ..engine.storage import METADATA_KEY, ProjectHome, atomic_path
+from ..engine.storage import METADATA_KEY, ProjectHome, atomic_path, sha256_file
 from . import catalog as catalog_views
 from .partitions import corpusid_ranges
 from .resources import ProjectHomeResource, S2SourceResource, Specter2Resource

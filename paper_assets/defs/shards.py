@@ -17,9 +17,9 @@ from dagster import (
 )
 
 from ..engine.card import dataset_card
-from ..engine.publish import Shard, publish_shards, sha256_file, shard_path
+from ..engine.publish import Shard, publish_shards, shard_path
 from ..engine.ranges import parse_range
-from ..engine.storage import ProjectHome, file_metadata
+from ..engine.storage import ProjectHome, file_metadata, sha256_file
 from .embeddings import gate_file
 from .partitions import corpusid_ranges
 from .resources import ProjectHomeResource, ShardPublisherResource

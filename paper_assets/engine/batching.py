@@ -26,13 +26,18 @@ def plan_batches(lengths: np.ndarray, token_budget: int, max_rows: int) -> list[
     return batches
 
 
-def pad_batch(token_ids: list[list[int]], rows: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded ``input_ids`` and ``attention_mask`` (int64) for the selected rows."""
-    longest = max(len(token_ids[i]) for i in rows)
-    input_ids = np.full((len(rows), longest), pad_id, dtype=np.int64)
-    attention = np.zeros((len(rows), longest), dtype=np.int64)
-    for out_row, i in enumerate(rows):
-        ids = token_ids[i]
-        input_ids[out_row, : len(ids)] = ids
-        attention[out_row, : len(ids)] = 1
+def pad_batch(
+    flat_ids: np.ndarray, offsets: np.ndarray, rows: np.ndarray, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded ``input_ids`` and ``attention_mask`` (int64) for the selected rows.
+
+    Row ``i``'s tokens are ``flat_ids[offsets[i]:offsets[i + 1]]`` (all rows of a chunk in one int32 array: a few
+    bytes per token instead of a Python int object each).
+    """
+    starts, ends = offsets[rows], offsets[np.asarray(rows) + 1]
+    lengths = ends - starts
+    input_ids = np.full((len(rows), int(lengths.max())), pad_id, dtype=np.int64)
+    for out_row, (start, length) in enumerate(zip(starts.tolist(), lengths.tolist(), strict=True)):
+        input_ids[out_row, :length] = flat_ids[start : start + length]
+    attention = (np.arange(input_ids.shape[1]) < lengths[:, None]).astype(np.int64)
     return input_ids, attention

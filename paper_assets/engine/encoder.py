@@ -29,6 +29,7 @@ from .batching import pad_batch, plan_batches
 from .model import LoadedModel
 
 Payload = TypeVar("Payload")
+TOKENIZE_ROWS = 2048
 
 
 class NonFiniteEmbeddingError(RuntimeError):
@@ -57,11 +58,21 @@ class EncodeStats:
 
 @dataclass
 class TokenizedChunk(Generic[Payload]):
+    """A chunk's token ids, flat: row ``i`` is ``flat_ids[offsets[i]:offsets[i + 1]]``."""
+
     payload: Payload
-    token_ids: list[list[int]]
-    lengths: np.ndarray
+    flat_ids: np.ndarray
+    offsets: np.ndarray
     truncated: int
     batches: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def rows(self) -> int:
+        return len(self.offsets) - 1
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -87,21 +98,25 @@ class Encoder:
 
     # -- tokenisation ---------------------------------------------------------------------------------------------
     def tokenize(self, texts: list[str], payload: Payload = None) -> TokenizedChunk[Payload]:
-        if not texts:
-            return TokenizedChunk(payload, [], np.zeros(0, dtype=np.int64), 0)
-        encoded = self.tokenizer(
-            texts,
-            truncation=True,
-            max_length=self.max_length,
-            padding=False,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-            return_overflowing_tokens=False,
-            return_length=True,
-        )
-        lengths = np.asarray(encoded["length"], dtype=np.int64)
-        truncated = int(np.count_nonzero(lengths >= self.max_length))
-        chunk = TokenizedChunk(payload, encoded["input_ids"], lengths, truncated)
+        lengths = np.zeros(len(texts), dtype=np.int64)
+        pieces: list[np.ndarray] = []
+        # Sub-batches bound the tokenizer's per-token Python objects to a few thousand rows at a time.
+        for start in range(0, len(texts), TOKENIZE_ROWS):
+            encoded = self.tokenizer(
+                texts[start : start + TOKENIZE_ROWS],
+                truncation=True,
+                max_length=self.max_length,
+                padding=False,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+                return_overflowing_tokens=False,
+            )["input_ids"]
+            lengths[start : start + len(encoded)] = [len(ids) for ids in encoded]
+            pieces.extend(np.asarray(ids, dtype=np.int32) for ids in encoded)
+        offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
+        chunk = TokenizedChunk(payload, flat, offsets, int(np.count_nonzero(lengths >= self.max_length)))
         chunk.batches = plan_batches(lengths, self.token_budget, self.max_batch_rows)
         return chunk
 
@@ -125,7 +140,7 @@ class Encoder:
         return cls.cpu().numpy()
 
     def _encode_rows(self, chunk: TokenizedChunk, rows: np.ndarray, stats: EncodeStats) -> np.ndarray:
-        input_ids, attention = pad_batch(chunk.token_ids, rows, self.pad_id)
+        input_ids, attention = pad_batch(chunk.flat_ids, chunk.offsets, rows, self.pad_id)
         try:
             vectors = self.forward(input_ids, attention)
         except Exception as err:  # noqa: BLE001 - only out-of-memory is handled, everything else re-raised
@@ -143,15 +158,15 @@ class Encoder:
         stats.padded_tokens += int(attention.size)
         if not np.isfinite(vectors).all():
             if len(rows) == 1:
-                tokens = len(chunk.token_ids[rows[0]])
+                tokens = int(chunk.lengths[rows[0]])
                 raise NonFiniteEmbeddingError(f"non-finite embedding for a row of {tokens} tokens")
             stats.nan_batches_recomputed += 1
             vectors = np.concatenate([self._encode_rows(chunk, rows[i : i + 1], stats) for i in range(len(rows))])
         return vectors
 
     def encode_tokenized(self, chunk: TokenizedChunk) -> tuple[np.ndarray, EncodeStats]:
-        stats = EncodeStats(rows=len(chunk.token_ids), truncated_rows=chunk.truncated)
-        out = np.empty((len(chunk.token_ids), self.loaded.hidden_size), dtype=np.float32)
+        stats = EncodeStats(rows=chunk.rows, truncated_rows=chunk.truncated)
+        out = np.empty((chunk.rows, self.loaded.hidden_size), dtype=np.float32)
         started = time.perf_counter()
         for rows in chunk.batches:
             out[rows] = self._encode_rows(chunk, rows, stats)
@@ -164,9 +179,13 @@ class Encoder:
         return self.encode_tokenized(self.tokenize(texts))[0]
 
     def encode_stream(
-        self, chunks: Iterable[tuple[Payload, list[str]]], prefetch: int = 2
+        self, chunks: Iterable[tuple[Payload, list[str]]], prefetch: int = 1
     ) -> Iterator[tuple[Payload, np.ndarray, EncodeStats]]:
-        """Encode chunks in order while a background thread reads and tokenises the next ones."""
+        """Encode chunks in order while a background thread reads and tokenises the next ones.
+
+        At most ``prefetch`` tokenised chunks wait in the queue (plus the one being tokenised and the one being
+        encoded), so memory is bounded by a few chunks however long the stream is.
+        """
         pending: queue.Queue = queue.Queue(maxsize=prefetch)
         done = object()
         stop = threading.Event()

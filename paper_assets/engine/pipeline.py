@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import text as text_rules
@@ -26,6 +27,7 @@ from .storage import (
     atomic_parquet_writer,
     embeddings_batch,
     embeddings_schema,
+    sha256_file,
     vectors_of,
 )
 
@@ -58,33 +60,28 @@ def build_papers(
     content = hashlib.sha256(f"sep={sep_token}".encode())
     with atomic_parquet_writer(out_path, PAPERS_SCHEMA) as writer:
         for batch in batches:
-            ids = batch.column("corpusid").to_numpy()
-            keep_ids, texts, hashes, rules = [], [], [], []
-            for corpusid, title, abstract in zip(
-                ids, batch.column("title").to_pylist(), batch.column("abstract").to_pylist(), strict=True
-            ):
-                paper = text_rules.paper_text(title, abstract, sep_token)
-                if paper.text is None:
-                    report.skipped[paper.rule] += 1
-                    continue
-                digest = text_rules.text_sha256(paper.text)
-                keep_ids.append(corpusid)
-                texts.append(paper.text)
-                hashes.append(digest)
-                rules.append(paper.rule)
-                report.rules[paper.rule] += 1
-                content.update(f"{corpusid}:{digest};".encode())
-            if keep_ids:
-                writer.write_batch(
-                    pa.RecordBatch.from_arrays(
-                        [pa.array(keep_ids, pa.int64()), pa.array(texts), pa.array(hashes), pa.array(rules)],
-                        schema=PAPERS_SCHEMA,
-                    )
-                )
-                report.rows += len(keep_ids)
+            texts, rules = text_rules.paper_texts(batch.column("title"), batch.column("abstract"), sep_token)
+            for rule, count in zip(*_counts(rules), strict=True):
+                (report.skipped if rule == text_rules.SKIP_NO_TEXT else report.rules)[rule] += count
+            keep = pc.is_valid(texts)
+            ids, texts, rules = (pc.filter(column, keep) for column in (batch.column("corpusid"), texts, rules))
+            if not len(ids):
+                continue
+            hashes = [text_rules.text_sha256(text) for text in texts.to_pylist()]
+            content.update("".join(f"{i}:{h};" for i, h in zip(ids.to_pylist(), hashes, strict=True)).encode())
+            writer.write_batch(
+                pa.RecordBatch.from_arrays([pc.cast(ids, pa.int64()), texts, pa.array(hashes), rules],
+                                           schema=PAPERS_SCHEMA)
+            )
+            report.rows += len(ids)
         report.content_hash = content.hexdigest()[:16]
         writer.add_key_value_metadata({METADATA_KEY: json.dumps(report.as_metadata(), sort_keys=True)})
     return report
+
+
+def _counts(values: pa.Array) -> tuple[list[str], list[int]]:
+    counted = pc.value_counts(values)
+    return counted.field("values").to_pylist(), counted.field("counts").to_pylist()
 
 
 @dataclass
@@ -125,7 +122,7 @@ def embed_papers(
     started = time.perf_counter()
     report = EmbedReport()
     total = pq.ParquetFile(papers_path).metadata.num_rows
-    papers_digest = hashlib.sha256(Path(papers_path).read_bytes()).hexdigest()[:16]
+    papers_digest = sha256_file(papers_path)[:16]
     loaded = encoder.loaded
     checkpoints = ChunkCheckpoints(
         checkpoint_dir,
@@ -143,7 +140,8 @@ def embed_papers(
                 report.resumed_rows += chunk.num_rows
                 done += chunk.num_rows
                 continue
-            yield (index, chunk), chunk.column("text").to_pylist()
+            # The payload waits in the tokenizer queue: keep only the columns written back, not the texts.
+            yield (index, chunk.select(["corpusid", "text_sha256"])), chunk.column("text").to_pylist()
 
     for (index, chunk), vectors, stats in encoder.encode_stream(todo()):
         checkpoints.write(index, embeddings_batch(chunk.column("corpusid").to_numpy(), vectors,

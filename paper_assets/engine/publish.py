@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from .storage import FileLock, atomic_path
+from .storage import FileLock, atomic_path, sha256_file
 
 SHARD_DIR = "data"
 CARD_PATH = "README.md"
@@ -73,14 +73,6 @@ def shard_path(range_key: str) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def git_blob_sha1(data: bytes) -> str:

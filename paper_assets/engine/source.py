@@ -162,12 +162,32 @@ class RangeReadStats:
     duplicate_corpusid: int = 0
 
 
+def _id_windows(conn, info: SourceInfo, rng: IdRange, rows: int, window_rows: int) -> list[tuple[int, int]]:
+    """Split ``rng`` at id quantiles into windows of about ``window_rows`` rows (all copies of an id share one)."""
+    pieces = -(-rows // window_rows)
+    if pieces <= 1:
+        return [(rng.lo, rng.hi)]
+    cuts = conn.execute(
+        f"SELECT quantile_disc(({id_expression(info)}), ?) FROM {_quoted(info.table)} WHERE {_range_filter(info)}",
+        [[i / pieces for i in range(1, pieces)], rng.lo, rng.hi],
+    ).fetchall()[0][0]
+    windows, lo = [], rng.lo
+    for cut in sorted({int(c) for c in cuts if c is not None}):
+        if lo <= cut < rng.hi:
+            windows.append((lo, cut))
+            lo = cut + 1
+    windows.append((lo, rng.hi))
+    return windows
+
+
 def read_range(
-    info: SourceInfo, rng: IdRange, batch_rows: int = 8192
+    info: SourceInfo, rng: IdRange, batch_rows: int = 8192, window_rows: int = 100_000
 ) -> tuple[RangeReadStats, Iterator[pa.RecordBatch]]:
     """Rows of one range, one per id (duplicate rule applied), ordered by id, as Arrow batches.
 
-    Columns: ``corpusid`` int64, ``title`` string, ``abstract`` string.
+    Columns: ``corpusid`` int64, ``title`` string, ``abstract`` string. The range is read in id windows of about
+    ``window_rows`` rows so DuckDB's sort and de-duplication never hold more than one window: memory stays flat
+    however many papers a partition has.
     """
     conn = _connect(info.path)
     params = [rng.lo, rng.hi]
@@ -184,11 +204,12 @@ def read_range(
         QUALIFY row_number() OVER (PARTITION BY ({id_expression(info)}) ORDER BY {_tiebreak(info)}) = 1
         ORDER BY corpusid
     """
-    reader = conn.sql(sql, params=params).to_arrow_reader(batch_rows)
+    windows = _id_windows(conn, info, rng, int(total), window_rows)
 
     def batches() -> Iterator[pa.RecordBatch]:
         try:
-            yield from reader
+            for lo, hi in windows:
+                yield from conn.sql(sql, params=[lo, hi]).to_arrow_reader(batch_rows)
         finally:
             conn.close()
 

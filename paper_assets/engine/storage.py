@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -33,6 +34,11 @@ PAPERS_SCHEMA = pa.schema(
         pa.field("text_rule", pa.string(), nullable=False),
     ]
 )
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def embeddings_schema(dim: int, metadata: dict | None = None) -> pa.Schema:
