@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--papers", type=int, default=256)
     bench.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     bench.add_argument("--compile", action="store_true")
-    bench.add_argument("--token-budget", type=int, default=16384)
+    bench.add_argument("--token-budget", type=int, default=0, help="0: by device")
     bench.add_argument("--json", help="also write the results to this file")
     bench.add_argument("--pipeline-papers", type=int, default=0,
                        help="also measure read->tokenise->write papers/s and RSS with the tiny model at N and 10N")

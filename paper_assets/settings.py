@@ -10,6 +10,8 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .engine.storage import DEFAULT_CHUNK_ROWS
+
 CONFIG_FILE = "paper_assets.json"
 
 
@@ -37,8 +39,8 @@ class Settings:
     adapter: str = "allenai/specter2"
     device: str = "auto"
     precision: str = "auto"
-    token_budget: int = 16384
-    chunk_rows: int = 20_000
+    token_budget: int = 0  # 0: by device
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
     compile: bool = False
     hub_repo: str = ""
     hub_revision: str = "main"

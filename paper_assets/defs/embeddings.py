@@ -46,7 +46,7 @@ def partition_range(context: AssetExecutionContext) -> IdRange:
     partitions_def=corpusid_ranges,
     deps=["s2_source"],
     group_name="embeddings",
-    code_version="1",
+    code_version="2",  # 2: fields normalised like the BERT tokenizer (control characters deleted, not spaced)
     description="Embeddable rows of one corpusid range: id, text (title [SEP] abstract), text sha256, text rule.",
 )
 def papers(

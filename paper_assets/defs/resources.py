@@ -13,7 +13,7 @@ from ..engine.encoder import Encoder
 from ..engine.model import ModelConfig, load_model
 from ..engine.quality import CANARY_TEXT
 from ..engine.source import SourceInfo, inspect_source, local_version
-from ..engine.storage import ProjectHome, atomic_path
+from ..engine.storage import DEFAULT_CHUNK_ROWS, ProjectHome, atomic_path
 
 
 class ProjectHomeResource(ConfigurableResource):
@@ -73,10 +73,10 @@ class Specter2Resource(ConfigurableResource):
     device: str = Field(default="auto", description="auto (cuda -> mps -> cpu), cpu, cuda, cuda:N, mps")
     precision: str = Field(default="auto", description="auto, fp32, bf16, fp16")
     max_length: int = 512
-    token_budget: int = Field(default=16384, description="padded tokens per forward batch")
+    token_budget: int = Field(default=0, description="padded tokens per forward batch (0: 2048 on CPU, 16384 on GPU)")
     max_batch_rows: int = 512
     compile: bool = False
-    chunk_rows: int = Field(default=20_000, description="rows per checkpointed chunk of a partition")
+    chunk_rows: int = Field(default=DEFAULT_CHUNK_ROWS, description="rows per checkpointed chunk of a partition")
     sep_token: str = "[SEP]"
     device_lock_dir: str = Field(default="", description="GPU claims for device=auto on multi-GPU machines")
     norm_k: float = Field(default=8.0, description="norm band: median ± k·MAD across partitions")

@@ -8,7 +8,6 @@ import json
 import multiprocessing
 import os
 import platform
-import resource
 import tempfile
 import threading
 import time
@@ -26,7 +25,7 @@ from .pipeline import build_papers, embed_papers
 from .ranges import IdRange
 from .reference import read_reference, run_seed_recipe
 from .source import inspect_source
-from .storage import vectors_of
+from .storage import DEFAULT_CHUNK_ROWS, vectors_of
 from .tiny_model import BERT_BASE, PIPELINE, build_model
 
 SHARED_PAPERS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "scirepeval_sample_papers.jsonl"
@@ -169,7 +168,7 @@ def run_pair(source: Path, base: str, adapter: str, papers: int, precision: str,
         "engine": {"papers_per_second": eng_rate, "seconds": eng_seconds,
                    "tokens_per_second": report.encode.real_tokens / eng_seconds,
                    "token_efficiency": report.encode.token_efficiency, "peak_rss_mb": eng_rss.peak / 2**20,
-                   "precision": engine_model.precision, "compile": compile_model, "token_budget": token_budget,
+                   "precision": engine_model.precision, "compile": compile_model, "token_budget": encoder.token_budget,
                    "rows": report.rows, "skipped_no_text": sum(papers_report.skipped.values())},
         "speedup": eng_rate / ref_rate,
         "fidelity": {"rows_compared": int(len(common)), "cosine_min": float(cos.min()),
@@ -197,22 +196,22 @@ def _pipeline_child(n: int, work: str, queue) -> None:
     encoder = Encoder(load_model(ModelConfig(base_model=base, adapter=adapter, precision="fp32", device="cpu")))
     info = inspect_source(source)
     papers, out, checkpoints = (work_dir / f"{stem}-{n}" for stem in ("papers", "embeddings", "checkpoints"))
-    t0 = time.perf_counter()
-    build_papers(info, IdRange(0, 10**12), papers.with_suffix(".parquet"))
-    t1 = time.perf_counter()
-    tokens = 0
-    for batch in pq.ParquetFile(papers.with_suffix(".parquet")).iter_batches(20_000, columns=["text"]):
-        tokens += int(encoder.tokenize(batch.column("text").to_pylist()).offsets[-1])
-    t2 = time.perf_counter()
-    report = embed_papers(papers.with_suffix(".parquet"), out.with_suffix(".parquet"), encoder, checkpoints,
-                          chunk_rows=20_000)
-    t3 = time.perf_counter()
+    with PeakRSS() as rss:  # sampled: ru_maxrss would carry the parent's peak across fork + exec
+        t0 = time.perf_counter()
+        build_papers(info, IdRange(0, 10**12), papers.with_suffix(".parquet"))
+        t1 = time.perf_counter()
+        tokens = 0
+        for batch in pq.ParquetFile(papers.with_suffix(".parquet")).iter_batches(DEFAULT_CHUNK_ROWS, columns=["text"]):
+            tokens += int(encoder.tokenize(batch.column("text").to_pylist()).offsets[-1])
+        t2 = time.perf_counter()
+        report = embed_papers(papers.with_suffix(".parquet"), out.with_suffix(".parquet"), encoder, checkpoints)
+        t3 = time.perf_counter()
     queue.put({"papers": n, "read_clean_write_papers_per_second": n / (t1 - t0),
                "tokenise_papers_per_second": n / (t2 - t1), "tokenise_tokens_per_second": tokens / (t2 - t1),
                "data_path_papers_per_second": n / (t2 - t0),
                "embed_stage_papers_per_second": report.rows / (t3 - t2), "forward_seconds":
                report.encode.forward_seconds, "end_to_end_papers_per_second": n / ((t1 - t0) + (t3 - t2)),
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+               "peak_rss_mb": rss.peak / 2**20})
 
 
 def run_pipeline(n: int, work: Path) -> dict:

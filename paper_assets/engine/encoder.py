@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .batching import pad_batch, plan_batches
+from .device import default_token_budget
 from .model import LoadedModel
 
 Payload = TypeVar("Payload")
@@ -89,7 +90,7 @@ class Encoder:
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
         self.max_length = loaded.config.max_length
-        self.token_budget = token_budget or loaded.config.token_budget
+        self.token_budget = token_budget or loaded.config.token_budget or default_token_budget(self.device)
         self.max_batch_rows = max_batch_rows or loaded.config.max_batch_rows
         self.pad_id = int(self.tokenizer.pad_token_id)
         self._forward_fn = self.model

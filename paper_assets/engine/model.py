@@ -44,8 +44,8 @@ class ModelConfig:
     precision: str = "auto"
     max_length: int = 512
     compile: bool = False
-    # Seq-len-sorted batches are cut so that rows * longest row <= token_budget (padded tokens).
-    token_budget: int = 16384
+    # Seq-len-sorted batches are cut so that rows * longest row <= token_budget (padded tokens); 0: by device.
+    token_budget: int = 0
     max_batch_rows: int = 512
     # Where processes claim GPUs when several are present (device "auto"); None: always cuda:0.
     device_lock_dir: str | None = None

@@ -20,6 +20,7 @@ from .encoder import Encoder, EncodeStats
 from .ranges import IdRange
 from .source import SourceInfo, read_range
 from .storage import (
+    DEFAULT_CHUNK_ROWS,
     EMBEDDING_ROW_GROUP,
     METADATA_KEY,
     PAPERS_SCHEMA,
@@ -114,7 +115,7 @@ def embed_papers(
     out_path: Path,
     encoder: Encoder,
     checkpoint_dir: Path,
-    chunk_rows: int = 20_000,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
     file_metadata: dict | None = None,
     progress: Progress | None = None,
 ) -> EmbedReport:

@@ -44,6 +44,13 @@ class SourceInfo:
     size_bytes: int
 
 
+# A partition read sorts one id window at a time; without a cap DuckDB's buffer pool keeps every source block it
+# touched (up to 80% of RAM), so a long partition of a big source would hold gigabytes. The cap still fits a window
+# of 8,192 abstracts of 100k characters each. It is SET after connecting: connections of one process share the
+# database instance, and DuckDB refuses a second connection with a different configuration.
+RANGE_READ_MEMORY_LIMIT = "2GB"
+
+
 def _connect(path: str) -> duckdb.DuckDBPyConnection:
     try:
         return duckdb.connect(path, read_only=True)
@@ -181,7 +188,7 @@ def _id_windows(conn, info: SourceInfo, rng: IdRange, rows: int, window_rows: in
 
 
 def read_range(
-    info: SourceInfo, rng: IdRange, batch_rows: int = 8192, window_rows: int = 100_000
+    info: SourceInfo, rng: IdRange, batch_rows: int = 8192, window_rows: int = 8192
 ) -> tuple[RangeReadStats, Iterator[pa.RecordBatch]]:
     """Rows of one range, one per id (duplicate rule applied), ordered by id, as Arrow batches.
 
@@ -190,6 +197,7 @@ def read_range(
     however many papers a partition has.
     """
     conn = _connect(info.path)
+    conn.execute(f"SET memory_limit = '{RANGE_READ_MEMORY_LIMIT}'")
     params = [rng.lo, rng.hi]
     total, distinct = conn.execute(
         f"SELECT count(*), count(DISTINCT ({id_expression(info)})) FROM {_quoted(info.table)} "
