@@ -44,12 +44,28 @@ def test_fp32_matches_the_notebook_recipe_tightly(fp32, texts):
     assert np.isfinite(out).all()
 
 
-def test_bf16_cast_after_load_adapter_and_matches_loosely(tiny_model, fp32, texts):
+def test_bf16_runs_base_and_adapter_matmuls_in_bf16_and_matches_loosely(tiny_model, fp32, texts):
     base, adapter = tiny_model
     bf16 = load_model(ModelConfig(base_model=base, adapter=adapter, precision="bf16", device="cpu"))
-    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}  # adapter weights included
-    assert bf16.fingerprint == fp32.fingerprint  # fingerprint is of the weights before the cast
-    out = Encoder(bf16).encode(texts)
+    assert bf16.precision == "bf16"
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.float32}  # autocast casts, the weights stay fp32
+    assert bf16.fingerprint == fp32.fingerprint
+    output_dtypes: dict[str, set] = {}
+    hooks = [
+        module.register_forward_hook(lambda m, a, out, name=name: output_dtypes.setdefault(name, set()).add(out.dtype))
+        for name, module in bf16.model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    ]
+    try:
+        out = Encoder(bf16).encode(texts)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    adapter_linears = [name for name in output_dtypes if ".adapters.proximity." in name]
+    assert adapter_linears, "the adapter never ran"
+    encoder_linears = [n for n in output_dtypes if n.startswith("bert.encoder.") and n not in adapter_linears]
+    assert encoder_linears
+    assert all(output_dtypes[name] == {torch.bfloat16} for name in adapter_linears + encoder_linears)
     ref = reference(fp32, texts)
     assert cosines(out, ref).min() >= 0.999
     assert np.isfinite(out).all()

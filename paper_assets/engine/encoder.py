@@ -3,8 +3,9 @@
 Per chunk of texts: tokenise (truncation at max_length, no padding), plan length-sorted token-budget batches,
 run them under ``torch.inference_mode``, put each vector back at its row. Tokenising the next chunk overlaps the
 forward passes of the current one (a background thread feeding a bounded queue). On CUDA, host batches are
-pinned and copied with ``non_blocking=True``, and bf16/fp16 run under autocast; the CPU path is the same
-algorithm with the weights cast to the chosen precision.
+pinned and copied with ``non_blocking=True``. Reduced precision (bf16/fp16) is autocast on every device: weights
+stay fp32, matmuls run in the low precision, LayerNorm/softmax/residual sums stay fp32. One autocast context spans
+a chunk, so each weight is cast once per chunk (autocast's cache), not once per batch.
 
 Failure rules (counted in :class:`EncodeStats`):
 - a batch whose output has NaN/Inf is recomputed one row at a time (no padding, the known trigger); a row that
@@ -95,7 +96,9 @@ class Encoder:
         self.pad_id = int(self.tokenizer.pad_token_id)
         self._forward_fn = self.model
         if loaded.config.compile:
-            self._forward_fn = torch.compile(self.model, dynamic=True)
+            # Freezing (CPU): weights become constants, so their bf16 casts and oneDNN packing happen once.
+            options = {"freezing": True} if self.device.type == "cpu" else None
+            self._forward_fn = torch.compile(self.model, dynamic=True, options=options)
 
     # -- tokenisation ---------------------------------------------------------------------------------------------
     def tokenize(self, texts: list[str], payload: Payload = None) -> TokenizedChunk[Payload]:
@@ -123,8 +126,8 @@ class Encoder:
 
     # -- forward --------------------------------------------------------------------------------------------------
     def _autocast(self):
-        if self.device.type == "cuda" and self.loaded.dtype != torch.float32:
-            return torch.autocast("cuda", dtype=self.loaded.dtype)
+        if self.loaded.dtype != torch.float32:
+            return torch.autocast(self.device.type, dtype=self.loaded.dtype)
         return nullcontext()
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
@@ -169,8 +172,9 @@ class Encoder:
         stats = EncodeStats(rows=chunk.rows, truncated_rows=chunk.truncated)
         out = np.empty((chunk.rows, self.loaded.hidden_size), dtype=np.float32)
         started = time.perf_counter()
-        for rows in chunk.batches:
-            out[rows] = self._encode_rows(chunk, rows, stats)
+        with torch.inference_mode(), self._autocast():
+            for rows in chunk.batches:
+                out[rows] = self._encode_rows(chunk, rows, stats)
         stats.forward_seconds = time.perf_counter() - started
         return out, stats
 
