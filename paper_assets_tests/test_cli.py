@@ -61,7 +61,12 @@ def test_bench_command_reports_every_figure(tmp_path, tiny_model, generated_pape
     assert fidelity["non_finite"] == 0 and fidelity["rows_compared"] > 80
     assert fidelity["cosine_min"] >= 0.99999 and fidelity["batch_composition_cosine_min"] >= 0.99999
     assert result["engine"]["token_efficiency"] > result["reference"]["token_efficiency"]
-    assert result["flops"]["per_token_estimate"] > 0
+    flops = result["flops"]
+    assert flops["per_token_estimate"] > 0 and flops["matmul_peak_gflops_fp32"] > 0
+    assert flops["matmul_peak_gflops_engine_precision"] == flops["matmul_peak_gflops_fp32"]  # fp32 run
+    assert flops["speedup_ceiling_at_matmul_peak"] == pytest.approx(
+        flops["matmul_peak_gflops_fp32"] / flops["reference_gflops_per_second"])
+    assert "GEMM on this device" in stdout and result["machine"]["cores"] >= 1
 
 
 def test_publish_command_uses_the_asset_code(tmp_path):

@@ -189,3 +189,18 @@ def test_text_cleaning_is_invisible_to_the_tokenizer(fp32):
 def test_text_cleaning_is_invisible_to_the_tokenizer_on_real_abstracts(fp32, shared_papers):
     _assert_cleaning_invisible(fp32.tokenizer, [p[field] for p in shared_papers for field in ("title", "abstract")
                                                 if p.get(field)])
+
+
+def test_tokenize_gives_the_same_ids_as_the_tokenizer_call(fp32, texts, shared_papers):
+    tokenizer = fp32.tokenizer
+    samples = texts + [f"{p['title']} [SEP] {p['abstract'] or ''}" for p in shared_papers[:300]] + [
+        "Ünïcödé title [SEP] " + "long abstract with ligatures ﬁ and CJK 漢字 " * 200,
+        "x",
+        "[SEP]",
+    ]
+    chunk = Encoder(fp32).tokenize(samples)
+    expected = tokenizer(samples, truncation=True, max_length=512, padding=False)["input_ids"]
+    assert chunk.rows == len(expected)
+    for row, ids in enumerate(expected):
+        assert chunk.flat_ids[chunk.offsets[row] : chunk.offsets[row + 1]].tolist() == ids
+    assert chunk.truncated == sum(len(ids) >= 512 for ids in expected) >= 1

@@ -77,6 +77,21 @@ class TokenizedChunk(Generic[Payload]):
         return len(self.offsets) - 1
 
 
+def _truncating_backend(tokenizer, max_length: int):
+    """A private copy of a fast tokenizer's Rust backend that truncates like ``tokenizer(texts, truncation=True,
+    max_length=...)`` and does not pad. Calling it directly skips transformers' per-row Python conversions (~1.5x
+    faster tokenisation); ``None`` for a slow (Python) tokenizer, which is then called as usual."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.no_padding()
+    copy.enable_truncation(max_length, stride=0, strategy="longest_first", direction="right")
+    return copy
+
+
 def _is_oom(err: BaseException) -> bool:
     if isinstance(err, torch.cuda.OutOfMemoryError | MemoryError):
         return True
@@ -94,6 +109,7 @@ class Encoder:
         self.token_budget = token_budget or loaded.config.token_budget or default_token_budget(self.device)
         self.max_batch_rows = max_batch_rows or loaded.config.max_batch_rows
         self.pad_id = int(self.tokenizer.pad_token_id)
+        self._fast_tokenizer = _truncating_backend(self.tokenizer, self.max_length)
         self._forward_fn = self.model
         if loaded.config.compile:
             # Freezing (CPU): weights become constants, so their bf16 casts and oneDNN packing happen once.
@@ -106,15 +122,12 @@ class Encoder:
         pieces: list[np.ndarray] = []
         # Sub-batches bound the tokenizer's per-token Python objects to a few thousand rows at a time.
         for start in range(0, len(texts), TOKENIZE_ROWS):
-            encoded = self.tokenizer(
-                texts[start : start + TOKENIZE_ROWS],
-                truncation=True,
-                max_length=self.max_length,
-                padding=False,
-                return_attention_mask=False,
-                return_token_type_ids=False,
-                return_overflowing_tokens=False,
-            )["input_ids"]
+            batch = texts[start : start + TOKENIZE_ROWS]
+            if self._fast_tokenizer is not None:
+                encoded = [encoding.ids for encoding in self._fast_tokenizer.encode_batch(batch)]
+            else:
+                encoded = self.tokenizer(batch, truncation=True, max_length=self.max_length, padding=False,
+                                         return_attention_mask=False, return_token_type_ids=False)["input_ids"]
             lengths[start : start + len(encoded)] = [len(ids) for ids in encoded]
             pieces.extend(np.asarray(ids, dtype=np.int32) for ids in encoded)
         offsets = np.zeros(len(texts) + 1, dtype=np.int64)
