@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from . import sample_source
+from .device import NATIVE_BF16_FLAGS, cpu_info
 from .encoder import Encoder
 from .model import ModelConfig, load_model
 from .pipeline import build_papers, embed_papers
@@ -119,16 +120,9 @@ def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, seconds: float 
 
 
 def _cpu_description() -> dict:
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            lines = cpuinfo.read().splitlines()
-        name = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), name)
-        flags = set(next((ln.split(":", 1)[1] for ln in lines if ln.startswith("flags")), "").split())
-    except OSError:
-        flags = set()
-    return {"cpu": name, "native_bf16": sorted({"amx_bf16", "avx512_bf16"} & flags),
-            "avx512": "avx512f" in flags}
+    name, flags = cpu_info()
+    return {"cpu": name or platform.processor() or platform.machine(),
+            "native_bf16": sorted(NATIVE_BF16_FLAGS & flags), "avx512": "avx512f" in flags}
 
 
 def run_pair(source: Path, base: str, adapter: str, papers: int, precision: str, compile_model: bool,

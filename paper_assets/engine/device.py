@@ -55,16 +55,27 @@ def resolve_device(requested: str = "auto", lock_dir: str | os.PathLike | None =
     return torch.device("cpu")
 
 
+# Either one computes bf16 matmuls natively; without them they are emulated and slower than fp32.
+NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
 @lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """AMX-BF16 or AVX512-BF16: without them bf16 matmuls are emulated and slower than fp32."""
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """The CPU's model name and feature flags from ``/proc/cpuinfo`` (``("", frozenset())`` where there is none)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            flags = next((line for line in cpuinfo if line.startswith("flags")), "")
+            lines = cpuinfo.read().splitlines()
     except OSError:
-        return False
-    names = set(flags.split())
-    return bool({"amx_bf16", "avx512_bf16"} & names)
+        return "", frozenset()
+
+    def first(key: str) -> str:
+        return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(key)), "")
+
+    return first("model name"), frozenset(first("flags").split())
+
+
+def cpu_has_native_bf16() -> bool:
+    return bool(NATIVE_BF16_FLAGS & cpu_info()[1])
 
 
 def default_token_budget(device: torch.device) -> int:

@@ -150,11 +150,10 @@ class Encoder:
         return tensor.to(self.device)
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """CLS vectors of one padded batch as float32 numpy (may contain NaN; callers check)."""
-        with torch.inference_mode(), self._autocast():
-            out = self._forward_fn(input_ids=self._to_device(input_ids), attention_mask=self._to_device(attention_mask))
-            cls = out.last_hidden_state[:, 0, :].float()
-        return cls.cpu().numpy()
+        """CLS vectors of one padded batch as float32 numpy (may contain NaN; callers check). Runs inside the
+        ``inference_mode`` + autocast context that :meth:`encode_tokenized` holds for a whole chunk."""
+        out = self._forward_fn(input_ids=self._to_device(input_ids), attention_mask=self._to_device(attention_mask))
+        return out.last_hidden_state[:, 0, :].float().cpu().numpy()
 
     def _encode_rows(self, chunk: TokenizedChunk, rows: np.ndarray, stats: EncodeStats) -> np.ndarray:
         input_ids, attention = pad_batch(chunk.flat_ids, chunk.offsets, rows, self.pad_id)
