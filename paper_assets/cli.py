@@ -5,11 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
+from .engine.errors import UserError
 from .settings import Settings, load_settings
+
+
+class CommandError(UserError):
+    """A command cannot run as asked (the message says why)."""
 
 DEMO_PAPERS = 2000
 
@@ -78,10 +84,10 @@ def materialize_all(settings: Settings, log=print) -> dict:
     instance = DagsterInstance.get()
     started = time.perf_counter()
     result = materialize([source.s2_source], resources=resources, instance=instance, run_config=QUIET)
-    assert result.success
     keys = sorted(instance.get_dynamic_partitions(CORPUSID_RANGES))
     embed_seconds = 0.0
     papers_total = 0
+    model: dict = {}
     for key in keys:
         t0 = time.perf_counter()
         result = materialize([embeddings.papers, embeddings.paper_embeddings], partition_key=key,
@@ -89,14 +95,18 @@ def materialize_all(settings: Settings, log=print) -> dict:
         embed_seconds += time.perf_counter() - t0
         events = result.asset_materializations_for_node("paper_embeddings")
         rows = int(events[0].metadata["dagster/row_count"].value) if events else 0
+        if events and not model:
+            model = {name: events[0].metadata[name].value for name in
+                     ("adapter", "model_fingerprint", "precision", "device", "dimension")}
+            log(f"  adapter {model['adapter']} (fingerprint {model['model_fingerprint']}, {model['precision']} on "
+                f"{model['device']}, {model['dimension']}-d vectors)")
         papers_total += rows
         log(f"  {key}: {rows:,} papers")
     if keys:
         result = materialize([shards.hub_shards], resources=resources, instance=instance, run_config=QUIET,
                              tags={"dagster/asset_partition_range_start": keys[0],
                                    "dagster/asset_partition_range_end": keys[-1]})
-        assert result.success
-    return {"partitions": len(keys), "papers": papers_total, "seconds": time.perf_counter() - started,
+    return {"partitions": len(keys), "papers": papers_total, "model": model, "seconds": time.perf_counter() - started,
             "embed_seconds": embed_seconds, "home": settings.home,
             "dagster_home": os.environ["DAGSTER_HOME"]}
 
@@ -109,13 +119,13 @@ def cmd_demo(args) -> int:
     summary = materialize_all(settings)
     rate = summary["papers"] / summary["embed_seconds"] if summary["embed_seconds"] else 0.0
     print(
-        f"\ndone: {summary['partitions']} partitions, {summary['papers']:,} papers in {summary['seconds']:.1f} s "
+        f"done: {summary['partitions']} partitions, {summary['papers']:,} papers in {summary['seconds']:.1f} s "
         f"({rate:,.1f} papers/s through papers+embeddings runs)\n"
         f"  embeddings:  {Path(settings.home) / 'embeddings'}\n"
         f"  catalog:     {Path(settings.home) / 'warehouse.duckdb'} (views papers, embeddings)\n"
         f"  hub layout:  {settings.hub_repo or Path(settings.home) / 'hub'}\n"
-        f"  Dagster UI:  DAGSTER_HOME={summary['dagster_home']} dagster dev -w workspace.yaml  "
-        f"(or: paper-assets ui)"
+        f"  Dagster UI:  make ui  (or: .venv/bin/paper-assets ui)\n"
+        f"The demo's stand-in model makes {summary['model'].get('dimension', '?')}-d vectors; SPECTER2 makes 768-d."
     )
     return 0
 
@@ -126,23 +136,29 @@ def cmd_embed(args) -> int:
     from .engine.encoder import Encoder
     from .engine.model import ModelConfig, load_model
     from .engine.pipeline import build_papers, embed_papers
-    from .engine.ranges import IdRange, parse_range
+    from .engine.ranges import parse_range, range_for
     from .engine.source import inspect_source, range_stats
 
     settings = load_settings()
-    info = inspect_source(args.source, args.table)
+    requested_range = parse_range(args.range) if args.range else None
+    info = inspect_source(args.source, args.table, setting="--source")
     width = args.range_width or settings.range_width
-    if args.range:
-        ranges = [parse_range(args.range)]
+    if width <= 0:
+        raise CommandError(f"--range-width must be positive, got {width}")
+    if requested_range is not None:
+        ranges = [requested_range]
     else:
         stats, invalid = range_stats(info, width)
-        ranges = [IdRange(lo, lo + width - 1) for lo in stats]
+        ranges = [range_for(lo, width) for lo in stats]
         if invalid:
             print(f"warning: {invalid} row(s) have no valid corpusid and are not embedded", file=sys.stderr)
     config = ModelConfig(base_model=args.base_model or settings.base_model, adapter=args.adapter or settings.adapter,
                          device=args.device or settings.device, precision=args.precision or settings.precision,
                          token_budget=args.token_budget or settings.token_budget, compile=args.compile)
-    encoder = Encoder(load_model(config))
+    flags = {"base model": "--base-model" if args.base_model else "PAPER_ASSETS_BASE_MODEL",
+             "adapter": "--adapter" if args.adapter else "PAPER_ASSETS_ADAPTER"}
+    encoder = Encoder(load_model(config, setting_names=flags))
+    print(f"adapter {config.adapter_name} active ({encoder.loaded.precision} on {encoder.loaded.device})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     total, started = 0, time.perf_counter()
@@ -193,18 +209,34 @@ def cmd_bench(args) -> int:
     return run_benchmark(args)
 
 
+def dagster_executable() -> str:
+    """The ``dagster`` installed beside this interpreter (works without an activated venv), else the one on PATH."""
+    beside = Path(sys.executable).parent / "dagster"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("dagster")
+    if found is None:
+        raise CommandError(f"no `dagster` executable beside {sys.executable} or on PATH; install paper_assets "
+                           "with its dependencies (make setup)")
+    return found
+
+
 def cmd_ui(args) -> int:
     settings = load_settings()
     home = _dagster_home(settings)
     workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
-    argv = ["dagster", "dev", "-w", str(workspace), "-h", args.host, "-p", str(args.port)]
-    print(f"DAGSTER_HOME={home} {' '.join(argv)}")
-    os.execvp(argv[0], argv)
+    if not workspace.exists():
+        raise CommandError(f"{workspace} not found: `paper-assets ui` runs from a checkout of paper_assets")
+    argv = [dagster_executable(), "dev", "-w", str(workspace), "-h", args.host, "-p", str(args.port)]
+    print(f"DAGSTER_HOME={home} {' '.join(argv)}", flush=True)
+    os.chdir(workspace.parent)  # workspace.yaml's working_directory is relative to it
+    os.execv(argv[0], argv)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paper-assets", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of expected errors too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="build the offline demo (source + stand-in model) and materialise everything")
@@ -213,27 +245,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     embed = sub.add_parser("embed", help="embed a source DuckDB into embeddings Parquet files (no Dagster)")
-    embed.add_argument("--source", required=True)
-    embed.add_argument("--out", required=True)
-    embed.add_argument("--table", default="papers_with_abstracts")
-    embed.add_argument("--base-model")
-    embed.add_argument("--adapter")
-    embed.add_argument("--device")
-    embed.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    embed.add_argument("--source", required=True, help="the cleaned S2 DuckDB file to read (opened read-only)")
+    embed.add_argument("--out", required=True, help="folder for embeddings-<range>.parquet (created if missing)")
+    embed.add_argument("--table", default="papers_with_abstracts", help="source table (default %(default)s)")
+    embed.add_argument("--base-model", help="base model id or folder (default PAPER_ASSETS_BASE_MODEL / "
+                       "allenai/specter2_base)")
+    embed.add_argument("--adapter", help="proximity adapter id or folder (default PAPER_ASSETS_ADAPTER / "
+                       "allenai/specter2)")
+    embed.add_argument("--device", help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:N or mps (default auto)")
+    embed.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                       help="auto: bf16 where the hardware computes it natively, else fp32")
     embed.add_argument("--range", help="only this inclusive corpusid range, e.g. 0-999999 (one output file)")
-    embed.add_argument("--range-width", type=int)
-    embed.add_argument("--token-budget", type=int)
+    embed.add_argument("--range-width", type=int, help="corpus ids per output file (default PAPER_ASSETS_RANGE_WIDTH"
+                       " / 1000000)")
+    embed.add_argument("--token-budget", type=int, help="padded tokens per forward batch (default: by device)")
     embed.add_argument("--compile", action="store_true", help="torch.compile the model")
     embed.set_defaults(func=cmd_embed)
 
     bench = sub.add_parser("bench", help="engine vs a faithful re-implementation of the notebook, same data+model")
     bench.add_argument("--source", help="source DuckDB (default: built from ../shared/data or the demo source)")
-    bench.add_argument("--base-model")
-    bench.add_argument("--adapter")
-    bench.add_argument("--papers", type=int, default=256)
-    bench.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    bench.add_argument("--compile", action="store_true")
-    bench.add_argument("--token-budget", type=int, default=0, help="0: by device")
+    bench.add_argument("--base-model", help="base model id or folder (default: a BERT-base-shaped stand-in)")
+    bench.add_argument("--adapter", help="adapter id or folder (default: the stand-in's seq_bn adapter)")
+    bench.add_argument("--papers", type=int, default=256, help="papers embedded by both sides (default %(default)s)")
+    bench.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                       help="engine precision (default %(default)s, as in production)")
+    bench.add_argument("--compile", action="store_true", help="torch.compile the engine's model")
+    bench.add_argument("--token-budget", type=int, default=0, help="padded tokens per batch (0: by device)")
     bench.add_argument("--json", help="also write the results to this file")
     bench.add_argument("--pipeline-papers", type=int, default=0,
                        help="also measure read->tokenise->write papers/s and RSS with the tiny model at N and 10N")
@@ -241,20 +278,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     publish = sub.add_parser("publish", help="publish the home's embeddings (same code as the hub_shards asset)")
     publish.add_argument("--repo", help="dataset repo id (default PAPER_ASSETS_HUB_REPO; none: local folder)")
-    publish.add_argument("--revision")
+    publish.add_argument("--revision", help="branch to commit to (default PAPER_ASSETS_HUB_REVISION / main)")
     publish.add_argument("ranges", nargs="*", help="range keys (default: every embeddings partition)")
     publish.set_defaults(func=cmd_publish)
 
     ui = sub.add_parser("ui", help="dagster dev -w workspace.yaml with this home's DAGSTER_HOME")
-    ui.add_argument("--host", default="127.0.0.1")
-    ui.add_argument("--port", type=int, default=3000)
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    ui.add_argument("--port", type=int, default=3000, help="port to listen on (default %(default)s)")
     ui.set_defaults(func=cmd_ui)
     return parser
 
 
+def _expected_error(err: BaseException) -> UserError | None:
+    """The user-fixable error behind ``err``, also when Dagster wrapped it in its own step-execution errors."""
+    seen = 0
+    while err is not None and seen < 20:
+        if isinstance(err, UserError):
+            return err
+        user = getattr(err, "user_exception", None)
+        err = user if isinstance(user, BaseException) else (err.__cause__ or err.__context__)
+        seen += 1
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except Exception as err:  # noqa: BLE001 - expected errors become one line, anything else keeps its traceback
+        expected = _expected_error(err)
+        if expected is None or args.debug:
+            raise
+        print(f"{parser.prog}: error: {' '.join(str(expected).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

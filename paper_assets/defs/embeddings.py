@@ -128,7 +128,9 @@ class _ProgressLog:
     pool="gpu",
     check_specs=[AssetCheckSpec(name, asset="paper_embeddings", blocking=True, description=text)
                  for name, text in EMBEDDING_CHECKS.items()],
-    description="SPECTER2 vectors (CLS, float32) per corpusid of one range, with text hash and model fingerprint.",
+    description="Embeddings (CLS, float32) per corpusid of one range from the configured SPECTER2-architecture "
+    "model (allenai/specter2_base + the proximity adapter unless configured otherwise; the offline demo's stand-in "
+    "makes 64-d vectors, SPECTER2 768-d), with text hash and model fingerprint.",
 )
 def paper_embeddings(
     context: AssetExecutionContext,
@@ -196,6 +198,8 @@ def paper_embeddings(
             "model_base": specter2.base_model,
             "model_adapter": specter2.adapter,
             "model_fingerprint": loaded.fingerprint,
+            "adapter": f"{specter2.adapter_name} active",
+            "dimension": scan.dim,
             "source_release": str(papers_meta.get("source_version")),
             "source_papers_content_hash": str(papers_meta.get("content_hash")),
             **{f"norm_{k}": round(v, 6) for k, v in norm_stats.items() if k != "count"},
@@ -206,7 +210,8 @@ def paper_embeddings(
         },
         check_results=[
             AssetCheckResult(check_name=o.name, passed=o.passed, severity=AssetCheckSeverity.ERROR,
-                             description=o.description, metadata=_check_metadata(o.metadata))
+                             description=o.description,
+                             metadata={"partition": rng.key, **_check_metadata(o.metadata)})
             for o in outcomes
         ],
         data_version=DataVersion(f"{loaded.fingerprint}-{papers_meta.get('content_hash')}"),

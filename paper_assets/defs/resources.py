@@ -10,7 +10,7 @@ from pydantic import Field, PrivateAttr
 
 from ..engine import publish
 from ..engine.encoder import Encoder
-from ..engine.model import ModelConfig, load_model
+from ..engine.model import ModelConfig, adapter_warning_silenced, load_model
 from ..engine.quality import CANARY_TEXT
 from ..engine.source import SourceInfo, inspect_source, local_version
 from ..engine.storage import DEFAULT_CHUNK_ROWS, ProjectHome, atomic_path
@@ -115,11 +115,12 @@ class Specter2Resource(ConfigurableResource):
                 np.save(handle, current)
         reference = np.load(reference_file)
         active = loaded.model.active_adapters
-        loaded.model.set_active_adapters(None)
-        try:
-            without = encoder.encode([CANARY_TEXT])[0]
-        finally:
-            loaded.model.set_active_adapters(active)
+        with adapter_warning_silenced():
+            loaded.model.set_active_adapters(None)
+            try:
+                without = encoder.encode([CANARY_TEXT])[0]
+            finally:
+                loaded.model.set_active_adapters(active)
         return {"current": current, "reference": reference, "without_adapter": without}
 
 

@@ -9,9 +9,15 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+
 _CLAIMED: dict[str, int] = {}  # lock file -> open descriptor, held for the life of the process
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class DeviceError(UserError, ValueError):
+    """A device or precision that this machine cannot provide."""
 
 
 def claim_slot(lock_dir: str | os.PathLike, slots: int, prefix: str = "cuda") -> int | None:
@@ -38,16 +44,19 @@ def resolve_device(requested: str = "auto", lock_dir: str | os.PathLike | None =
     """``auto``: CUDA (with several GPUs and a ``lock_dir``: the first one no other process has claimed), then MPS,
     then the CPU. An explicit device is used as given."""
     if requested != "auto":
-        device = torch.device(requested)
+        try:
+            device = torch.device(requested)
+        except RuntimeError as err:
+            raise DeviceError(f"{requested!r} is not a device (auto, cpu, cuda, cuda:N, mps): {err}") from None
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device {requested!r} requested but CUDA is not available")
+            raise DeviceError(f"device {requested!r} requested but CUDA is not available (use cpu or auto)")
         return device
     if torch.cuda.is_available():
         count = torch.cuda.device_count()
         if count > 1 and lock_dir is not None:
             index = claim_slot(lock_dir, count)
             if index is None:
-                raise RuntimeError(f"all {count} GPUs are claimed by other runs; lower the 'gpu' pool limit")
+                raise DeviceError(f"all {count} GPUs are claimed by other runs; lower the 'gpu' pool limit")
             return torch.device(f"cuda:{index}")
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -87,14 +96,14 @@ def default_token_budget(device: torch.device) -> int:
 
 def resolve_precision(requested: str, device: torch.device) -> torch.dtype:
     if requested not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {requested!r}")
+        raise DeviceError(f"precision must be one of {PRECISIONS}, got {requested!r}")
     if requested == "fp32":
         return torch.float32
     if requested == "bf16":
         return torch.bfloat16
     if requested == "fp16":
         if device.type == "cpu":
-            raise ValueError("fp16 is only supported on GPU devices; use bf16 or fp32 on the CPU")
+            raise DeviceError("fp16 is only supported on GPU devices; use bf16 or fp32 on the CPU")
         return torch.float16
     if device.type == "cuda":
         major, _ = torch.cuda.get_device_capability(device)

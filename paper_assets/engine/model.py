@@ -13,15 +13,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .device import precision_name, resolve_device, resolve_precision
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +34,7 @@ DEFAULT_ADAPTER_NAME = "proximity"
 POOLING = "cls"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     pass
 
 
@@ -66,15 +69,28 @@ class LoadedModel:
     config: ModelConfig
     num_parameters: int
     num_layers: int
-    extra: dict = field(default_factory=dict)
 
     @property
     def precision(self) -> str:
         return precision_name(self.dtype)
 
 
-def _offline_help(name: str, what: str, err: Exception) -> ModelLoadError:
-    env = "PAPER_ASSETS_BASE_MODEL" if what == "base model" else "PAPER_ASSETS_ADAPTER"
+# Where the user sets each model path; the CLI passes its own flags so hints name what was actually used.
+SETTING_NAMES = {"base model": "PAPER_ASSETS_BASE_MODEL", "adapter": "PAPER_ASSETS_ADAPTER"}
+
+
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are ``name`` or ``owner/name``; anything rooted, relative or deeper is a folder."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def _check_local(name: str, what: str, settings: dict[str, str]) -> None:
+    if _looks_like_path(name) and not os.path.isdir(os.path.expanduser(name)):
+        raise ModelLoadError(f"the {what} folder {name} does not exist (check {settings[what]})")
+
+
+def _offline_help(name: str, what: str, err: Exception, settings: dict[str, str]) -> ModelLoadError:
+    env = settings[what]
     return ModelLoadError(
         f"could not load the {what} {name!r}: {type(err).__name__}: {err}\n"
         f"If this machine is offline, download it where the Hub is reachable, e.g.\n"
@@ -112,31 +128,46 @@ class _DuringLoadFilter(logging.Filter):
         return "none are activated for the forward pass" not in record.getMessage()
 
 
-def load_model(config: ModelConfig) -> LoadedModel:
+@contextlib.contextmanager
+def adapter_warning_silenced() -> Iterator[None]:
+    """Drop adapters' "none are activated" line where we cause it on purpose (loading, the canary's pass with the
+    adapter switched off); everywhere else it stays visible, as it would reveal a real missing adapter."""
     adapters_log = logging.getLogger("adapters.model_mixin")
     quiet = _DuringLoadFilter()
     adapters_log.addFilter(quiet)
     try:
-        return _load_model(config)
+        yield
     finally:
         adapters_log.removeFilter(quiet)
 
 
-def _load_model(config: ModelConfig) -> LoadedModel:
+def load_model(config: ModelConfig, setting_names: dict[str, str] | None = None) -> LoadedModel:
+    """Load base + adapter, refuse to go on unless the adapter is active. ``setting_names`` maps "base model" and
+    "adapter" to where the user configured them (for error hints)."""
+    with adapter_warning_silenced():
+        loaded = _load_model(config, {**SETTING_NAMES, **(setting_names or {})})
+    log.info("adapter %s active (base %s, adapter %s, fingerprint %s, %s on %s)", config.adapter_name,
+             config.base_model, config.adapter, loaded.fingerprint, loaded.precision, loaded.device)
+    return loaded
+
+
+def _load_model(config: ModelConfig, settings: dict[str, str]) -> LoadedModel:
     from adapters import AutoAdapterModel
     from transformers import AutoTokenizer
 
+    _check_local(config.base_model, "base model", settings)
+    _check_local(config.adapter, "adapter", settings)
     try:
         tokenizer = AutoTokenizer.from_pretrained(config.base_model)
         model = AutoAdapterModel.from_pretrained(config.base_model)
     except (OSError, ValueError) as err:
-        raise _offline_help(config.base_model, "base model", err) from err
+        raise _offline_help(config.base_model, "base model", err, settings) from err
     source = "hf" if not os.path.isdir(config.adapter) else None
     try:
         kwargs = {"source": source} if source else {}
         model.load_adapter(config.adapter, load_as=config.adapter_name, set_active=True, **kwargs)
     except (OSError, ValueError) as err:
-        raise _offline_help(config.adapter, "adapter", err) from err
+        raise _offline_help(config.adapter, "adapter", err, settings) from err
     check_adapter_active(model, config.adapter_name)
     model.eval()
     fingerprint = weights_fingerprint(model, config.max_length, config.adapter_name)

@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -29,7 +28,6 @@ from .storage import (
     embeddings_batch,
     embeddings_schema,
     sha256_file,
-    vectors_of,
 )
 
 Progress = Callable[[int, int, float], None]  # rows done, rows total, seconds elapsed
@@ -93,7 +91,6 @@ class EmbedReport:
     resumed_chunks: int = 0
     seconds: float = 0.0
     encode: EncodeStats = field(default_factory=EncodeStats)
-    norms: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
 
     @property
     def papers_per_second(self) -> float:
@@ -152,17 +149,14 @@ def embed_papers(
         if progress:
             progress(done, total, time.perf_counter() - started)
 
-    norms = []
     with atomic_parquet_writer(out_path, embeddings_schema(loaded.hidden_size, file_metadata)) as writer:
         for chunk_file in checkpoints.chunks():
             table = pq.read_table(chunk_file)
-            norms.append(np.linalg.norm(vectors_of(table), axis=1))
             writer.write_table(table.cast(writer.schema), row_group_size=EMBEDDING_ROW_GROUP)
             report.rows += table.num_rows
             report.chunks += 1
         if report.rows != total:  # raised inside the writer: the previous good file stays in place
             raise RuntimeError(f"embedded {report.rows} rows but {papers_path} has {total}; checkpoints inconsistent")
     checkpoints.clear()
-    report.norms = np.concatenate(norms) if norms else np.zeros(0, dtype=np.float32)
     report.seconds = time.perf_counter() - started
     return report

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from .errors import UserError
 from .storage import FileLock, atomic_path, sha256_file
 
 SHARD_DIR = "data"
@@ -29,7 +30,7 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._
 _REPO_PATH = re.compile(r"^(README\.md|data/embeddings-\d{9,12}-\d{9,12}\.parquet)$")
 
 
-class PublishError(RuntimeError):
+class PublishError(UserError, RuntimeError):
     pass
 
 

@@ -142,7 +142,8 @@ def check_canary(current: np.ndarray, reference: np.ndarray, without_adapter: np
     )
 
 
-def markdown_histogram(values: np.ndarray, bins: int = 12, width: int = 40, title: str = "L2 norm") -> str:
+def markdown_histogram(values: np.ndarray, bins: int = 12, width: int = 30, title: str = "L2 norm") -> str:
+    """A Markdown table of equal-width bins: lower and upper edge, rows, and a bar scaled to the fullest bin."""
     if len(values) == 0:
         return "_no rows_"
     low, high = float(values.min()), float(values.max())
@@ -150,8 +151,8 @@ def markdown_histogram(values: np.ndarray, bins: int = 12, width: int = 40, titl
         bins, low, high = 1, low - 0.5e-6, high + 0.5e-6
     counts, edges = np.histogram(values, bins=bins, range=(low, high))
     peak = max(int(counts.max()), 1)
-    lines = [f"{title:>19} | count", "-" * (width + 30)]
+    lines = [f"| {title} from | to | rows | |", "|---:|---:|---:|:---|"]
     for count, lo, hi in zip(counts, edges[:-1], edges[1:], strict=True):
         bar = "█" * int(round(width * count / peak))
-        lines.append(f"{lo:8.4g} – {hi:8.4g} | {bar} {count}")
-    return "```\n" + "\n".join(lines) + "\n```"
+        lines.append(f"| {lo:.4g} | {hi:.4g} | {int(count):,} | {bar} |")
+    return "\n".join(lines)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .errors import UserError
+
 KEY_DIGITS = 9
 _KEY = re.compile(r"^(\d{9,12})-(\d{9,12})$")
 
 
-class InvalidRangeKey(ValueError):
+class InvalidRangeKey(UserError, ValueError):
     pass
 
 
@@ -50,6 +52,3 @@ def range_for(corpusid: int, width: int) -> IdRange:
     lo = (corpusid // width) * width
     return IdRange(lo, lo + width - 1)
 
-
-def ranges_for_ids(corpusids: list[int], width: int) -> list[IdRange]:
-    return sorted({range_for(i, width) for i in corpusids})

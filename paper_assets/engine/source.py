@@ -22,6 +22,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from .errors import UserError
 from .ranges import IdRange
 
 DEFAULT_TABLE = "papers_with_abstracts"
@@ -30,7 +31,7 @@ _INTEGER_TYPES = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYI
 _TEXT_TYPES = {"VARCHAR"}
 
 
-class SourceError(Exception):
+class SourceError(UserError):
     """The source cannot be used; the message names the problem and what to do."""
 
 
@@ -64,11 +65,16 @@ def local_version(path: str) -> str:
     return f"file-{digest[:16]}"
 
 
-def inspect_source(path: str | os.PathLike, table: str = DEFAULT_TABLE, version: str | None = None) -> SourceInfo:
-    """Check everything a run needs before any work starts."""
+def inspect_source(
+    path: str | os.PathLike, table: str = DEFAULT_TABLE, version: str | None = None,
+    setting: str = "PAPER_ASSETS_SOURCE",
+) -> SourceInfo:
+    """Check everything a run needs before any work starts. ``setting`` names, in the error hints, where the user
+    gave the path (an environment variable or a CLI flag)."""
     path = str(path)
     if not Path(path).is_file():
-        raise SourceError(f"source database {path} does not exist (set PAPER_ASSETS_SOURCE or run `paper-assets demo`)")
+        raise SourceError(f"source database {path} does not exist (check {setting}, or run `paper-assets demo` "
+                          "for the offline demo)")
     with _connect(path) as conn:
         found = conn.execute(
             "SELECT table_type FROM information_schema.tables WHERE table_name = ?", [table]

@@ -46,7 +46,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: Path):
     from transformers import BertTokenizerFast
 
     wordpiece = BertWordPieceTokenizer(lowercase=True, strip_accents=None)
-    wordpiece.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=1)
+    wordpiece.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=1, show_progress=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     wordpiece.save_model(str(out_dir))
     tokenizer = BertTokenizerFast(vocab_file=str(out_dir / "vocab.txt"), do_lower_case=True)
