@@ -67,48 +67,11 @@ def prepare_demo(settings: Settings, papers_jsonl: str | None, count: int) -> Se
     return load_settings()
 
 
-QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-
-
-def materialize_all(settings: Settings, log=print) -> dict:
-    """Materialise every partition of every asset through Dagster into the persistent instance."""
+def _instance(settings: Settings):
     _dagster_home(settings)
-    from dagster import DagsterInstance, materialize
+    from dagster import DagsterInstance
 
-    from .definitions import build_definitions
-    from .defs import embeddings, shards, source
-    from .defs.partitions import CORPUSID_RANGES
-
-    defs = build_definitions(settings)
-    resources = defs.resources
-    instance = DagsterInstance.get()
-    started = time.perf_counter()
-    result = materialize([source.s2_source], resources=resources, instance=instance, run_config=QUIET)
-    keys = sorted(instance.get_dynamic_partitions(CORPUSID_RANGES))
-    embed_seconds = 0.0
-    papers_total = 0
-    model: dict = {}
-    for key in keys:
-        t0 = time.perf_counter()
-        result = materialize([embeddings.papers, embeddings.paper_embeddings], partition_key=key,
-                             resources=resources, instance=instance, run_config=QUIET)
-        embed_seconds += time.perf_counter() - t0
-        events = result.asset_materializations_for_node("paper_embeddings")
-        rows = int(events[0].metadata["dagster/row_count"].value) if events else 0
-        if events and not model:
-            model = {name: events[0].metadata[name].value for name in
-                     ("adapter", "model_fingerprint", "precision", "device", "dimension")}
-            log(f"  adapter {model['adapter']} (fingerprint {model['model_fingerprint']}, {model['precision']} on "
-                f"{model['device']}, {model['dimension']}-d vectors)")
-        papers_total += rows
-        log(f"  {key}: {rows:,} papers")
-    if keys:
-        result = materialize([shards.hub_shards], resources=resources, instance=instance, run_config=QUIET,
-                             tags={"dagster/asset_partition_range_start": keys[0],
-                                   "dagster/asset_partition_range_end": keys[-1]})
-    return {"partitions": len(keys), "papers": papers_total, "model": model, "seconds": time.perf_counter() - started,
-            "embed_seconds": embed_seconds, "home": settings.home,
-            "dagster_home": os.environ["DAGSTER_HOME"]}
+    return DagsterInstance.get()
 
 
 def cmd_demo(args) -> int:
@@ -116,17 +79,33 @@ def cmd_demo(args) -> int:
     Path(settings.home).mkdir(parents=True, exist_ok=True)
     settings = prepare_demo(settings, args.papers_jsonl, args.papers)
     print(f"materialising every partition of s2_source -> papers -> paper_embeddings -> hub_shards in {settings.home}")
-    summary = materialize_all(settings)
-    rate = summary["papers"] / summary["embed_seconds"] if summary["embed_seconds"] else 0.0
+    from .definitions import build_definitions
+    from .defs.release import apply_release
+
+    started = time.perf_counter()
+    summary = apply_release(build_definitions(settings), _instance(settings), publish=True, log=print)
+    seconds = time.perf_counter() - started
     print(
-        f"done: {summary['partitions']} partitions, {summary['papers']:,} papers in {summary['seconds']:.1f} s "
-        f"({rate:,.1f} papers/s through papers+embeddings runs)\n"
+        f"done: release {summary['release']}, {summary['ranges_changed']} partition(s) run, "
+        f"{summary['rows_embedded']:,} papers embedded, {summary['rows_reused']:,} reused in {seconds:.1f} s\n"
         f"  embeddings:  {Path(settings.home) / 'embeddings'}\n"
         f"  catalog:     {Path(settings.home) / 'warehouse.duckdb'} (views papers, embeddings)\n"
         f"  hub layout:  {settings.hub_repo or Path(settings.home) / 'hub'}\n"
         f"  Dagster UI:  make ui  (or: .venv/bin/paper-assets ui)\n"
         f"The demo's stand-in model makes {summary['model'].get('dimension', '?')}-d vectors; SPECTER2 makes 768-d."
     )
+    return 0
+
+
+def cmd_update(args) -> int:
+    from .definitions import build_definitions
+    from .defs.release import apply_release
+
+    settings = load_settings()
+    summary = apply_release(build_definitions(settings), _instance(settings), publish=args.publish,
+                            log=lambda line: print(line, file=sys.stderr))
+    summary.pop("model")
+    print(json.dumps(summary))
     return 0
 
 
@@ -181,25 +160,26 @@ def cmd_embed(args) -> int:
 
 
 def cmd_publish(args) -> int:
-    from .defs.shards import card_builder, collect_shards
-    from .engine.publish import HubTarget, LocalFolderTarget, publish_shards
-    from .engine.storage import ProjectHome
+    from .definitions import build_resources
+    from .defs.shards import mismatches, publish_home
+    from .engine.gate import embedded_ranges
+    from .engine.ranges import parse_range
 
     settings = load_settings()
-    layout = ProjectHome(settings.home)
-    keys = args.ranges or sorted(p.stem.removeprefix("embeddings-")
-                                 for p in layout.embeddings_dir.glob("embeddings-*.parquet"))
-    if not keys:
-        print(f"nothing to publish: no embeddings in {layout.embeddings_dir}", file=sys.stderr)
-        return 1
-    repo = args.repo or settings.hub_repo
-    target = (HubTarget(repo, revision=args.revision or settings.hub_revision, private=settings.hub_private)
-              if repo else LocalFolderTarget(layout.hub_folder))
-    report = publish_shards(target, collect_shards(layout, keys), card_builder(layout),
-                            message=f"paper_assets: publish {len(keys)} range(s)")
-    print(json.dumps({"target": report.target, "commit": report.commit_sha, "url": report.commit_url,
-                      "uploaded": report.uploaded, "skipped": report.skipped, "deleted": report.deleted,
-                      "bytes_uploaded": report.bytes_uploaded, "conflicts": report.conflicts}, indent=2))
+    resources = build_resources(settings)
+    publisher = resources["publisher"]
+    if args.repo or args.revision:
+        publisher = publisher.model_copy(update={k: v for k, v in (("hub_repo", args.repo),
+                                                                   ("revision", args.revision)) if v})
+    layout = resources["home"].layout()
+    keys = [parse_range(k).key for k in args.ranges] if args.ranges else None
+    if not (keys or embedded_ranges(layout)):
+        raise CommandError(f"nothing to publish: no embeddings in {layout.embeddings_dir}")
+    shards, report = publish_home(layout, publisher, keys)
+    print(json.dumps({"target": report.target, "commit": report.commit_sha, "commits": report.commits,
+                      "url": report.commit_url, "uploaded": report.uploaded, "skipped": report.skipped,
+                      "deleted": report.deleted, "bytes_uploaded": report.bytes_uploaded,
+                      "conflicts": report.conflicts, "mismatched": mismatches(shards, report)}, indent=2))
     return 0
 
 
@@ -281,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--revision", help="branch to commit to (default PAPER_ASSETS_HUB_REVISION / main)")
     publish.add_argument("ranges", nargs="*", help="range keys (default: every embeddings partition)")
     publish.set_defaults(func=cmd_publish)
+
+    update = sub.add_parser("update", help="apply the current source release here: snapshot it, re-embed only new "
+                            "or changed rows, drop rows that left; prints one JSON line")
+    update.add_argument("--publish", action="store_true", help="also publish the changed shards (hub_shards)")
+    update.set_defaults(func=cmd_update)
 
     ui = sub.add_parser("ui", help="dagster dev -w workspace.yaml with this home's DAGSTER_HOME")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")

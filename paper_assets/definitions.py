@@ -7,7 +7,7 @@ from dagster_duckdb import DuckDBResource
 
 from .defs import embeddings, shards, source
 from .defs.resources import ProjectHomeResource, S2SourceResource, ShardPublisherResource, Specter2Resource
-from .defs.sensors import s2_source_release_sensor
+from .defs.sensors import s2_release_ranges_sensor, s2_source_release_sensor
 from .engine.storage import ProjectHome
 from .settings import Settings, load_settings
 
@@ -38,7 +38,7 @@ def build_definitions(settings: Settings | None = None) -> Definitions:
     return Definitions(
         assets=[source.s2_source, embeddings.papers, embeddings.paper_embeddings, shards.hub_shards],
         asset_checks=load_asset_checks_from_modules([embeddings, shards]),
-        sensors=[s2_source_release_sensor],
+        sensors=[s2_source_release_sensor, s2_release_ranges_sensor],
         resources=build_resources(settings),
     )
 

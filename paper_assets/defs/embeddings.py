@@ -21,13 +21,14 @@ from dagster import (
 )
 from dagster_duckdb import DuckDBResource
 
-from ..engine import quality
+from ..engine import gate, quality
 from ..engine.pipeline import build_papers, embed_papers
 from ..engine.ranges import IdRange, parse_range
-from ..engine.storage import METADATA_KEY, ProjectHome, atomic_path, sha256_file
+from ..engine.snapshot import current_snapshot
+from ..engine.storage import METADATA_KEY, sha256_file
 from . import catalog as catalog_views
 from .partitions import corpusid_ranges
-from .resources import ProjectHomeResource, S2SourceResource, Specter2Resource
+from .resources import ProjectHomeResource, Specter2Resource
 
 EMBEDDING_CHECKS = {
     "row_count": "one embedding per eligible source row of the range (skipped rows reported by reason)",
@@ -46,30 +47,32 @@ def partition_range(context: AssetExecutionContext) -> IdRange:
     partitions_def=corpusid_ranges,
     deps=["s2_source"],
     group_name="embeddings",
-    code_version="2",  # 2: fields normalised like the BERT tokenizer (control characters deleted, not spaced)
+    # 2: fields normalised like the BERT tokenizer (control characters deleted, not spaced); 3: read from the snapshot
+    code_version="3",
     description="Embeddable rows of one corpusid range: id, text (title [SEP] abstract), text sha256, text rule.",
 )
 def papers(
     context: AssetExecutionContext,
-    source: S2SourceResource,
     specter2: Specter2Resource,
     home: ProjectHomeResource,
     catalog: DuckDBResource,
 ) -> MaterializeResult:
     rng = partition_range(context)
     layout = home.layout()
-    info = source.resolve()
+    snapshot = current_snapshot(layout.source_dir)
+    if snapshot is None:
+        raise Failure("no source snapshot in the home yet: materialise s2_source first")
     out = layout.papers_file(rng)
-    report = build_papers(info, rng, out, sep_token=specter2.sep_token)
+    range_hash = snapshot.manifest.ranges.get(rng.key, {}).get("content_hash", "")
+    report = build_papers(snapshot, rng, out, sep_token=specter2.sep_token, source_range_hash=range_hash)
     catalog_views.refresh(catalog, layout)
     return MaterializeResult(
         metadata={
             "dagster/row_count": report.rows,
             "source_rows": report.source_rows,
-            "duplicate_corpusid_dropped": report.duplicate_corpusid,
             **{f"rule_{k}": v for k, v in sorted(report.rules.items())},
             **{f"skipped_{k}": v for k, v in sorted(report.skipped.items())},
-            "source_release": info.version,
+            "source_release": snapshot.version,
             "path": MetadataValue.path(str(out)),
             "duckdb_view": "papers",
             "dagster/column_schema": TableSchema(columns=[
@@ -78,32 +81,6 @@ def papers(
         },
         data_version=DataVersion(report.content_hash),
     )
-
-
-def _norm_registry(layout: ProjectHome):
-    return layout.root / "stats" / "norms.json"
-
-
-def _update_norm_registry(layout: ProjectHome, key: str, fingerprint: str, stats: dict) -> dict:
-    path = _norm_registry(layout)
-    with layout.lock("norms"):
-        registry = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-        registry[key] = {"fingerprint": fingerprint, **stats}
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(registry, indent=1, sort_keys=True), encoding="utf-8")
-    return registry
-
-
-def norm_band_for(specter2: Specter2Resource, registry: dict, fingerprint: str) -> tuple[float, float]:
-    if specter2.norm_band:
-        low, high = specter2.norm_band
-        return float(low), float(high)
-    entries = [e for e in registry.values() if e.get("fingerprint") == fingerprint and e.get("count")]
-    return quality.norm_band([e["median"] for e in entries], [e["mad"] for e in entries], specter2.norm_k)
-
-
-def gate_file(layout: ProjectHome, rng: IdRange):
-    return layout.embeddings_file(rng).with_suffix(".checks.json")
 
 
 class _ProgressLog:
@@ -161,20 +138,19 @@ def paper_embeddings(
 
     scan = quality.scan_embeddings(out, rng)
     norm_stats = quality.robust_stats(scan.norms)
-    registry = _update_norm_registry(layout, rng.key, loaded.fingerprint, norm_stats)
+    registry = gate.update_norm_registry(layout, rng.key, loaded.fingerprint, norm_stats)
     canary = specter2.canary_vectors(layout)
     outcomes = [
         quality.check_count(scan.rows, int(papers_meta.get("rows", -1)), papers_meta.get("skipped", {})),
         quality.check_vectors(scan, loaded.hidden_size),
         quality.check_ids(scan, rng),
-        quality.check_norms(scan.norms, norm_band_for(specter2, registry, loaded.fingerprint),
-                            specter2.max_norm_outlier_fraction),
+        quality.check_norms(scan.norms, gate.norm_band(registry, loaded.fingerprint, specter2.norm_k,
+                                                       specter2.norm_band), specter2.max_norm_outlier_fraction),
         quality.check_canary(canary["current"], canary["reference"], canary["without_adapter"], loaded.precision),
     ]
-    gate = {"file_sha256": sha256_file(out), "rows": scan.rows, "passed": all(o.passed for o in outcomes),
-            "failed": [o.name for o in outcomes if not o.passed], "model": model_meta}
-    with atomic_path(gate_file(layout, rng)) as tmp:
-        tmp.write_text(json.dumps(gate, indent=1, sort_keys=True), encoding="utf-8")
+    decision = gate.Gate(file_sha256=sha256_file(out), rows=scan.rows, passed=all(o.passed for o in outcomes),
+                         failed=[o.name for o in outcomes if not o.passed], model=model_meta)
+    gate.write_gate(layout, rng, decision)
 
     stats = report.encode
     return MaterializeResult(
@@ -191,6 +167,9 @@ def paper_embeddings(
             "nan_batches_recomputed": stats.nan_batches_recomputed,
             "oom_splits": stats.oom_splits,
             "resumed_rows_from_checkpoint": report.resumed_rows,
+            "rows_embedded": report.rows_embedded,
+            "rows_reused": report.rows_reused,
+            "rows_deleted": report.rows_deleted,
             "seconds": round(report.seconds, 2),
             "model_load_seconds": round(load_seconds, 2),
             "device": str(loaded.device),
@@ -206,7 +185,7 @@ def paper_embeddings(
             "norm_histogram": MetadataValue.md(quality.markdown_histogram(scan.norms)),
             "path": MetadataValue.path(str(out)),
             "duckdb_view": "embeddings",
-            "quality_gate": "passed" if gate["passed"] else f"FAILED: {', '.join(gate['failed'])}",
+            "quality_gate": "passed" if decision.passed else f"FAILED: {', '.join(decision.failed)}",
         },
         check_results=[
             AssetCheckResult(check_name=o.name, passed=o.passed, severity=AssetCheckSeverity.ERROR,

@@ -1,6 +1,7 @@
 """Resources: where the source is, which model embeds, where shards are published, where the home is."""
 
 
+import os
 import threading
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from ..engine import publish
 from ..engine.encoder import Encoder
 from ..engine.model import ModelConfig, adapter_warning_silenced, load_model
 from ..engine.quality import CANARY_TEXT
-from ..engine.source import SourceInfo, inspect_source, local_version
+from ..engine.snapshot import release_id
+from ..engine.source import SourceError, SourceInfo, inspect_source, local_version
 from ..engine.storage import DEFAULT_CHUNK_ROWS, ProjectHome, atomic_path
 
 
@@ -23,13 +25,22 @@ class ProjectHomeResource(ConfigurableResource):
         return ProjectHome(self.root)
 
 
-class S2SourceResource(ConfigurableResource):
-    """The cleaned S2 DuckDB file: a local path, or a file of a Hub dataset repo at a pinned revision."""
+def split_list(value: str) -> list[str]:
+    """Several source files are given as one comma-separated setting."""
+    return [part.strip() for part in value.split(",") if part.strip()]
 
-    path: str = Field(default="", description="local DuckDB file (used when hub_repo is empty)")
+
+class S2SourceResource(ConfigurableResource):
+    """The cleaned S2 DuckDB file(s) of a release: local paths, or files of a Hub dataset repo at one revision.
+
+    Several files (e.g. ``S2_papers_cleaned.db,S2_papers_cleaned_additional_papers.db``) are merged by corpusid
+    in the snapshot (duplicate rule in ``engine/snapshot.py``); later files win ties.
+    """
+
+    path: str = Field(default="", description="local DuckDB file(s), comma-separated (used when hub_repo is empty)")
     table: str = "papers_with_abstracts"
-    hub_repo: str = Field(default="", description="dataset repo id holding the source file")
-    hub_file: str = "S2_papers_cleaned.db"
+    hub_repo: str = Field(default="", description="dataset repo id holding the source file(s)")
+    hub_file: str = Field(default="S2_papers_cleaned.db", description="file(s) in hub_repo, comma-separated")
     revision: str = Field(default="main", description="commit sha, tag or branch of hub_repo")
     range_width: int = Field(default=1_000_000, description="corpus ids per partition")
     hub_endpoint: str = Field(default="", description="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
@@ -39,25 +50,41 @@ class S2SourceResource(ConfigurableResource):
 
         return HfApi(endpoint=self.hub_endpoint or None, token=publish.token_from_env(required=False))
 
+    def local_paths(self) -> list[str]:
+        paths = split_list(self.path)
+        if not paths:
+            raise SourceError("no source database configured (set PAPER_ASSETS_SOURCE, or run `paper-assets demo`)")
+        if len(set(paths)) != len(paths):
+            raise SourceError(f"a source file is listed twice in {self.path!r}")
+        return paths
+
     def current_version(self) -> str:
-        """Cheap: file identity for a local source, the revision's commit sha for a Hub source."""
+        """Cheap (no data read): file identities for local sources, the revision's commit sha for a Hub source."""
         if self.hub_repo:
+            publish.validate_repo_id(self.hub_repo)
             sha = self._api().repo_info(self.hub_repo, repo_type="dataset", revision=self.revision).sha
             return f"hub-{sha}"
-        return local_version(self.path)
+        versions = []
+        for path in self.local_paths():
+            if not os.path.isfile(path):
+                raise SourceError(f"source database {path} does not exist (check PAPER_ASSETS_SOURCE)")
+            versions.append(local_version(path))
+        return release_id(versions)
 
-    def resolve(self) -> SourceInfo:
+    def resolve(self) -> list[SourceInfo]:
+        """Every input of the current release, validated (a Hub source is downloaded here, never in a sensor)."""
+        version = self.current_version()
         if not self.hub_repo:
-            return inspect_source(self.path, self.table)
+            return [inspect_source(path, self.table, version=version) for path in self.local_paths()]
         from huggingface_hub import hf_hub_download
 
-        publish.validate_repo_id(self.hub_repo)
-        version = self.current_version()
-        local = hf_hub_download(
-            self.hub_repo, self.hub_file, repo_type="dataset", revision=version.removeprefix("hub-"),
-            endpoint=self.hub_endpoint or None, token=publish.token_from_env(required=False),
-        )
-        return inspect_source(local, self.table, version=version)
+        files = split_list(self.hub_file)
+        if not files:
+            raise SourceError("PAPER_ASSETS_SOURCE_HUB_FILE names no file")
+        local = [hf_hub_download(self.hub_repo, name, repo_type="dataset", revision=version.removeprefix("hub-"),
+                                 endpoint=self.hub_endpoint or None, token=publish.token_from_env(required=False))
+                 for name in files]
+        return [inspect_source(path, self.table, version=version) for path in local]
 
 
 _MODEL_CACHE: dict[ModelConfig, Encoder] = {}
@@ -132,6 +159,13 @@ class ShardPublisherResource(ConfigurableResource):
     private: bool = False
     local_folder: str = ""
     endpoint: str = Field(default="", description="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
+    max_files_per_commit: int = Field(default=publish.MAX_FILES_PER_COMMIT, description="shards per Hub commit")
+
+    def description(self) -> str:
+        """Names the target without connecting (the release planner compares it with the last publish)."""
+        if self.hub_repo:
+            return f"hf://datasets/{self.hub_repo}@{self.revision}"
+        return f"folder {Path(self.local_folder).resolve()}"
 
     def target(self) -> publish.PublishTarget:
         if self.hub_repo:

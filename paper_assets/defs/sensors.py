@@ -1,7 +1,13 @@
-"""Picks up new source releases: new ranges become partitions, only ranges whose content changed are re-run."""
+"""Following source releases, in two cheap steps.
 
-
-import json
+1. ``s2_source_release_sensor`` looks only at the release id (file identities, or the Hub revision's sha) and
+   requests an ``s2_source`` snapshot when it differs from the home's current snapshot. Nothing is read or
+   downloaded in the tick; a home that is already on the current release gets no request at all.
+2. ``s2_release_ranges_sensor`` reads the current snapshot's manifest and asks the release planner
+   (``engine/planner.py``, the same one `paper-assets update` uses) which ranges are new, changed or emptied: it
+   requests ``papers`` + ``paper_embeddings`` for exactly those, then, once none is pending, ``hub_shards`` if the
+   Hub is behind. Run keys carry the release and range hash, so a range is requested once per change.
+"""
 
 from dagster import (
     AssetKey,
@@ -14,48 +20,64 @@ from dagster import (
     sensor,
 )
 
-from ..engine.ranges import IdRange
-from ..engine.source import range_stats
+from ..engine.planner import plan_release
+from ..engine.snapshot import current_snapshot
 from .partitions import CORPUSID_RANGES, corpusid_ranges
-from .resources import S2SourceResource
+from .resources import ProjectHomeResource, S2SourceResource, ShardPublisherResource
 
-RANGE_ASSETS = AssetSelection.assets(AssetKey("papers"), AssetKey("paper_embeddings"))
-
-
-def changed_ranges(previous: dict[str, str], current: dict[str, str]) -> list[str]:
-    """Ranges that are new, whose content hash changed, or that lost every row."""
-    return sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+RANGE_ASSETS = [AssetKey("papers"), AssetKey("paper_embeddings")]
 
 
 @sensor(
     name="s2_source_release_sensor",
-    description="Watches the source (file identity or Hub revision); on a new release registers new corpusid "
-    "ranges and requests papers + paper_embeddings for ranges whose content changed.",
-    asset_selection=AssetSelection.assets(AssetKey("s2_source")) | RANGE_ASSETS,
+    description="Watches the source's release id (file identity or Hub revision) and requests an s2_source "
+    "snapshot of a new release; reads no data.",
+    asset_selection=AssetSelection.assets(AssetKey("s2_source")),
     minimum_interval_seconds=300,
     default_status=DefaultSensorStatus.STOPPED,
 )
-def s2_source_release_sensor(context: SensorEvaluationContext, source: S2SourceResource):
-    cursor = json.loads(context.cursor) if context.cursor else {"version": None, "ranges": {}}
+def s2_source_release_sensor(context: SensorEvaluationContext, source: S2SourceResource,
+                             home: ProjectHomeResource):
     version = source.current_version()
-    if version == cursor["version"]:
-        return SkipReason(f"source release {version} already seen")
-    info = source.resolve()
-    stats, invalid = range_stats(info, source.range_width)
-    current = {IdRange(lo, lo + source.range_width - 1).key: s.content_hash for lo, s in stats.items()}
-    changed = changed_ranges(cursor["ranges"], current)
+    snapshot = current_snapshot(home.layout().source_dir)
+    if snapshot is not None and snapshot.version == version:
+        return SensorResult(skip_reason=SkipReason(f"the home is on the current release {version}"), cursor=version)
+    if context.cursor == version:
+        return SkipReason(f"snapshot of release {version} already requested")
+    request = RunRequest(run_key=f"s2_source:{version}", asset_selection=[AssetKey("s2_source")])
+    return SensorResult(run_requests=[request], cursor=version)
+
+
+@sensor(
+    name="s2_release_ranges_sensor",
+    description="After a new s2_source snapshot: requests papers + paper_embeddings for new, changed and emptied "
+    "ranges only, then hub_shards once the release is embedded.",
+    asset_selection=AssetSelection.assets(*RANGE_ASSETS, AssetKey("hub_shards")),
+    minimum_interval_seconds=30,
+    default_status=DefaultSensorStatus.STOPPED,
+)
+def s2_release_ranges_sensor(context: SensorEvaluationContext, home: ProjectHomeResource,
+                             publisher: ShardPublisherResource):
+    layout = home.layout()
+    snapshot = current_snapshot(layout.source_dir)
+    if snapshot is None:
+        return SkipReason("no s2_source snapshot yet")
     known = set(context.instance.get_dynamic_partitions(CORPUSID_RANGES))
-    new_keys = sorted(set(current) - known)
-    run_requests = [RunRequest(run_key=f"{version}:s2_source", asset_selection=[AssetKey("s2_source")])]
-    run_requests += [
-        RunRequest(run_key=f"{version}:{key}", partition_key=key,
-                   asset_selection=[AssetKey("papers"), AssetKey("paper_embeddings")])
-        for key in changed if key in current or key in known
-    ]
-    context.log.info(f"release {version}: {len(changed)} changed range(s), {len(new_keys)} new, "
-                     f"{invalid} invalid id row(s)")
-    return SensorResult(
-        run_requests=run_requests,
-        dynamic_partitions_requests=[corpusid_ranges.build_add_request(new_keys)] if new_keys else [],
-        cursor=json.dumps({"version": version, "ranges": current}),
-    )
+    plan = plan_release(layout, snapshot, known, publisher.description())
+    if plan.ranges:
+        hashes = snapshot.manifest.ranges
+        requests = [RunRequest(run_key=f"{plan.release}:{key}:{hashes.get(key, {}).get('content_hash', 'empty')}",
+                               partition_key=key, asset_selection=RANGE_ASSETS, tags={"paper_assets/reason":
+                                                                                      plan.reasons[key]})
+                    for key in plan.ranges]
+        context.log.info(f"release {plan.release}: {len(plan.ranges)} range(s) to run "
+                         f"({len(plan.new_ranges)} new, {len(plan.emptied_ranges)} emptied)")
+        return SensorResult(
+            run_requests=requests,
+            dynamic_partitions_requests=[corpusid_ranges.build_add_request(plan.new_ranges)] if plan.new_ranges
+            else [],
+        )
+    if plan.publish:
+        return SensorResult(run_requests=[RunRequest(run_key=f"{plan.release}:hub:{plan.publish_key}",
+                                                     asset_selection=[AssetKey("hub_shards")])])
+    return SkipReason(f"release {plan.release} is embedded and published")

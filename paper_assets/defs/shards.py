@@ -1,103 +1,77 @@
-"""hub_shards[range]: the embeddings Parquet published to a Hub dataset repo (or a local folder like one)."""
+"""hub_shards: every range's embeddings published to a Hub dataset repo (or a local folder laid out like one).
 
+One asset, not one per range: a release is published as one commit (a few when more than ~100 files changed),
+unchanged shards are skipped by sha256, ranges that lost every row are deleted, and the card is updated last.
+"""
 
-import json
-
-import pyarrow.parquet as pq
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
-    BackfillPolicy,
-    Failure,
     MaterializeResult,
     MetadataValue,
     asset,
 )
 
-from ..engine.card import dataset_card
-from ..engine.publish import Shard, publish_shards, shard_path
-from ..engine.ranges import parse_range
-from ..engine.storage import ProjectHome, file_metadata, sha256_file
-from .embeddings import gate_file
-from .partitions import corpusid_ranges
+from ..engine import gate
+from ..engine.publish import PublishReport, Shard, publish_shards
+from ..engine.snapshot import current_snapshot
+from ..engine.storage import ProjectHome, sha256_file
 from .resources import ProjectHomeResource, ShardPublisherResource
 
 
-def collect_shards(layout: ProjectHome, range_keys: list[str]) -> list[Shard]:
-    """The shards to publish for these ranges; refuses ranges whose embeddings failed their blocking checks."""
-    shards, refused = [], []
-    for key in range_keys:
-        rng = parse_range(key)
-        path = layout.embeddings_file(rng)
-        if not path.exists():
-            refused.append(f"{key}: paper_embeddings not materialised")
-            continue
-        gate_path = gate_file(layout, rng)
-        gate = json.loads(gate_path.read_text(encoding="utf-8")) if gate_path.exists() else None
-        if gate is None or gate.get("file_sha256") != sha256_file(path):
-            refused.append(f"{key}: no quality-gate record for the current embeddings file (re-materialise it)")
-            continue
-        if not gate["passed"]:
-            refused.append(f"{key}: blocking checks failed ({', '.join(gate['failed'])})")
-            continue
-        rows = pq.read_metadata(path).num_rows
-        shards.append(Shard(rng.key, path if rows else None, rows))
-    if refused:
-        raise Failure("refusing to publish: " + "; ".join(refused), metadata={"refused": "\n".join(refused)})
-    return shards
-
-
-def card_builder(layout: ProjectHome):
-    def build(present: list[str]) -> str:
-        rows, model, dim, release = {}, {}, 768, "unknown"
-        for path in sorted(layout.embeddings_dir.glob("embeddings-*.parquet")):
-            key = path.stem.removeprefix("embeddings-")
-            meta = pq.read_metadata(path)
-            if meta.num_rows:
-                rows[shard_path(key)] = meta.num_rows
-                model = file_metadata(path).get("model", model)
-                dim = pq.read_schema(path).field("embedding").type.list_size
-        manifest = layout.root / "source_manifest.json"
-        if manifest.exists():
-            release = json.loads(manifest.read_text(encoding="utf-8")).get("version", release)
-        return dataset_card(present, rows, model, release, dim)
-
-    return build
-
-
-@asset(
-    partitions_def=corpusid_ranges,
-    deps=["paper_embeddings"],
-    group_name="publishing",
-    backfill_policy=BackfillPolicy.single_run(),
-    check_specs=[AssetCheckSpec(
-        "published_matches_local", asset="hub_shards",
-        description="every published shard has the local file's sha256; removed ranges are gone")],
-    description="One Parquet shard per range in a Hub dataset repo, many ranges per commit, with a dataset card.",
-)
-def hub_shards(context: AssetExecutionContext, publisher: ShardPublisherResource,
-               home: ProjectHomeResource) -> MaterializeResult:
-    layout = home.layout()
-    keys = list(context.partition_keys)
-    shards = collect_shards(layout, keys)
+def publish_home(layout: ProjectHome, publisher: ShardPublisherResource, range_keys: list[str] | None = None,
+                 ) -> tuple[list[Shard], PublishReport]:
+    """Publish these ranges (default: every embedded range of the home) through the quality gate."""
+    keys = gate.embedded_ranges(layout) if range_keys is None else range_keys
+    shards = gate.collect_shards(layout, keys)
+    snapshot = current_snapshot(layout.source_dir)
+    release = snapshot.version if snapshot else "unknown"
     target = publisher.target()
-    report = publish_shards(target, shards, card_builder(layout), message=f"paper_assets: publish {len(keys)} "
-                            f"range(s) {keys[0]}..{keys[-1]}")
-    mismatched = []
+    report = publish_shards(target, shards, gate.card_builder(layout, release),
+                            message=f"paper_assets: release {release}, {len(shards)} range(s)",
+                            max_files_per_commit=publisher.max_files_per_commit)
+    if range_keys is None:
+        gate.record_published(layout, publisher.description(), {
+            s.path_in_repo: report.remote[s.path_in_repo].sha256 if s.path_in_repo in report.remote else None
+            for s in shards})
+    return shards, report
+
+
+def mismatches(shards: list[Shard], report: PublishReport) -> list[str]:
+    found = []
     for shard in shards:
         remote = report.remote.get(shard.path_in_repo)
         if shard.local is None:
             if remote is not None:
-                mismatched.append(f"{shard.path_in_repo} still present remotely")
+                found.append(f"{shard.path_in_repo} still present remotely")
         elif remote is None or remote.sha256 != sha256_file(shard.local):
-            mismatched.append(f"{shard.path_in_repo} differs remotely")
+            found.append(f"{shard.path_in_repo} differs remotely")
+    return found
+
+
+@asset(
+    deps=["paper_embeddings"],
+    group_name="publishing",
+    check_specs=[AssetCheckSpec(
+        "published_matches_local", asset="hub_shards",
+        description="every published shard has the local file's sha256; emptied ranges are gone")],
+    description="Every range's embeddings as one Parquet shard in a Hub dataset repo, with a dataset card naming "
+    "the source release; only changed shards are uploaded, emptied ranges are deleted.",
+)
+def hub_shards(context: AssetExecutionContext, publisher: ShardPublisherResource,
+               home: ProjectHomeResource) -> MaterializeResult:
+    shards, report = publish_home(home.layout(), publisher)
+    mismatched = mismatches(shards, report)
+    snapshot = current_snapshot(home.layout().source_dir)
     return MaterializeResult(
         metadata={
-            "target": target.description,
+            "target": report.target,
+            "source_release": snapshot.version if snapshot else "unknown",
             "commit_sha": report.commit_sha or "none (nothing changed)",
             "commit_url": MetadataValue.url(report.commit_url) if report.commit_url else "none",
+            "commits": len(report.commits),
             "files_uploaded": len(report.uploaded),
             "files_skipped_unchanged": len(report.skipped),
             "files_deleted": len(report.deleted),
@@ -109,7 +83,7 @@ def hub_shards(context: AssetExecutionContext, publisher: ShardPublisherResource
         },
         check_results=[AssetCheckResult(
             check_name="published_matches_local", passed=not mismatched, severity=AssetCheckSeverity.ERROR,
-            description="every published shard has the local file's sha256 (and removed ranges are gone)",
+            description="every published shard has the local file's sha256 (and emptied ranges are gone)",
             metadata={"checked": len(shards), "mismatched": "\n".join(mismatched) or "none"},
         )],
     )

@@ -1,50 +1,65 @@
-"""The raw cleaned source database as an asset; registers the corpusid ranges it holds as partitions."""
+"""s2_source: the release's cleaned DuckDB file(s) snapshotted into the home; registers the ranges it holds."""
 
-
-import json
-
-import pyarrow.parquet as pq
 from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue, asset
 
-from ..engine.ranges import IdRange
-from ..engine.source import invalid_id_rows, range_stats
-from ..engine.storage import atomic_path
+from ..engine.snapshot import build_snapshot, current_snapshot
 from .partitions import CORPUSID_RANGES
 from .resources import ProjectHomeResource, S2SourceResource
 
 
-@asset(group_name="s2", description="The cleaned Semantic Scholar DuckDB (papers_with_abstracts), opened read-only.")
+def _ranges_table(ranges: dict[str, dict], limit: int = 400) -> str:
+    lines = ["| range | rows | content hash |", "|---|---:|---|"]
+    lines += [f"| {key} | {info['rows']:,} | `{info['content_hash']}` |"
+              for key, info in sorted(ranges.items())[:limit]]
+    if len(ranges) > limit:
+        lines.append(f"| … {len(ranges) - limit} more in manifest.json | | |")
+    return "\n".join(lines)
+
+
+def _inputs_table(inputs) -> str:
+    lines = ["| input file | rows | invalid corpusid (quarantined) | duplicates dropped | kept |",
+             "|---|---:|---:|---:|---:|"]
+    lines += [f"| `{i.path}` | {i.rows:,} | {i.invalid_corpusid:,} | {i.duplicates_dropped:,} | {i.kept:,} |"
+              for i in inputs]
+    return "\n".join(lines)
+
+
+@asset(
+    group_name="s2",
+    code_version="2",  # 2: snapshot per release (int64 ids, duplicates resolved, several input files)
+    description="The cleaned Semantic Scholar DuckDB file(s) of one release (papers_with_abstracts), snapshotted "
+    "into the home: int64 ids, invalid ids quarantined, duplicates resolved, id-sorted Parquet with per-range row "
+    "counts and content hashes.",
+)
 def s2_source(context: AssetExecutionContext, source: S2SourceResource, home: ProjectHomeResource) -> MaterializeResult:
-    info = source.resolve()
     layout = home.layout()
-    stats, invalid = range_stats(info, source.range_width)
-    keys = {IdRange(lo, lo + source.range_width - 1).key: s for lo, s in stats.items()}
+    version = source.current_version()
+    snapshot = current_snapshot(layout.source_dir)
+    if snapshot is not None and snapshot.version == version and snapshot.manifest.range_width == source.range_width:
+        context.log.info(f"release {version} is already the current snapshot; nothing to rebuild")
+        manifest = snapshot.manifest
+    else:
+        manifest = build_snapshot(source.resolve(), layout.source_dir, version, source.range_width)
+        snapshot = current_snapshot(layout.source_dir)
     known = set(context.instance.get_dynamic_partitions(CORPUSID_RANGES))
-    new_keys = sorted(set(keys) - known)
+    new_keys = sorted(set(manifest.ranges) - known)
     if new_keys:
         context.instance.add_dynamic_partitions(CORPUSID_RANGES, new_keys)
-    quarantine = layout.quarantine_dir / "invalid_corpusid.parquet"
-    if invalid:
-        with atomic_path(quarantine) as tmp:
-            pq.write_table(invalid_id_rows(info), tmp)
-        context.log.warning(f"{invalid} row(s) have no valid corpusid; they are in {quarantine}")
-    manifest = {"version": info.version, "path": info.path, "table": info.table, "range_width": source.range_width,
-                "ranges": {k: {"rows": s.rows, "content_hash": s.content_hash} for k, s in keys.items()}}
-    with atomic_path(layout.root / "source_manifest.json") as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
-    rows = sum(s.rows for s in stats.values())
+    if manifest.invalid_corpusid:
+        context.log.warning(f"{manifest.invalid_corpusid} row(s) have no valid corpusid; they are in "
+                            f"{snapshot.quarantine_file}")
     return MaterializeResult(
         metadata={
-            "dagster/row_count": rows,
-            "source_path": MetadataValue.path(info.path),
-            "source_release": info.version,
-            "corpusid_type": info.id_type,
-            "size_bytes": info.size_bytes,
-            "ranges": len(keys),
+            "dagster/row_count": manifest.rows,
+            "source_release": manifest.release,
+            "inputs": MetadataValue.md(_inputs_table(manifest.inputs)),
+            "snapshot": MetadataValue.path(str(snapshot.papers_file)),
+            "ranges": len(manifest.ranges),
             "new_ranges": len(new_keys),
-            "duplicate_corpusid_rows": sum(s.rows - s.distinct_ids for s in stats.values()),
-            "invalid_corpusid_rows": invalid,
-            "quarantine": MetadataValue.path(str(quarantine)) if invalid else "none",
+            "range_rows_and_hashes": MetadataValue.md(_ranges_table(manifest.ranges)),
+            "duplicate_corpusid_rows": manifest.duplicates_dropped,
+            "invalid_corpusid_rows": manifest.invalid_corpusid,
+            "quarantine": MetadataValue.path(str(snapshot.quarantine_file)) if manifest.invalid_corpusid else "none",
         },
-        data_version=DataVersion(info.version),
+        data_version=DataVersion(manifest.release),
     )

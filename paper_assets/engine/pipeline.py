@@ -9,7 +9,9 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -17,7 +19,7 @@ import pyarrow.parquet as pq
 from . import text as text_rules
 from .encoder import Encoder, EncodeStats
 from .ranges import IdRange
-from .source import SourceInfo, read_range
+from .source import RangeReadStats
 from .storage import (
     DEFAULT_CHUNK_ROWS,
     EMBEDDING_ROW_GROUP,
@@ -28,9 +30,18 @@ from .storage import (
     embeddings_batch,
     embeddings_schema,
     sha256_file,
+    vectors_of,
 )
 
 Progress = Callable[[int, int, float], None]  # rows done, rows total, seconds elapsed
+
+
+class RangeReader(Protocol):
+    """A source of one range's rows: a source database (:class:`SourceInfo`) or a release snapshot."""
+
+    version: str
+
+    def read(self, rng: IdRange, batch_rows: int = 8192) -> tuple[RangeReadStats, Iterator[pa.RecordBatch]]: ...
 
 
 @dataclass
@@ -42,19 +53,25 @@ class PapersReport:
     skipped: Counter = field(default_factory=Counter)
     content_hash: str = ""
     source_version: str = ""
+    source_range_hash: str = ""
 
     def as_metadata(self) -> dict:
         return {"source_version": self.source_version, "rows": self.rows, "source_rows": self.source_rows,
                 "duplicate_corpusid": self.duplicate_corpusid, "rules": dict(self.rules),
-                "skipped": dict(self.skipped), "content_hash": self.content_hash}
+                "skipped": dict(self.skipped), "content_hash": self.content_hash,
+                "source_range_hash": self.source_range_hash}
 
 
 def build_papers(
-    info: SourceInfo, rng: IdRange, out_path: Path, sep_token: str = "[SEP]", batch_rows: int = 8192
+    reader: RangeReader, rng: IdRange, out_path: Path, sep_token: str = "[SEP]", batch_rows: int = 8192,
+    source_range_hash: str = "",
 ) -> PapersReport:
-    """Write the range's embeddable rows (id, text, text hash, rule) to ``out_path`` atomically."""
-    report = PapersReport(source_version=info.version)
-    read_stats, batches = read_range(info, rng, batch_rows)
+    """Write the range's embeddable rows (id, text, text hash, rule) to ``out_path`` atomically.
+
+    ``source_range_hash`` (the snapshot's hash of the range) is recorded so a planner can tell whether the papers
+    file is current without reading the source."""
+    report = PapersReport(source_version=reader.version, source_range_hash=source_range_hash)
+    read_stats, batches = reader.read(rng, batch_rows)
     report.source_rows, report.duplicate_corpusid = read_stats.source_rows, read_stats.duplicate_corpusid
     content = hashlib.sha256(f"sep={sep_token}".encode())
     with atomic_parquet_writer(out_path, PAPERS_SCHEMA) as writer:
@@ -91,15 +108,73 @@ class EmbedReport:
     resumed_chunks: int = 0
     seconds: float = 0.0
     encode: EncodeStats = field(default_factory=EncodeStats)
+    rows_embedded: int = 0  # run through the model (in this run or in a resumed chunk of it)
+    rows_reused: int = 0  # copied bit for bit from the previous file: same corpusid, text_sha256, model
+    rows_deleted: int = 0  # in the previous file, no longer in the papers file
 
     @property
     def papers_per_second(self) -> float:
-        computed = self.rows - self.resumed_rows
-        return computed / self.seconds if self.seconds else 0.0
+        return self.encode.rows / self.seconds if self.seconds else 0.0
 
     @property
     def tokens_per_second(self) -> float:
         return self.encode.real_tokens / self.seconds if self.seconds else 0.0
+
+
+_REUSED_KEY = b"paper_assets_rows_reused"
+
+
+class PreviousVectors:
+    """The vectors of a partition's previous embeddings file, looked up by (corpusid, text_sha256).
+
+    Reuse needs the same model fingerprint and precision; anything else re-embeds every row. Lookups read only the
+    row groups whose corpusid statistics overlap the asked ids (the file is id-sorted like the papers file), so
+    memory stays bounded by a chunk however large the partition is.
+    """
+
+    def __init__(self, path: Path, fingerprint: str, precision: str):
+        self.path = path
+        self.parquet: pq.ParquetFile | None = None
+        self.ids = np.zeros(0, dtype=np.int64)
+        if not path.exists():
+            return
+        parquet = pq.ParquetFile(path)
+        self.ids = parquet.read(columns=["corpusid"]).column("corpusid").to_numpy()
+        meta = json.loads((parquet.schema_arrow.metadata or {}).get(METADATA_KEY, b"{}"))
+        model = meta.get("model", {})
+        if model.get("fingerprint") == fingerprint and model.get("precision") == precision:
+            self.parquet = parquet
+            column = parquet.schema_arrow.get_field_index("corpusid")
+            self._bounds = []
+            for group in range(parquet.num_row_groups):
+                stats = parquet.metadata.row_group(group).column(column).statistics
+                has = stats is not None and stats.has_min_max
+                self._bounds.append((stats.min, stats.max) if has else (None, None))
+
+    def deleted(self, current_ids: np.ndarray) -> int:
+        return int(np.count_nonzero(~np.isin(self.ids, current_ids)))
+
+    def lookup(self, ids: np.ndarray, hashes: pa.Array) -> tuple[np.ndarray, np.ndarray | None]:
+        """(mask of rows that can reuse a stored vector, their vectors in row order) for one chunk."""
+        reuse = np.zeros(len(ids), dtype=bool)
+        if self.parquet is None or not len(ids):
+            return reuse, None
+        lo, hi = int(ids.min()), int(ids.max())
+        groups = [g for g, (gmin, gmax) in enumerate(self._bounds)
+                  if gmin is None or (gmin <= hi and gmax >= lo)]
+        if not groups:
+            return reuse, None
+        stored = self.parquet.read_row_groups(groups, columns=["corpusid", "embedding", "text_sha256"])
+        stored_ids = stored.column("corpusid").to_numpy()
+        order = np.argsort(stored_ids, kind="stable")
+        positions = np.searchsorted(stored_ids, ids, sorter=order)
+        positions = np.minimum(positions, len(stored_ids) - 1)
+        candidates = order[positions]
+        same_id = stored_ids[candidates] == ids
+        stored_hashes = np.asarray(stored.column("text_sha256").to_pylist(), dtype=object)
+        same_text = stored_hashes[candidates] == np.asarray(hashes.to_pylist(), dtype=object)
+        reuse = same_id & same_text
+        return reuse, vectors_of(stored)[candidates[reuse]]
 
 
 def _papers_chunks(papers_path: Path, chunk_rows: int) -> Iterator[pa.RecordBatch]:
@@ -116,12 +191,17 @@ def embed_papers(
     file_metadata: dict | None = None,
     progress: Progress | None = None,
 ) -> EmbedReport:
-    """Embed every row of a papers file into ``out_path`` (atomically), checkpointing each finished chunk."""
+    """Embed every row of a papers file into ``out_path`` (atomically), checkpointing each finished chunk.
+
+    Rows whose (corpusid, text_sha256) already have a vector from the same model in the current ``out_path``
+    reuse it bit for bit; only new or changed rows go through the model, and rows that left the papers file are
+    dropped (counted in the report)."""
     started = time.perf_counter()
     report = EmbedReport()
     total = pq.ParquetFile(papers_path).metadata.num_rows
     papers_digest = sha256_file(papers_path)[:16]
     loaded = encoder.loaded
+    previous = PreviousVectors(out_path, loaded.fingerprint, loaded.precision)
     checkpoints = ChunkCheckpoints(
         checkpoint_dir,
         {"papers_sha256": papers_digest, "model": loaded.fingerprint, "chunk_rows": chunk_rows,
@@ -138,12 +218,18 @@ def embed_papers(
                 report.resumed_rows += chunk.num_rows
                 done += chunk.num_rows
                 continue
+            reuse, reused = previous.lookup(chunk.column("corpusid").to_numpy(), chunk.column("text_sha256"))
+            texts = chunk.column("text").filter(pa.array(~reuse)).to_pylist()
             # The payload waits in the tokenizer queue: keep only the columns written back, not the texts.
-            yield (index, chunk.select(["corpusid", "text_sha256"])), chunk.column("text").to_pylist()
+            yield (index, chunk.select(["corpusid", "text_sha256"]), reuse, reused), texts
 
-    for (index, chunk), vectors, stats in encoder.encode_stream(todo()):
-        checkpoints.write(index, embeddings_batch(chunk.column("corpusid").to_numpy(), vectors,
-                                                  chunk.column("text_sha256"), schema))
+    for (index, chunk, reuse, reused), embedded, stats in encoder.encode_stream(todo()):
+        vectors = np.empty((chunk.num_rows, loaded.hidden_size), dtype=np.float32)
+        vectors[~reuse] = embedded
+        if reused is not None:
+            vectors[reuse] = reused
+        batch = embeddings_batch(chunk.column("corpusid").to_numpy(), vectors, chunk.column("text_sha256"), schema)
+        checkpoints.write(index, batch.replace_schema_metadata({_REUSED_KEY: str(int(reuse.sum())).encode()}))
         report.encode.add(stats)
         done += chunk.num_rows
         if progress:
@@ -152,11 +238,16 @@ def embed_papers(
     with atomic_parquet_writer(out_path, embeddings_schema(loaded.hidden_size, file_metadata)) as writer:
         for chunk_file in checkpoints.chunks():
             table = pq.read_table(chunk_file)
+            reused = int((table.schema.metadata or {}).get(_REUSED_KEY, b"0"))
+            report.rows_reused += reused
+            report.rows_embedded += table.num_rows - reused
             writer.write_table(table.cast(writer.schema), row_group_size=EMBEDDING_ROW_GROUP)
             report.rows += table.num_rows
             report.chunks += 1
         if report.rows != total:  # raised inside the writer: the previous good file stays in place
             raise RuntimeError(f"embedded {report.rows} rows but {papers_path} has {total}; checkpoints inconsistent")
+        report.rows_deleted = previous.deleted(pq.read_table(papers_path, columns=["corpusid"]).column(
+            "corpusid").to_numpy())
     checkpoints.clear()
     report.seconds = time.perf_counter() - started
     return report

@@ -122,8 +122,9 @@ class PublishTarget(Protocol):
 @dataclass
 class PublishReport:
     target: str
-    commit_sha: str | None = None
+    commit_sha: str | None = None  # the last commit made
     commit_url: str | None = None
+    commits: list[str] = field(default_factory=list)
     uploaded: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
@@ -136,6 +137,10 @@ class PublishReport:
 CardBuilder = Callable[[list[str]], str]
 
 
+# The Hub's guidance: at most ~100 files per commit (its commit call times out at ~60 s); ~128 commits/hour/repo.
+MAX_FILES_PER_COMMIT = 100
+
+
 def publish_shards(
     target: PublishTarget,
     shards: list[Shard],
@@ -143,22 +148,49 @@ def publish_shards(
     message: str,
     max_attempts: int = 6,
     backoff_seconds: float = 1.0,
+    max_files_per_commit: int = MAX_FILES_PER_COMMIT,
 ) -> PublishReport:
+    """Bring the target to the local shards: upload changed ones, delete emptied ones, skip the rest by sha256.
+
+    Changes go in commits of at most ``max_files_per_commit`` files, the dataset card in the last one, so a first
+    publish of hundreds of ranges is a few commits; an interrupted publish resumes where it stopped (what already
+    landed matches by sha256 and is skipped)."""
     report = PublishReport(target=target.description)
     local_sha = {s.path_in_repo: sha256_file(s.local) for s in shards if s.local is not None}
+    head = target.head()
+    remote = target.remote_files([s.path_in_repo for s in shards], head)
+    pending = [s for s in shards
+               if (s.local is None and s.path_in_repo in remote)
+               or (s.local is not None and not (s.path_in_repo in remote
+                                               and remote[s.path_in_repo].matches(local_sha[s.path_in_repo])))]
+    report.skipped = sorted(s.path_in_repo for s in shards if s not in pending and s.local is not None)
+    size = max(1, max_files_per_commit)
+    groups = [pending[i : i + size] for i in range(0, len(pending), size)] or [[]]
+    for number, group in enumerate(groups, start=1):
+        last = number == len(groups)
+        label = message if len(groups) == 1 else f"{message} (part {number}/{len(groups)})"
+        _publish_group(target, group, local_sha, card_builder if last else None, label, max_attempts,
+                       backoff_seconds, report)
+    report.remote = target.remote_files([s.path_in_repo for s in shards] + [CARD_PATH], report.commit_sha or head)
+    return report
+
+
+def _publish_group(target: PublishTarget, shards: list[Shard], local_sha: dict[str, str],
+                   card_builder: CardBuilder | None, message: str, max_attempts: int, backoff_seconds: float,
+                   report: PublishReport) -> None:
     for attempt in range(max_attempts):
         head = target.head()
         wanted = [s.path_in_repo for s in shards] + [CARD_PATH]
         remote = target.remote_files(wanted, head)
         adds: dict[str, Path | bytes] = {}
-        uploaded, skipped, deleted = [], [], []
+        uploaded, deleted = [], []
         for shard in shards:
             path = shard.path_in_repo
             if shard.local is None:
                 if path in remote:
                     deleted.append(path)
             elif path in remote and remote[path].matches(local_sha[path]):
-                skipped.append(path)
+                report.skipped.append(path)  # landed already (a retried commit that did go through)
             else:
                 adds[path] = shard.local
                 uploaded.append(path)
@@ -168,10 +200,8 @@ def publish_shards(
             card_remote = remote.get(CARD_PATH)
             if card_remote is None or not card_remote.matches(sha256_bytes(card), git_blob_sha1(card)):
                 adds[CARD_PATH] = card
-        report.uploaded, report.skipped, report.deleted = uploaded, skipped, deleted
         if not adds and not deleted:
-            report.remote = remote
-            return report
+            return
         try:
             report.commit_sha, report.commit_url = target.commit(adds, deleted, message, head)
         except ConflictError:
@@ -183,11 +213,13 @@ def publish_shards(
             report.transient_retries += 1
             time.sleep(min(err.retry_after if err.retry_after is not None else backoff_seconds * 2**attempt, 30))
             continue
-        report.bytes_uploaded = sum(
+        report.commits.append(report.commit_sha)
+        report.uploaded += uploaded
+        report.deleted += deleted
+        report.bytes_uploaded += sum(
             len(v) if isinstance(v, bytes) else os.path.getsize(v) for k, v in adds.items() if k != CARD_PATH
         )
-        report.remote = target.remote_files(wanted, report.commit_sha)
-        return report
+        return
     raise PublishError(f"gave up publishing to {target.description} after {max_attempts} attempts "
                        f"({report.conflicts} conflicts, {report.transient_retries} transient errors)")
 
@@ -266,7 +298,7 @@ class HubTarget:
         self.revision = revision
         self.private = private
         self.api = HfApi(endpoint=endpoint, token=token_from_env(required=True))
-        self.description = f"hf://datasets/{repo_id}@{revision}"
+        self.description = f"hf://datasets/{repo_id}@{revision}"  # same words as the resource's description()
         self.max_read_retries = max_read_retries
         self.backoff_seconds = backoff_seconds
         self._ready = False

@@ -44,6 +44,9 @@ class SourceInfo:
     version: str
     size_bytes: int
 
+    def read(self, rng: IdRange, batch_rows: int = 8192) -> tuple[RangeReadStats, Iterator[pa.RecordBatch]]:
+        return read_range(self, rng, batch_rows)
+
 
 # A partition read sorts one id window at a time; without a cap DuckDB's buffer pool keeps every source block it
 # touched (up to 80% of RAM), so a long partition of a big source would hold gigabytes. The cap still fits a window

@@ -139,8 +139,12 @@ class ProjectHome:
         return self.root / "embeddings"
 
     @property
-    def quarantine_dir(self) -> Path:
-        return self.root / "quarantine"
+    def source_dir(self) -> Path:
+        return self.root / "source"
+
+    @property
+    def stats_dir(self) -> Path:
+        return self.root / "stats"
 
     @property
     def warehouse(self) -> Path:
@@ -163,6 +167,10 @@ class ProjectHome:
 
     def embeddings_file(self, rng: IdRange) -> Path:
         return self._inside(self.embeddings_dir / f"embeddings-{rng.key}.parquet")
+
+    def gate_file(self, rng: IdRange) -> Path:
+        """The quality-gate record of a partition's embeddings (what its blocking checks decided)."""
+        return self._inside(self.embeddings_dir / f"embeddings-{rng.key}.checks.json")
 
     def checkpoint_dir(self, rng: IdRange) -> Path:
         return self._inside(self.embeddings_dir / ".checkpoints" / rng.key)

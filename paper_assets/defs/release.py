@@ -1,0 +1,52 @@
+"""Applying the current source release in this process, through the same definitions and planner as the sensors:
+s2_source (when the release is new), then papers + paper_embeddings for the planned ranges, then hub_shards.
+Used by `paper-assets update` (cron users without the daemon) and `paper-assets demo`."""
+
+from collections.abc import Callable
+
+from dagster import DagsterInstance, Definitions, materialize
+
+from ..engine.planner import plan_release
+from ..engine.snapshot import current_snapshot
+from . import embeddings, shards, source
+from .partitions import CORPUSID_RANGES
+
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+def apply_release(defs: Definitions, instance: DagsterInstance, publish: bool,
+                  log: Callable[[str], None] = lambda _: None) -> dict:
+    resources = defs.resources
+    layout = resources["home"].layout()
+    version = resources["source"].current_version()
+    snapshot = current_snapshot(layout.source_dir)
+    if snapshot is None or snapshot.version != version \
+            or snapshot.manifest.range_width != resources["source"].range_width:
+        materialize([source.s2_source], resources=resources, instance=instance, run_config=QUIET)
+        snapshot = current_snapshot(layout.source_dir)
+    known = set(instance.get_dynamic_partitions(CORPUSID_RANGES))
+    plan = plan_release(layout, snapshot, known, resources["publisher"].description())
+    if plan.new_ranges:
+        instance.add_dynamic_partitions(CORPUSID_RANGES, plan.new_ranges)
+    summary = {"release": plan.release, "ranges_changed": len(plan.ranges), "rows_embedded": 0, "rows_reused": 0,
+               "rows_deleted": 0}
+    model: dict = {}
+    for key in plan.ranges:
+        result = materialize([embeddings.papers, embeddings.paper_embeddings], partition_key=key, resources=resources,
+                             instance=instance, run_config=QUIET, tags={"paper_assets/reason": plan.reasons[key]})
+        meta = {k: v.value for k, v in result.asset_materializations_for_node("paper_embeddings")[0].metadata.items()}
+        for name in ("rows_embedded", "rows_reused", "rows_deleted"):
+            summary[name] += int(meta[name])
+        if not model:
+            model = {k: meta[k] for k in ("adapter", "model_fingerprint", "precision", "device", "dimension")}
+            log(f"  adapter {model['adapter']} (fingerprint {model['model_fingerprint']}, {model['precision']} on "
+                f"{model['device']}, {model['dimension']}-d vectors)")
+        log(f"  {key}: {meta['dagster/row_count']:,} papers ({meta['rows_embedded']:,} embedded, "
+            f"{meta['rows_reused']:,} reused, {meta['rows_deleted']:,} deleted; {plan.reasons[key]})")
+    if publish and (plan.ranges or plan_release(layout, snapshot, None,
+                                                resources["publisher"].description()).publish):
+        result = materialize([shards.hub_shards], resources=resources, instance=instance, run_config=QUIET)
+        meta = result.asset_materializations_for_node("hub_shards")[0].metadata
+        log(f"  published to {meta['target'].value}: {meta['files_uploaded'].value} uploaded, "
+            f"{meta['files_deleted'].value} deleted, {meta['files_skipped_unchanged'].value} unchanged")
+    return {**summary, "model": model}
