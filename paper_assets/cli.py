@@ -29,7 +29,9 @@ def _dagster_home(settings: Settings) -> Path:
             "telemetry:\n  enabled: false\n"
             "# paper_embeddings runs in pool 'gpu': one step per GPU at a time. Raise the limit with\n"
             "#   dagster instance concurrency set gpu <number of GPUs>\n"
-            "concurrency:\n  pools:\n    default_limit: 1\n",
+            "concurrency:\n  pools:\n    default_limit: 1\n"
+            "# A run whose process died keeps its pool slot until the run is marked ended; free it soon after.\n"
+            "run_monitoring:\n  enabled: true\n  free_slots_after_run_end_seconds: 30\n",
             encoding="utf-8",
         )
     os.environ["DAGSTER_HOME"] = str(home)

@@ -3,6 +3,7 @@ mode, SIGKILLs itself at a precise point: after some checkpoint chunks, in the m
 or between two files of a publish. Killing is done to this process only, the way a crash or OOM killer would.
 
 usage: python -m paper_assets_tests.fault_child MODE SETTINGS_JSON PARTITION_KEY
+(mode kill-during-update: the third argument is how many chunk checkpoints an update writes before it dies)
 """
 
 from __future__ import annotations
@@ -64,12 +65,18 @@ def main() -> int:
         pq.ParquetWriter.write_table = no_space
     quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
     instance = DagsterInstance.get()
+    if mode == "kill-during-update":
+        from paper_assets.defs.release import apply_release
+
+        kill_after(storage.ChunkCheckpoints, "write", int(key))
+        print(json.dumps(apply_release(defs, instance, publish=True)))
+        return 0
     if mode in ("kill-during-publish", "publish"):
-        assets = [shards.hub_shards]
+        result = materialize([shards.hub_shards], resources=resources, instance=instance, run_config=quiet,
+                             raise_on_error=False)
     else:
-        assets = [embeddings.papers, embeddings.paper_embeddings]
-    result = materialize(assets, partition_key=key, resources=resources, instance=instance, run_config=quiet,
-                         raise_on_error=False)
+        result = materialize([embeddings.papers, embeddings.paper_embeddings], partition_key=key,
+                             resources=resources, instance=instance, run_config=quiet, raise_on_error=False)
     print(json.dumps({"success": result.success}))
     return 0 if result.success else 3
 

@@ -8,12 +8,11 @@ import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from dagster import DagsterInstance, build_sensor_context, instance_for_test, materialize
+from dagster import DagsterInstance, instance_for_test, materialize
 
 from paper_assets.definitions import build_definitions
 from paper_assets.defs import embeddings, shards, source
 from paper_assets.defs.partitions import CORPUSID_RANGES
-from paper_assets.defs.sensors import s2_source_release_sensor
 from paper_assets.engine.ranges import parse_range
 from paper_assets.engine.storage import ProjectHome, vectors_of
 from paper_assets.settings import Settings
@@ -79,7 +78,7 @@ def test_one_partition_of_each_asset(project):
         assert table.num_rows == rows == pq.read_metadata(layout.papers_file(parse_range(key))).num_rows
         assert np.isfinite(vectors_of(table)).all()
 
-        run([shards.hub_shards], defs, instance, partition_key=key)
+        run([shards.hub_shards], defs, instance)
         published = layout.hub_folder / "data" / f"embeddings-{key}.parquet"
         assert published.read_bytes() == layout.embeddings_file(parse_range(key)).read_bytes()
         card = (layout.hub_folder / "README.md").read_text()
@@ -94,32 +93,6 @@ def test_one_partition_of_each_asset(project):
             assert conn.execute("SELECT count(*) FROM papers").fetchone()[0] == rows
 
 
-def test_sensor_registers_new_ranges_and_requests_only_changed_ones(project, tmp_path, generated_papers):
-    settings, defs = project
-    with instance_for_test() as instance:
-        resources = {"source": defs.resources["source"]}
-        context = build_sensor_context(instance=instance, resources=resources)
-        first = s2_source_release_sensor(context)
-        keys = sorted({r.partition_key for r in first.run_requests if r.partition_key})
-        assert keys and first.dynamic_partitions_requests[0].partition_keys == keys
-        instance.add_dynamic_partitions(CORPUSID_RANGES, keys)
-        cursor = first.cursor
-
-        again = s2_source_release_sensor(build_sensor_context(instance=instance, resources=resources, cursor=cursor))
-        assert "already seen" in again.skip_message
-
-        # A new release: one paper of the first range changes, a paper appears in a brand-new range.
-        papers = [dict(p) for p in generated_papers[:300]]
-        papers[0]["abstract"] = "A corrected abstract."
-        papers.append({"corpusid": 250_000_123, "title": "New range", "abstract": "Fresh."})
-        os.remove(settings.source)
-        make_source(tmp_path / "source.duckdb", papers, "VARCHAR")
-        third = s2_source_release_sensor(build_sensor_context(instance=instance, resources=resources, cursor=cursor))
-        requested = sorted(r.partition_key for r in third.run_requests if r.partition_key)
-        assert requested == sorted([keys[0], "250000000-250999999"])
-        assert third.dynamic_partitions_requests[0].partition_keys == ["250000000-250999999"]
-
-
 def test_failing_blocking_check_stops_hub_shards(project):
     settings, defs = project
     with instance_for_test() as instance:
@@ -131,19 +104,20 @@ def test_failing_blocking_check_stops_hub_shards(project):
         defs.resources["specter2"].canary_vectors(ProjectHome(settings.home))  # reference recorded while active
         encoder.loaded.model.set_active_adapters(None)
         try:
-            result = materialize([embeddings.paper_embeddings, shards.hub_shards], resources=defs.resources,
+            result = materialize([embeddings.paper_embeddings], resources=defs.resources,
                                  instance=instance, partition_key=key, run_config=QUIET, raise_on_error=False)
         finally:
             encoder.loaded.model.set_active_adapters("proximity")
         canary = [c for c in result.get_asset_check_evaluations() if c.check_name == "adapter_canary"][0]
         assert not canary.passed
-        assert not result.asset_materializations_for_node("hub_shards")  # blocked within the run
-        gate = json.loads(embeddings.gate_file(ProjectHome(settings.home), parse_range(key)).read_text())
+        gate = json.loads(ProjectHome(settings.home).gate_file(parse_range(key)).read_text())
         assert gate["failed"] == ["adapter_canary"]
-        # ... and in a later, separate run too.
-        later = materialize([shards.hub_shards], resources=defs.resources, instance=instance, partition_key=key,
+        # The publishing run refuses the range whose blocking check failed.
+        later = materialize([shards.hub_shards], resources=defs.resources, instance=instance,
                             run_config=QUIET, raise_on_error=False)
         assert not later.success
+        error = later.get_step_failure_events()[0].step_failure_data.error
+        assert "adapter_canary" in error.cause.message
         assert not (ProjectHome(settings.home).hub_folder / "data").exists()
 
 
@@ -153,7 +127,11 @@ def test_demo_end_to_end_in_a_temporary_home(tmp_path):
     out = subprocess.run([sys.executable, "-m", "paper_assets.cli", "demo", "--papers", "400"], cwd=tmp_path,
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    assert "done:" in out.stdout and "400 papers" in out.stdout
+    assert "done:" in out.stdout and "400 papers embedded" in out.stdout
+    assert "none are activated" not in out.stdout + out.stderr
+    assert out.stdout.count("adapter proximity active") == 1
+    assert "Warning" not in out.stderr, out.stderr[-2000:]
+    assert "\n\n" not in out.stdout
     layout = ProjectHome(tmp_path / "demo-home")
     embedded = sum(pq.read_metadata(p).num_rows for p in layout.embeddings_dir.glob("embeddings-*.parquet"))
     eligible = sum(pq.read_metadata(p).num_rows for p in layout.papers_dir.glob("papers-*.parquet"))

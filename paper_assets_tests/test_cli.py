@@ -74,4 +74,4 @@ def test_publish_command_uses_the_asset_code(tmp_path):
     (home / "embeddings").mkdir(parents=True)
     out = subprocess.run([sys.executable, "-m", "paper_assets.cli", "publish"], cwd=REPO, capture_output=True,
                          text=True, env=dict(os.environ, PAPER_ASSETS_HOME=str(home)), timeout=300)
-    assert out.returncode == 1 and "nothing to publish" in out.stderr
+    assert out.returncode == 2 and out.stderr.startswith("paper-assets: error: nothing to publish")

@@ -175,7 +175,7 @@ def test_source_downloads_at_a_pinned_revision(hub, tmp_path):
     api.upload_file(path_or_fileobj=str(v2), path_in_repo="S2_papers_cleaned.db", repo_id="user/s2-source",
                     repo_type="dataset")
     pinned = S2SourceResource(hub_repo="user/s2-source", revision=first, hub_endpoint=hub.endpoint)
-    info = pinned.resolve()
+    (info,) = pinned.resolve()
     assert info.version == f"hub-{first}"
     import duckdb
 
@@ -199,12 +199,32 @@ def test_hub_shards_asset_publishes_a_backfill_in_one_commit(hub, tmp_path, home
         for key in keys:
             assert materialize([embeddings.papers, embeddings.paper_embeddings], partition_key=key,
                                resources=resources, instance=instance, run_config=quiet).success
-        result = materialize([shards.hub_shards], resources=resources, instance=instance, run_config=quiet,
-                             tags={"dagster/asset_partition_range_start": keys[0],
-                                   "dagster/asset_partition_range_end": keys[-1]})
+        result = materialize([shards.hub_shards], resources=resources, instance=instance, run_config=quiet)
         assert result.success
         meta = result.asset_materializations_for_node("hub_shards")[0].metadata
         assert meta["files_uploaded"].value == len(keys)
         assert all(c.passed for c in result.get_asset_check_evaluations())
     assert hub.state.commit_count(REPO_ID) == 2
     assert TOKEN not in str(meta)
+
+
+def test_many_changed_shards_go_in_commits_of_bounded_size_card_last_and_resume(hub, tmp_path):
+    shards_ = [Shard(f"00{i}000000-00{i}999999", write_shard(tmp_path / f"{i}.parquet", i * 10**6, 10, i), 10)
+               for i in range(5)]
+    hub.state.inject("POST", r"/commit/", 403, times=1, after=False)  # the first commit is refused for good
+    target(hub).head()
+    with pytest.raises(PublishError):
+        publish_shards(target(hub), shards_, card, "release", max_files_per_commit=2)
+    assert hub.state.commit_count(REPO_ID) == 1  # nothing landed
+    hub.state.faults.clear()
+    first = publish_shards(target(hub), shards_[:2], None, "release", max_files_per_commit=2)
+    assert len(first.commits) == 1
+    report = publish_shards(target(hub), shards_, card, "release", max_files_per_commit=2)
+    # Resumed: the two shards already there are skipped; three left -> commits of 2 and 1, the card in the last.
+    assert len(report.commits) == 2 and sorted(report.skipped) == [s.path_in_repo for s in shards_[:2]]
+    repo = hub.state.repos[REPO_ID]
+    last, before_last = repo.commits[report.commits[-1]], repo.commits[report.commits[0]]
+    assert "README.md" in last.files and "README.md" not in before_last.files
+    assert "(part 2/2)" in last.message
+    assert all(s.path_in_repo in hub.state.files(REPO_ID) for s in shards_)
+    assert hub.state.commit_count(REPO_ID) == 4  # initial + 1 + 2

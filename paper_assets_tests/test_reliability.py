@@ -18,6 +18,7 @@ from paper_assets.defs import embeddings, shards, source
 from paper_assets.defs.partitions import CORPUSID_RANGES
 from paper_assets.engine import sample_source
 from paper_assets.engine.ranges import parse_range
+from paper_assets.engine.snapshot import current_snapshot
 from paper_assets.engine.storage import ProjectHome
 from paper_assets.settings import Settings
 
@@ -124,7 +125,9 @@ def test_kill_during_publish_then_rerun_publishes_everything_once(setup):
     assert published.read_bytes() == layout.embeddings_file(parse_range(KEY)).read_bytes()
     assert child("publish", settings, dagster_home).returncode == 0
     assert len((layout.hub_folder / ".commits.jsonl").read_text().splitlines()) == 1
-    assert json.loads((layout.hub_folder / ".commits.jsonl").read_text())["added"] == ["README.md"]
+    # The shard that landed before the kill is not uploaded again; the one that did not, and the card, are.
+    assert json.loads((layout.hub_folder / ".commits.jsonl").read_text())["added"] == [
+        "README.md", "data/embeddings-001000000-001999999.parquet"]
 
 
 def test_kill_during_hub_publish_leaves_no_partial_commit(setup, monkeypatch):
@@ -187,24 +190,26 @@ def test_dirty_rows_each_follow_a_counted_rule(tmp_path, home, tiny_model):
         result = materialize([source.s2_source], resources=defs.resources, instance=instance, run_config=QUIET)
         meta = result.asset_materializations_for_node("s2_source")[0].metadata
         assert meta["invalid_corpusid_rows"].value == 2
-        quarantine = pq.read_table(ProjectHome(home).quarantine_dir / "invalid_corpusid.parquet")
+        assert meta["duplicate_corpusid_rows"].value == 1
+        quarantine = pq.read_table(current_snapshot(ProjectHome(home).source_dir).quarantine_file)
         assert sorted(quarantine.column("corpusid_raw").to_pylist()) == ["-3", "not-a-number"]
+        assert set(quarantine.column("source_file").to_pylist()) == {str(src)}
         assert instance.get_dynamic_partitions(CORPUSID_RANGES) == [KEY]
         result = materialize([embeddings.papers, embeddings.paper_embeddings], partition_key=KEY,
                              resources=defs.resources, instance=instance, run_config=QUIET)
         assert result.success and all(c.passed for c in result.get_asset_check_evaluations())
         papers_meta = result.asset_materializations_for_node("papers")[0].metadata
         assert papers_meta["skipped_no_text"].value == 2
-        assert papers_meta["duplicate_corpusid_dropped"].value == 1
         assert papers_meta["rule_abstract_only"].value == 1
-        assert papers_meta["source_rows"].value == 9
+        assert papers_meta["source_rows"].value == 8
         assert papers_meta["dagster/row_count"].value == 6
     papers = {r["corpusid"]: r["text"] for r in
               pq.read_table(ProjectHome(home).papers_file(parse_range(KEY))).to_pylist()}
     assert papers[4] == "Controlcharshere [SEP] Tab andescape"  # deleted as the BERT tokenizer deletes them
     assert papers[5] == "Lone surrogate [SEP] fine" and papers[7].startswith("Duplicate kept")
     assert sorted(papers) == [3, 4, 5, 6, 7, 8]
-    # 9 source rows with valid ids = 6 embedded + 2 without text + 1 duplicate; 2 more quarantined.
+    # 9 source rows with valid ids = 6 embedded + 2 without text + 1 duplicate (dropped by the snapshot); 2 more
+    # quarantined.
 
 
 def test_bad_source_fails_before_work_and_leaves_outputs(setup):
@@ -212,16 +217,22 @@ def test_bad_source_fails_before_work_and_leaves_outputs(setup):
     assert child("run", settings, dagster_home).returncode == 0
     layout = ProjectHome(settings.home)
     before = layout.papers_file(parse_range(KEY)).read_bytes()
+    release = current_snapshot(layout.source_dir).version
     with open(settings.source, "r+b") as handle:
         handle.write(b"garbage!" * 512)
     defs = build_definitions(settings)
     instance = DagsterInstance.from_config(str(dagster_home))
     try:
-        result = materialize([embeddings.papers], partition_key=KEY, resources=defs.resources, instance=instance,
-                             run_config=QUIET, raise_on_error=False)
+        result = materialize([source.s2_source], resources=defs.resources, instance=instance, run_config=QUIET,
+                             raise_on_error=False)
         assert not result.success
         failure = result.get_step_failure_events()[0].step_failure_data.error
         assert "not a readable DuckDB database" in failure.cause.message
+        # The last good snapshot stays current: ranges still read it.
+        assert current_snapshot(layout.source_dir).version == release
+        again = materialize([embeddings.papers], partition_key=KEY, resources=defs.resources, instance=instance,
+                            run_config=QUIET)
+        assert again.success
     finally:
         instance.dispose()
     assert layout.papers_file(parse_range(KEY)).read_bytes() == before
@@ -286,11 +297,10 @@ def test_token_never_reaches_logs_or_metadata(setup, monkeypatch):
         assert materialize([source.s2_source], resources=resources, instance=instance, run_config=QUIET).success
         assert materialize([embeddings.papers, embeddings.paper_embeddings], partition_key=KEY, resources=resources,
                            instance=instance, run_config=QUIET).success
-        failed = materialize([shards.hub_shards], partition_key=KEY, resources=resources, instance=instance,
-                             run_config=QUIET, raise_on_error=False)
+        failed = materialize([shards.hub_shards], resources=resources, instance=instance, run_config=QUIET,
+                             raise_on_error=False)
         assert not failed.success
-        ok = materialize([shards.hub_shards], partition_key=KEY, resources=resources, instance=instance,
-                         run_config=QUIET)
+        ok = materialize([shards.hub_shards], resources=resources, instance=instance, run_config=QUIET)
         assert ok.success
         logs = instance.all_logs(failed.run_id) + instance.all_logs(ok.run_id)
         text = "\n".join(str(entry) for entry in logs)

@@ -2,9 +2,11 @@
 s2_source (when the release is new), then papers + paper_embeddings for the planned ranges, then hub_shards.
 Used by `paper-assets update` (cron users without the daemon) and `paper-assets demo`."""
 
+import os
+import socket
 from collections.abc import Callable
 
-from dagster import DagsterInstance, Definitions, materialize
+from dagster import DagsterInstance, DagsterRunStatus, Definitions, RunsFilter, materialize
 
 from ..engine.planner import plan_release
 from ..engine.snapshot import current_snapshot
@@ -12,17 +14,47 @@ from . import embeddings, shards, source
 from .partitions import CORPUSID_RANGES
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+PID_TAG, HOST_TAG = "paper_assets/pid", "paper_assets/host"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_abandoned_runs(instance: DagsterInstance, log: Callable[[str], None]) -> int:
+    """In-process runs of an update that was killed (kill -9, OOM) stay STARTED for ever and keep their slot in the
+    'gpu' pool, so the next update would wait for it without end: mark the runs of dead processes on this host
+    failed and free their slots."""
+    runs = instance.get_runs(RunsFilter(statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.STARTING],
+                                        tags={HOST_TAG: socket.gethostname()}))
+    recovered = 0
+    for run in runs:
+        pid = int(run.tags.get(PID_TAG, "0") or 0)
+        if pid and pid != os.getpid() and not _process_alive(pid):
+            instance.report_run_failed(run, f"the process that ran it (pid {pid}) is gone")
+            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+            log(f"  run {run.run_id} of a killed update (pid {pid}) marked failed; its pool slot freed")
+            recovered += 1
+    return recovered
 
 
 def apply_release(defs: Definitions, instance: DagsterInstance, publish: bool,
                   log: Callable[[str], None] = lambda _: None) -> dict:
     resources = defs.resources
     layout = resources["home"].layout()
+    recover_abandoned_runs(instance, log)
+    tags = {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
     version = resources["source"].current_version()
     snapshot = current_snapshot(layout.source_dir)
     if snapshot is None or snapshot.version != version \
             or snapshot.manifest.range_width != resources["source"].range_width:
-        materialize([source.s2_source], resources=resources, instance=instance, run_config=QUIET)
+        materialize([source.s2_source], resources=resources, instance=instance, run_config=QUIET, tags=tags)
         snapshot = current_snapshot(layout.source_dir)
     known = set(instance.get_dynamic_partitions(CORPUSID_RANGES))
     plan = plan_release(layout, snapshot, known, resources["publisher"].description())
@@ -32,8 +64,9 @@ def apply_release(defs: Definitions, instance: DagsterInstance, publish: bool,
                "rows_deleted": 0}
     model: dict = {}
     for key in plan.ranges:
-        result = materialize([embeddings.papers, embeddings.paper_embeddings], partition_key=key, resources=resources,
-                             instance=instance, run_config=QUIET, tags={"paper_assets/reason": plan.reasons[key]})
+        result = materialize([embeddings.papers, embeddings.paper_embeddings], partition_key=key,
+                             resources=resources, instance=instance, run_config=QUIET,
+                             tags={**tags, "paper_assets/reason": plan.reasons[key]})
         meta = {k: v.value for k, v in result.asset_materializations_for_node("paper_embeddings")[0].metadata.items()}
         for name in ("rows_embedded", "rows_reused", "rows_deleted"):
             summary[name] += int(meta[name])
@@ -45,7 +78,8 @@ def apply_release(defs: Definitions, instance: DagsterInstance, publish: bool,
             f"{meta['rows_reused']:,} reused, {meta['rows_deleted']:,} deleted; {plan.reasons[key]})")
     if publish and (plan.ranges or plan_release(layout, snapshot, None,
                                                 resources["publisher"].description()).publish):
-        result = materialize([shards.hub_shards], resources=resources, instance=instance, run_config=QUIET)
+        result = materialize([shards.hub_shards], resources=resources, instance=instance, run_config=QUIET,
+                             tags=tags)
         meta = result.asset_materializations_for_node("hub_shards")[0].metadata
         log(f"  published to {meta['target'].value}: {meta['files_uploaded'].value} uploaded, "
             f"{meta['files_deleted'].value} deleted, {meta['files_skipped_unchanged'].value} unchanged")
