@@ -73,6 +73,9 @@ def test_one_partition_of_each_asset(project):
             assert name in meta, name
         checks = result.get_asset_check_evaluations()
         assert len(checks) == 5 and all(c.passed for c in checks)
+        assert all(c.metadata["partition"].value == key for c in checks)  # readable check history in the UI
+        histogram = meta["norm_histogram"].value
+        assert histogram.splitlines()[1] == "|---:|---:|---:|:---|" and histogram.count("\n") >= 2
         table = pq.read_table(layout.embeddings_file(parse_range(key)))
         assert table.schema.field("embedding").type.list_size == 64
         assert table.num_rows == rows == pq.read_metadata(layout.papers_file(parse_range(key))).num_rows

@@ -75,3 +75,49 @@ def test_publish_command_uses_the_asset_code(tmp_path):
     out = subprocess.run([sys.executable, "-m", "paper_assets.cli", "publish"], cwd=REPO, capture_output=True,
                          text=True, env=dict(os.environ, PAPER_ASSETS_HOME=str(home)), timeout=300)
     assert out.returncode == 2 and out.stderr.startswith("paper-assets: error: nothing to publish")
+
+
+def bad_input_cases(tmp_path, demo_source):
+    not_duckdb = tmp_path / "not.duckdb"
+    not_duckdb.write_text("this is not a database")
+    return {
+        "missing source": (["embed", "--source", str(tmp_path / "nope.duckdb"), "--out", "o"], "check --source"),
+        "not a DuckDB file": (["embed", "--source", str(not_duckdb), "--out", "o"], "not a readable DuckDB"),
+        "unknown table": (["embed", "--source", str(demo_source), "--table", "nope", "--out", "o"],
+                          "no table 'nope'"),
+        "bad range": (["embed", "--source", str(demo_source), "--range", "9-3", "--out", "o"], "invalid corpusid range"),
+        "range not a range": (["embed", "--source", str(demo_source), "--range", "abc", "--out", "o"],
+                              "is not a corpusid range"),
+        "missing model folder": (["embed", "--source", str(demo_source), "--base-model", str(tmp_path / "m"),
+                                  "--out", "o"], "check --base-model"),
+        "missing adapter folder": (["embed", "--source", str(demo_source), "--adapter", "./no/adapter", "--out", "o"],
+                                   "check --adapter"),
+        "bad device": (["embed", "--source", str(demo_source), "--device", "tpu7", "--out", "o"], "is not a device"),
+    }
+
+
+def test_expected_errors_are_one_line_and_exit_2(tmp_path, generated_papers):
+    src = make_source(tmp_path / "s.duckdb", generated_papers[:5])
+    env = dict(os.environ, PAPER_ASSETS_HOME=str(tmp_path / "h"))
+    for name, (args, hint) in bad_input_cases(tmp_path, src).items():
+        out = subprocess.run([sys.executable, "-m", "paper_assets.cli", *args], cwd=tmp_path, capture_output=True,
+                             text=True, env=env, timeout=300)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2, (name, out.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("paper-assets: error: "), (name, out.stderr[-2000:])
+        assert hint in lines[0], (name, lines[0])
+        assert "PAPER_ASSETS_SOURCE" not in lines[0], name  # hints name the flag that was used
+    debug = subprocess.run([sys.executable, "-m", "paper_assets.cli", "--debug", "embed", "--source", "nope.duckdb",
+                            "--out", "o"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_every_option_has_help():
+    from paper_assets.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            if action.dest != "help":
+                assert action.help, f"{name} {action.option_strings or action.dest} has no help text"

@@ -41,9 +41,11 @@ def graphql(url: str, query: str, variables: dict | None = None) -> dict:
 def dagster_dev(tmp_path_factory):
     """A project home with the demo source + stand-in model, s2_source and papers materialised, and a webserver."""
     home = tmp_path_factory.mktemp("ui-home")
-    env = dict(os.environ, PAPER_ASSETS_HOME=str(home), DAGSTER_HOME=str(home / "dagster"))
+    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
+    env["PAPER_ASSETS_HOME"] = str(home)
     prepare = (
-        "from paper_assets.cli import prepare_demo, _dagster_home, QUIET\n"
+        "from paper_assets.cli import prepare_demo, _dagster_home\n"
+        "from paper_assets.defs.release import QUIET\n"
         "from paper_assets.settings import load_settings\n"
         "s = prepare_demo(load_settings(), None, 300)\n_dagster_home(s)\n"
         "from dagster import DagsterInstance, materialize\n"
@@ -60,9 +62,12 @@ def dagster_dev(tmp_path_factory):
                    capture_output=True)
     port = free_port()
     log = open(home / "dagster-dev.log", "w")  # noqa: SIM115 - closed in teardown
+    # `paper-assets ui` as a user starts it: no venv activated (its bin is not on PATH), from another folder.
+    venv_bin = Path(sys.executable).parent
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if Path(p) != venv_bin)
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p",
-         str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [str(venv_bin / "paper-assets"), "ui", "--host", "127.0.0.1", "--port", str(port)], cwd=home, env=env,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 180
