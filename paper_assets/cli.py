@@ -40,9 +40,9 @@ def _dagster_home(settings: Settings) -> Path:
 
 def prepare_demo(settings: Settings, papers_jsonl: str | None, count: int) -> Settings:
     """Build (if absent) the demo source DB and the offline stand-in model, and record them in the home config."""
-    from .engine import sample_source
+    from .benchkit import sample_source
+    from .benchkit.tiny_model import build_model
     from .engine.storage import ProjectHome
-    from .engine.tiny_model import build_model
 
     layout = ProjectHome(settings.home)
     source = layout.demo_dir / "source.duckdb"
@@ -186,9 +186,12 @@ def cmd_publish(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .engine.bench import run_benchmark
+    from .benchkit.bench import BenchOptions, run_benchmark
 
-    return run_benchmark(args)
+    return run_benchmark(BenchOptions(
+        source=args.source, base_model=args.base_model, adapter=args.adapter, papers=args.papers,
+        precision=args.precision, compile=args.compile, token_budget=args.token_budget, json=args.json,
+        pipeline_papers=args.pipeline_papers, release_rows=args.release_rows))
 
 
 def dagster_executable() -> str:
@@ -256,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", help="also write the results to this file")
     bench.add_argument("--pipeline-papers", type=int, default=0,
                        help="also measure read->tokenise->write papers/s and RSS with the tiny model at N and 10N")
+    bench.add_argument("--release-rows", type=int, default=0,
+                       help="also measure the release sensor, the snapshot and one-range reads on a synthetic "
+                       "source of N rows, integer and VARCHAR ids (e.g. 3000000)")
     bench.set_defaults(func=cmd_bench)
 
     publish = sub.add_parser("publish", help="publish the home's embeddings (same code as the hub_shards asset)")

@@ -18,8 +18,8 @@ from .hub_server import HubServer  # noqa: E402
 HUB = HubServer().__enter__()
 os.environ["HF_ENDPOINT"] = HUB.endpoint
 
-from paper_assets.engine import sample_source  # noqa: E402
-from paper_assets.engine.tiny_model import build_model  # noqa: E402
+from paper_assets.benchkit import sample_source  # noqa: E402
+from paper_assets.benchkit.tiny_model import build_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
+from paper_assets.benchkit.reference import embed_batch
+from paper_assets.benchkit.tiny_model import build_model
 from paper_assets.engine.encoder import Encoder, NonFiniteEmbeddingError
 from paper_assets.engine.model import AdapterNotActiveError, ModelConfig, load_model
-from paper_assets.engine.reference import embed_batch
 from paper_assets.engine.text import paper_text
-from paper_assets.engine.tiny_model import build_model
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,12 @@ import pytest
 from dagster import AssetKey, build_sensor_context, instance_for_test, materialize
 
 from paper_assets import cli
+from paper_assets.benchkit import sample_source
 from paper_assets.definitions import build_definitions
 from paper_assets.defs import embeddings, shards, source
 from paper_assets.defs.partitions import CORPUSID_RANGES
 from paper_assets.defs.resources import S2SourceResource, Specter2Resource
 from paper_assets.defs.sensors import s2_release_ranges_sensor, s2_source_release_sensor
-from paper_assets.engine import sample_source
 from paper_assets.engine.ranges import parse_range
 from paper_assets.engine.snapshot import build_snapshot, current_snapshot
 from paper_assets.engine.source import inspect_source

@@ -157,6 +157,8 @@ def _load_model(config: ModelConfig, settings: dict[str, str]) -> LoadedModel:
 
     _check_local(config.base_model, "base model", settings)
     _check_local(config.adapter, "adapter", settings)
+    device = resolve_device(config.device, config.device_lock_dir)  # before any download or load: fail fast
+    dtype = resolve_precision(config.precision, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(config.base_model)
         model = AutoAdapterModel.from_pretrained(config.base_model)
@@ -171,8 +173,6 @@ def _load_model(config: ModelConfig, settings: dict[str, str]) -> LoadedModel:
     check_adapter_active(model, config.adapter_name)
     model.eval()
     fingerprint = weights_fingerprint(model, config.max_length, config.adapter_name)
-    device = resolve_device(config.device, config.device_lock_dir)
-    dtype = resolve_precision(config.precision, device)
     model.to(device)
     hidden = int(model.config.hidden_size)
     return LoadedModel(

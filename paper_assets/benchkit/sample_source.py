@@ -15,8 +15,8 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from .storage import atomic_path
-from .text import _SURROGATES
+from ..engine.storage import atomic_path
+from ..engine.text import _SURROGATES
 
 SOURCE_DDL = """
 CREATE TABLE papers_with_abstracts (

@@ -4,6 +4,7 @@ model; plus (``--pipeline-papers N``) the read -> tokenise -> embed -> write pat
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -11,22 +12,23 @@ import platform
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pyarrow.parquet as pq
 import torch
 
+from ..engine.device import NATIVE_BF16_FLAGS, cpu_info
+from ..engine.encoder import Encoder
+from ..engine.errors import UserError
+from ..engine.model import ModelConfig, load_model
+from ..engine.pipeline import build_papers, embed_papers
+from ..engine.ranges import IdRange
+from ..engine.source import inspect_source
+from ..engine.storage import DEFAULT_CHUNK_ROWS, vectors_of
 from . import sample_source
-from .device import NATIVE_BF16_FLAGS, cpu_info
-from .encoder import Encoder
-from .model import ModelConfig, load_model
-from .pipeline import build_papers, embed_papers
-from .ranges import IdRange
 from .reference import read_reference, run_seed_recipe
-from .source import inspect_source
-from .storage import DEFAULT_CHUNK_ROWS, vectors_of
 from .tiny_model import BERT_BASE, PIPELINE, build_model
 
 SHARED_PAPERS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "scirepeval_sample_papers.jsonl"
@@ -36,6 +38,8 @@ class PeakRSS:
     """Peak resident memory of this process while the block runs (sampled every 20 ms)."""
 
     def __enter__(self) -> PeakRSS:
+        import psutil  # a bench dependency (paper_assets[bench]), not a runtime one
+
         self._proc = psutil.Process()
         self.peak = self._proc.memory_info().rss
         self._stop = threading.Event()
@@ -303,22 +307,46 @@ def _print(result: dict) -> None:
         print(f"peak RSS ratio 10x papers: {result['pipeline']['rss_ratio_10x']:.3f}")
 
 
-def run_benchmark(args) -> int:
+@dataclass(frozen=True)
+class BenchOptions:
+    """What `paper-assets bench` measures; every figure of BENCHMARKS.md comes from one of these runs."""
+
+    source: str | None = None  # default: ../shared/data papers, else generated ones
+    base_model: str | None = None  # default: a BERT-base-shaped stand-in built offline
+    adapter: str | None = None
+    papers: int = 256  # engine vs the notebook's loop on this many papers (0: skip)
+    precision: str = "auto"
+    compile: bool = False
+    token_budget: int = 0
+    json: str | None = None
+    pipeline_papers: int = 0  # data path and RSS at N and 10N papers (0: skip)
+    release_rows: int = 0  # release-following costs on a synthetic source of this many rows (0: skip)
+
+
+def run_benchmark(options: BenchOptions) -> int:
+    missing = [name for name in ("pandas", "psutil") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"paper-assets bench needs {', '.join(missing)}: pip install 'paper_assets[bench]'")
     work = Path(os.environ.get("PAPER_ASSETS_BENCH_DIR") or Path(tempfile.gettempdir()) / "paper_assets_bench")
     work.mkdir(parents=True, exist_ok=True)
     result: dict = {"machine": {**_cpu_description(), "cores": os.cpu_count(),
                                 "torch": torch.__version__, "threads": torch.get_num_threads()}}
-    if args.papers > 0:
-        source = Path(args.source) if args.source else default_source(work)
-        if args.base_model and args.adapter:
-            base, adapter = args.base_model, args.adapter
+    if options.papers > 0:
+        source = Path(options.source) if options.source else default_source(work)
+        if options.base_model and options.adapter:
+            base, adapter = options.base_model, options.adapter
         else:
             base, adapter = benchmark_model(work, source)
-        result.update(run_pair(source, base, adapter, args.papers, args.precision, args.compile,
-                               args.token_budget, work))
-    if args.pipeline_papers:
-        result["pipeline"] = run_pipeline(args.pipeline_papers, work)
+        result.update(run_pair(source, base, adapter, options.papers, options.precision, options.compile,
+                               options.token_budget, work))
+    if options.pipeline_papers:
+        result["pipeline"] = run_pipeline(options.pipeline_papers, work)
     _print(result)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
+    if options.release_rows:
+        from .releases import print_release_bench, run_release_bench
+
+        result["releases"] = run_release_bench(options.release_rows, work)
+        print_release_bench(result["releases"])
+    if options.json:
+        Path(options.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
     return 0
