@@ -188,3 +188,11 @@ def test_partition_backfill_through_graphql(dagster_dev):
     assert status in ("COMPLETED", "COMPLETED_SUCCESS"), status
     for key in keys:
         assert (home / "embeddings" / f"embeddings-{key}.parquet").exists()
+
+
+def test_the_ui_process_logs_no_warnings_we_cause(dagster_dev):
+    _, home = dagster_dev
+    log = (home / "dagster-dev.log").read_text(encoding="utf-8", errors="replace")
+    assert "Launching Dagster services" in log
+    flagged = [line for line in log.splitlines() if "Warning" in line or "none are activated" in line]
+    assert not flagged, flagged
