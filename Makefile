@@ -29,7 +29,7 @@ ui: setup
 	$(BIN)/paper-assets ui
 
 bench: setup
-	$(BIN)/paper-assets bench --papers 256 --json BENCHMARKS.json --pipeline-papers 20000
+	$(BIN)/paper-assets bench --papers 256 --json BENCHMARKS.json --pipeline-papers 20000 --release-rows 3000000
 
 lint: setup
 	$(BIN)/ruff check paper_assets paper_assets_tests

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -207,3 +209,36 @@ def test_tokenize_gives_the_same_ids_as_the_tokenizer_call(fp32, texts):
 
 def test_tokenize_gives_the_same_ids_as_the_tokenizer_call_on_real_abstracts(fp32, shared_papers):
     assert_same_ids_as_the_tokenizer_call(fp32, [f"{p['title']} [SEP] {p['abstract'] or ''}" for p in shared_papers])
+
+
+def test_cpu_token_budget_is_measured_once_and_cached_per_machine(tiny_model, tmp_path, monkeypatch):
+    from paper_assets.engine import calibrate
+
+    base, adapter = tiny_model
+    cache = tmp_path / "stats" / "token_budget.json"
+    config = ModelConfig(base_model=base, adapter=adapter, device="cpu", precision="fp32",
+                         calibration_file=str(cache))
+    loaded = load_model(config)
+    encoder = Encoder(loaded)
+    assert encoder.token_budget in calibrate.CANDIDATE_BUDGETS
+    stored = json.loads(cache.read_text())
+    (key, entry), = stored.items()
+    assert key == calibrate.machine_key(loaded.hidden_size, loaded.num_layers, "fp32")
+    assert calibrate.cpu_info()[0] in key and entry["token_budget"] == encoder.token_budget
+    assert set(entry["tokens_per_second"]) == {str(b) for b in calibrate.CANDIDATE_BUDGETS}
+
+    def no_second_measurement(*args, **kwargs):
+        raise AssertionError("the cached budget must be reused")
+
+    monkeypatch.setattr(calibrate, "measure_budget", no_second_measurement)
+    assert Encoder(loaded).token_budget == encoder.token_budget
+    assert Encoder(loaded, token_budget=512).token_budget == 512  # an explicit budget wins
+    uncached = ModelConfig(base_model=base, adapter=adapter, device="cpu", precision="fp32")
+    assert Encoder(load_model(uncached)).token_budget == 2048  # no home: the fixed CPU default
+
+
+def test_choose_takes_the_smallest_budget_near_the_fastest():
+    from paper_assets.engine.calibrate import choose
+
+    assert choose({1024: 90.0, 2048: 99.0, 4096: 100.0, 8192: 80.0}) == 2048
+    assert choose({1024: 50.0, 2048: 100.0}) == 2048

@@ -139,7 +139,8 @@ def run_pair(source: Path, base: str, adapter: str, papers: int, precision: str,
     reference_model = load_model(ModelConfig(base_model=base, adapter=adapter, precision="fp32", device="cpu"))
     engine_model = (reference_model if precision == "fp32" and not compile_model else
                     load_model(ModelConfig(base_model=base, adapter=adapter, precision=precision, device="cpu",
-                                           compile=compile_model, token_budget=token_budget)))
+                                           compile=compile_model, token_budget=token_budget,
+                                           calibration_file=str(work / "token_budget.json"))))
     encoder = Encoder(engine_model, token_budget=token_budget)
     # Warm both paths up on a few texts so one-time costs (allocator, compile) are not timed.
     warm = ["warm up [SEP] " + "word " * 200] * 8
@@ -208,7 +209,9 @@ def run_pair(source: Path, base: str, adapter: str, papers: int, precision: str,
                    "tokens_per_second": report.encode.real_tokens / eng_seconds,
                    "token_efficiency": report.encode.token_efficiency, "peak_rss_mb": eng_rss.peak / 2**20,
                    "precision": engine_model.precision, "compile": compile_model, "token_budget": encoder.token_budget,
-                   "rows": report.rows, "skipped_no_text": sum(papers_report.skipped.values())},
+                   "rows": report.rows, "skipped_no_text": sum(papers_report.skipped.values()),
+                   "token_budget_calibration": (json.loads((work / "token_budget.json").read_text())
+                                                if (work / "token_budget.json").exists() else None)},
         "speedup": eng_rate / ref_rate,
         "fidelity": {"rows_compared": int(len(common)), "cosine_min": float(cos.min()),
                      "cosine_p0_1": float(np.percentile(cos, 0.1)), "cosine_median": float(np.median(cos)),

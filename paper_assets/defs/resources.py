@@ -100,12 +100,14 @@ class Specter2Resource(ConfigurableResource):
     device: str = Field(default="auto", description="auto (cuda -> mps -> cpu), cpu, cuda, cuda:N, mps")
     precision: str = Field(default="auto", description="auto, fp32, bf16, fp16")
     max_length: int = 512
-    token_budget: int = Field(default=0, description="padded tokens per forward batch (0: 2048 on CPU, 16384 on GPU)")
+    token_budget: int = Field(default=0, description="padded tokens per forward batch (0: measured once per CPU "
+                              "kind and cached in calibration_file; 16384 on GPU)")
     max_batch_rows: int = 512
     compile: bool = False
     chunk_rows: int = Field(default=DEFAULT_CHUNK_ROWS, description="rows per checkpointed chunk of a partition")
     sep_token: str = "[SEP]"
     device_lock_dir: str = Field(default="", description="GPU claims for device=auto on multi-GPU machines")
+    calibration_file: str = Field(default="", description="cache of the CPU token budget measured on first use")
     norm_k: float = Field(default=8.0, description="norm band: median ± k·MAD across partitions")
     norm_band: list[float] = Field(default_factory=list, description="fixed [low, high] norm band instead")
     max_norm_outlier_fraction: float = 0.001
@@ -117,7 +119,7 @@ class Specter2Resource(ConfigurableResource):
             base_model=self.base_model, adapter=self.adapter, adapter_name=self.adapter_name, device=self.device,
             precision=self.precision, max_length=self.max_length, compile=self.compile,
             token_budget=self.token_budget, max_batch_rows=self.max_batch_rows,
-            device_lock_dir=self.device_lock_dir or None,
+            device_lock_dir=self.device_lock_dir or None, calibration_file=self.calibration_file or None,
         )
 
     def get_encoder(self) -> Encoder:

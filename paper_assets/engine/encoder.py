@@ -21,11 +21,13 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Generic, TypeVar
 
 import numpy as np
 import torch
 
+from . import calibrate
 from .batching import pad_batch, plan_batches
 from .device import default_token_budget
 from .model import LoadedModel
@@ -106,7 +108,6 @@ class Encoder:
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
         self.max_length = loaded.config.max_length
-        self.token_budget = token_budget or loaded.config.token_budget or default_token_budget(self.device)
         self.max_batch_rows = max_batch_rows or loaded.config.max_batch_rows
         self.pad_id = int(self.tokenizer.pad_token_id)
         self._fast_tokenizer = _truncating_backend(self.tokenizer, self.max_length)
@@ -115,6 +116,23 @@ class Encoder:
             # Freezing (CPU): weights become constants, so their bf16 casts and oneDNN packing happen once.
             options = {"freezing": True} if self.device.type == "cpu" else None
             self._forward_fn = torch.compile(self.model, dynamic=True, options=options)
+        self.token_budget = token_budget or loaded.config.token_budget or self._default_token_budget()
+
+    def _default_token_budget(self) -> int:
+        """By device; on a CPU with a calibration file, measured once per CPU kind and model (``calibrate``)."""
+        if self.device.type != "cpu" or not self.loaded.config.calibration_file:
+            return default_token_budget(self.device)
+        loaded = self.loaded
+        key = calibrate.machine_key(loaded.hidden_size, loaded.num_layers, loaded.precision)
+
+        def measure() -> dict[int, float]:
+            def forward(ids, mask):
+                with torch.inference_mode(), self._autocast():
+                    return self.forward(ids, mask)
+
+            return calibrate.measure_budget(forward, int(loaded.model.config.vocab_size))
+
+        return calibrate.calibrated_budget(Path(loaded.config.calibration_file), key, measure)
 
     # -- tokenisation ---------------------------------------------------------------------------------------------
     def tokenize(self, texts: list[str], payload: Payload = None) -> TokenizedChunk[Payload]:

@@ -56,6 +56,8 @@ class ModelConfig:
     max_batch_rows: int = 512
     # Where processes claim GPUs when several are present (device "auto"); None: always cuda:0.
     device_lock_dir: str | None = None
+    # Where the measured CPU token budget is cached (token_budget 0 on a CPU); None: the fixed CPU default.
+    calibration_file: str | None = None
 
 
 @dataclass
