@@ -136,7 +136,7 @@ def cmd_embed(args) -> int:
     config = ModelConfig(base_model=args.base_model or settings.base_model, adapter=args.adapter or settings.adapter,
                          device=args.device or settings.device, precision=args.precision or settings.precision,
                          token_budget=args.token_budget or settings.token_budget, compile=args.compile,
-                         calibration_file=str(Path(settings.home) / "stats" / "token_budget.json"))
+                         calibration_file=str(Path(settings.home) / "stats" / "calibration.json"))
     flags = {"base model": "--base-model" if args.base_model else "PAPER_ASSETS_BASE_MODEL",
              "adapter": "--adapter" if args.adapter else "PAPER_ASSETS_ADAPTER"}
     encoder = Encoder(load_model(config, setting_names=flags))

@@ -24,7 +24,7 @@ def build_resources(settings: Settings) -> dict:
             base_model=settings.base_model, adapter=settings.adapter, device=settings.device,
             precision=settings.precision, token_budget=settings.token_budget, chunk_rows=settings.chunk_rows,
             compile=settings.compile, device_lock_dir=str(home.root / ".locks" / "devices"),
-            calibration_file=str(home.stats_dir / "token_budget.json"),
+            calibration_file=str(home.stats_dir / "calibration.json"),
         ),
         "publisher": ShardPublisherResource(
             hub_repo=settings.hub_repo, revision=settings.hub_revision, private=settings.hub_private,

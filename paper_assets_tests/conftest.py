@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -52,6 +54,17 @@ def home(tmp_path, monkeypatch) -> Path:
     root.mkdir()
     monkeypatch.setenv("PAPER_ASSETS_HOME", str(root))
     return root
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """Stop a server started with ``start_new_session=True`` and everything it started (TERM, then KILL)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(timeout=30)
+            return
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            continue
 
 
 def make_source(path: Path, papers: list[dict], id_type: str = "BIGINT") -> Path:

@@ -215,7 +215,7 @@ def test_cpu_token_budget_is_measured_once_and_cached_per_machine(tiny_model, tm
     from paper_assets.engine import calibrate
 
     base, adapter = tiny_model
-    cache = tmp_path / "stats" / "token_budget.json"
+    cache = tmp_path / "stats" / "calibration.json"
     config = ModelConfig(base_model=base, adapter=adapter, device="cpu", precision="fp32",
                          calibration_file=str(cache))
     loaded = load_model(config)
@@ -242,3 +242,30 @@ def test_choose_takes_the_smallest_budget_near_the_fastest():
 
     assert choose({1024: 90.0, 2048: 99.0, 4096: 100.0, 8192: 80.0}) == 2048
     assert choose({1024: 50.0, 2048: 100.0}) == 2048
+
+
+def test_auto_precision_takes_bf16_on_a_cpu_only_where_it_is_measured_faster(tiny_model, tmp_path, monkeypatch):
+    from paper_assets.engine import calibrate, device
+
+    base, adapter = tiny_model
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)  # the flag alone says "bf16 can run"
+    rates = {torch.float32: 171.0, torch.bfloat16: 99.0}  # measured on a 2-vCPU Xeon with AVX512-BF16, no AMX
+    calls = []
+
+    def gemm(dtype, dev, seconds=2.0):
+        calls.append(dtype)
+        return rates[dtype]
+
+    monkeypatch.setattr(calibrate, "matmul_gflops", gemm)
+
+    def precision(cache_name):
+        config = ModelConfig(base_model=base, adapter=adapter, device="cpu", precision="auto",
+                             calibration_file=str(tmp_path / cache_name))
+        return load_model(config).precision
+
+    assert precision("slow-bf16.json") == "fp32"
+    assert precision("slow-bf16.json") == "fp32" and len(calls) == 2  # cached: measured once
+    rates[torch.bfloat16] = 428.0
+    assert precision("fast-bf16.json") == "bf16"
+    stored = json.loads((tmp_path / "fast-bf16.json").read_text())
+    assert next(iter(stored.values())) == {"fp32_gflops": 171.0, "bf16_gflops": 428.0, "bf16": True}

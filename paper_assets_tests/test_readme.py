@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 import urllib.request
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, stop_process_group
 
 NOT_RUN = {
     "make test": "this is the suite itself; CI (.ci/run) runs exactly it",
@@ -101,13 +100,7 @@ def check_make_ui(copy: Path, env: dict) -> None:
                         raise AssertionError(f"`make ui` did not answer on port {UI_PORT}: {output[-3000:]}") from err
                     time.sleep(1)
         finally:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(server.pid, sig)
-                    server.wait(timeout=30)
-                    break
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    continue
+            stop_process_group(server)
 
 
 def check_update(copy: Path, env: dict) -> None:

@@ -4,7 +4,6 @@ headless Chromium (Debian's package, via Playwright) and through its GraphQL API
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, stop_process_group
 
 ARTIFACTS = REPO / "test-artifacts" / "ui"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -82,13 +81,7 @@ def dagster_dev(tmp_path_factory):
                 time.sleep(1)
         yield url, home
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(server.pid, sig)
-                server.wait(timeout=30)
-                break
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                continue
+        stop_process_group(server)
         log.close()
 
 

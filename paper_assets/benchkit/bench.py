@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from ..engine.calibrate import matmul_gflops
 from ..engine.device import NATIVE_BF16_FLAGS, cpu_info
 from ..engine.encoder import Encoder
 from ..engine.errors import UserError
@@ -101,28 +102,6 @@ def _first_ids(source: Path, n: int) -> int:
     return int(max(i[0] for i in ids))
 
 
-def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, seconds: float = 2.0) -> float:
-    """Achievable GEMM rate on this device: an FFN-shaped matmul (2,048 tokens x 768 -> 3,072), best of repeats."""
-    x = torch.randn(2048, 768, device=device).to(dtype)
-    w = torch.randn(768, 3072, device=device).to(dtype)
-    flops = 2.0 * x.shape[0] * x.shape[1] * w.shape[1]
-    best = 0.0
-    with torch.inference_mode():
-        for _ in range(3):
-            x @ w
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            for _ in range(5):
-                x @ w
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            best = max(best, 5 * flops / (time.perf_counter() - t0))
-    return best / 1e9
-
-
 def _cpu_description() -> dict:
     name, flags = cpu_info()
     return {"cpu": name or platform.processor() or platform.machine(),
@@ -140,7 +119,7 @@ def run_pair(source: Path, base: str, adapter: str, papers: int, precision: str,
     engine_model = (reference_model if precision == "fp32" and not compile_model else
                     load_model(ModelConfig(base_model=base, adapter=adapter, precision=precision, device="cpu",
                                            compile=compile_model, token_budget=token_budget,
-                                           calibration_file=str(work / "token_budget.json"))))
+                                           calibration_file=str(work / "calibration.json"))))
     encoder = Encoder(engine_model, token_budget=token_budget)
     # Warm both paths up on a few texts so one-time costs (allocator, compile) are not timed.
     warm = ["warm up [SEP] " + "word " * 200] * 8
@@ -196,9 +175,9 @@ def run_pair(source: Path, base: str, adapter: str, papers: int, precision: str,
     engine_gflops = fpt * report.encode.real_tokens / eng_seconds / 1e9
     # Useful FLOPs only (real tokens): what the notebook achieves, and what any engine could at the GEMM peak.
     reference_gflops = fpt * ref_stats["real_tokens"] / ref_seconds / 1e9
-    peak_fp32 = matmul_peak_gflops(torch.float32, engine_model.device)
+    peak_fp32 = matmul_gflops(torch.float32, engine_model.device)
     peak_engine = (peak_fp32 if engine_model.dtype == torch.float32
-                   else matmul_peak_gflops(engine_model.dtype, engine_model.device))
+                   else matmul_gflops(engine_model.dtype, engine_model.device))
     return {
         "papers": papers,
         "reference": {"papers_per_second": ref_rate, "seconds": ref_seconds,
@@ -210,8 +189,8 @@ def run_pair(source: Path, base: str, adapter: str, papers: int, precision: str,
                    "token_efficiency": report.encode.token_efficiency, "peak_rss_mb": eng_rss.peak / 2**20,
                    "precision": engine_model.precision, "compile": compile_model, "token_budget": encoder.token_budget,
                    "rows": report.rows, "skipped_no_text": sum(papers_report.skipped.values()),
-                   "token_budget_calibration": (json.loads((work / "token_budget.json").read_text())
-                                                if (work / "token_budget.json").exists() else None)},
+                   "cpu_calibration": (json.loads((work / "calibration.json").read_text())
+                                                if (work / "calibration.json").exists() else None)},
         "speedup": eng_rate / ref_rate,
         "fidelity": {"rows_compared": int(len(common)), "cosine_min": float(cos.min()),
                      "cosine_p0_1": float(np.percentile(cos, 0.1)), "cosine_median": float(np.median(cos)),

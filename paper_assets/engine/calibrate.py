@@ -1,10 +1,15 @@
-"""The CPU token budget, measured on first use and cached per machine, instead of a constant tuned on one CPU.
+"""What depends on the CPU, measured on first use and cached per machine kind instead of constants tuned on one CPU:
+whether bf16 pays (``precision=auto``) and the token budget.
+
+bf16: a CPU flag (AVX512-BF16, AMX) says bf16 *can* run natively, not that it is faster: on a 2-vCPU Intel Xeon
+(model 207, AVX512-BF16, no AMX exposed) the bf16 GEMM measured 99 GFLOP/s against 171 in fp32. So ``auto`` times an
+FFN-shaped GEMM in both precisions once and picks bf16 only when it is at least ``BF16_MIN_GAIN`` times faster.
 
 The budget (padded tokens per forward batch) trades per-batch overhead against activations falling out of the
 caches; where that balance lies depends on the CPU (cache sizes, AVX2 / AVX-512 / AMX kernels), the model shape and
 the precision. On first use we time one forward pass per candidate budget on batches shaped like real papers
 (256-token rows) and keep the smallest budget within 3% of the fastest. The result is stored in the home
-(``stats/token_budget.json``) under a key naming the CPU model, its native-bf16 flags, the core count, the model
+(``stats/calibration.json``) under a key naming the CPU model, its native-bf16 flags, the core count, the model
 shape and the precision, so each machine kind measures once (~10–30 s for BERT-base) and every later run reuses it.
 GPUs keep their fixed default (measured there when a GPU is lent).
 """
@@ -18,11 +23,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .device import NATIVE_BF16_FLAGS, cpu_info
 from .storage import FileLock, atomic_path
 
 CANDIDATE_BUDGETS = (1024, 2048, 4096, 8192)
+BF16_MIN_GAIN = 1.15
 ROW_TOKENS = 256  # a typical title [SEP] abstract is ~210-230 tokens
 WITHIN = 0.97
 
@@ -66,3 +73,42 @@ def calibrated_budget(cache_file: Path, key: str, measure: Callable[[], dict[int
         with atomic_path(cache_file) as tmp:
             tmp.write_text(json.dumps(cache, indent=1, sort_keys=True), encoding="utf-8")
         return int(cache[key]["token_budget"])
+
+
+def matmul_gflops(dtype: torch.dtype, device: torch.device, seconds: float = 2.0) -> float:
+    """Achievable GEMM rate on this device: an FFN-shaped matmul (2,048 tokens x 768 -> 3,072), best of repeats."""
+    x = torch.randn(2048, 768, device=device).to(dtype)
+    w = torch.randn(768, 3072, device=device).to(dtype)
+    flops = 2.0 * x.shape[0] * x.shape[1] * w.shape[1]
+    best = 0.0
+    with torch.inference_mode():
+        for _ in range(3):
+            x @ w
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(5):
+                x @ w
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = max(best, 5 * flops / (time.perf_counter() - t0))
+    return best / 1e9
+
+
+def bf16_pays_off(cache_file: Path) -> bool:
+    """Whether bf16 GEMMs beat fp32 ones on this CPU by ``BF16_MIN_GAIN`` (measured once, ~1 s, then cached)."""
+    name, flags = cpu_info()
+    key = f"{name or 'unknown cpu'}|{'+'.join(sorted(flags & NATIVE_BF16_FLAGS)) or 'no-native-bf16'}|" \
+          f"{os.cpu_count()} cores|gemm"
+    with FileLock(cache_file.with_suffix(".lock")):
+        cache = json.loads(cache_file.read_text(encoding="utf-8")) if cache_file.exists() else {}
+        if key not in cache:
+            cpu = torch.device("cpu")
+            fp32, bf16 = matmul_gflops(torch.float32, cpu, 0.5), matmul_gflops(torch.bfloat16, cpu, 0.5)
+            cache[key] = {"fp32_gflops": round(fp32, 1), "bf16_gflops": round(bf16, 1),
+                          "bf16": bf16 >= BF16_MIN_GAIN * fp32}
+            with atomic_path(cache_file) as tmp:
+                tmp.write_text(json.dumps(cache, indent=1, sort_keys=True), encoding="utf-8")
+        return bool(cache[key]["bf16"])

@@ -19,10 +19,12 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import calibrate
 from .device import precision_name, resolve_device, resolve_precision
 from .errors import UserError
 
@@ -161,6 +163,9 @@ def _load_model(config: ModelConfig, settings: dict[str, str]) -> LoadedModel:
     _check_local(config.adapter, "adapter", settings)
     device = resolve_device(config.device, config.device_lock_dir)  # before any download or load: fail fast
     dtype = resolve_precision(config.precision, device)
+    if config.precision == "auto" and device.type == "cpu" and dtype == torch.bfloat16 and config.calibration_file \
+            and not calibrate.bf16_pays_off(Path(config.calibration_file)):
+        dtype = torch.float32  # the CPU has bf16 instructions, but they are slower than fp32 here (measured)
     try:
         tokenizer = AutoTokenizer.from_pretrained(config.base_model)
         model = AutoAdapterModel.from_pretrained(config.base_model)
