@@ -4,8 +4,8 @@ The source is always opened read-only, so any number of runs can read it at once
 ``WHERE id BETWEEN lo AND hi`` as Arrow record batches, never with ``OFFSET``.
 
 Id rule: ``corpusid`` may be an integer or a VARCHAR column. A value counts as an id when it is a non-negative
-integer (VARCHAR: digits only after trimming). Other rows belong to no range; they are counted and can be
-exported with :func:`invalid_id_rows` (the ``s2_source`` asset writes them to ``quarantine/``).
+integer (VARCHAR: digits only after trimming). Other rows belong to no range; they are counted, and the
+release snapshot (``engine/snapshot.py``) quarantines them with the file they came from.
 
 Duplicate rule: when several rows share an id, the most complete one is kept (longest abstract, then longest
 title, then the last physical row); the others are counted as ``duplicate_corpusid``.
@@ -163,13 +163,6 @@ def range_stats(info: SourceInfo, width: int) -> tuple[dict[int, RangeStats], in
         for bucket, n, distinct, h in rows
     }
     return stats, int(invalid)
-
-
-def invalid_id_rows(info: SourceInfo) -> pa.Table:
-    sql = f"""SELECT CAST(corpusid AS VARCHAR) AS corpusid_raw, title, abstract FROM {_quoted(info.table)}
-              WHERE ({id_expression(info)}) IS NULL"""
-    with _connect(info.path) as conn:
-        return conn.sql(sql).to_arrow_table()
 
 
 @dataclass
