@@ -34,10 +34,26 @@ ROW_TOKENS = 256  # a typical title [SEP] abstract is ~210-230 tokens
 WITHIN = 0.97
 
 
-def machine_key(hidden: int, layers: int, precision: str) -> str:
+def _cpu_key() -> str:
     name, flags = cpu_info()
     native = "+".join(sorted(flags & NATIVE_BF16_FLAGS)) or "no-native-bf16"
-    return f"{name or 'unknown cpu'}|{native}|{os.cpu_count()} cores|{layers}x{hidden}|{precision}"
+    return f"{name or 'unknown cpu'}|{native}|{os.cpu_count()} cores"
+
+
+def machine_key(hidden: int, layers: int, precision: str) -> str:
+    return f"{_cpu_key()}|{layers}x{hidden}|{precision}"
+
+
+def _cached(cache_file: Path, key: str, compute: Callable[[], dict]) -> dict:
+    """The entry ``key`` of the calibration file, computed and stored on first use (one process measures, the
+    others wait for it on the lock)."""
+    with FileLock(cache_file.with_suffix(".lock")):
+        cache = json.loads(cache_file.read_text(encoding="utf-8")) if cache_file.exists() else {}
+        if key not in cache:
+            cache[key] = compute()
+            with atomic_path(cache_file) as tmp:
+                tmp.write_text(json.dumps(cache, indent=1, sort_keys=True), encoding="utf-8")
+        return cache[key]
 
 
 def measure_budget(forward: Callable[[np.ndarray, np.ndarray], object], vocab: int,
@@ -62,17 +78,13 @@ def choose(rates: dict[int, float]) -> int:
 
 
 def calibrated_budget(cache_file: Path, key: str, measure: Callable[[], dict[int, float]]) -> int:
-    """The cached budget for ``key``, measured and stored on first use (one process measures, others wait)."""
-    with FileLock(cache_file.with_suffix(".lock")):
-        cache = json.loads(cache_file.read_text(encoding="utf-8")) if cache_file.exists() else {}
-        if key in cache:
-            return int(cache[key]["token_budget"])
+    """The cached budget for ``key``, measured on first use."""
+
+    def compute() -> dict:
         rates = measure()
-        cache[key] = {"token_budget": choose(rates), "tokens_per_second": {str(k): round(v, 1)
-                                                                           for k, v in rates.items()}}
-        with atomic_path(cache_file) as tmp:
-            tmp.write_text(json.dumps(cache, indent=1, sort_keys=True), encoding="utf-8")
-        return int(cache[key]["token_budget"])
+        return {"token_budget": choose(rates), "tokens_per_second": {str(k): round(v, 1) for k, v in rates.items()}}
+
+    return int(_cached(cache_file, key, compute)["token_budget"])
 
 
 def matmul_gflops(dtype: torch.dtype, device: torch.device, seconds: float = 2.0) -> float:
@@ -99,16 +111,10 @@ def matmul_gflops(dtype: torch.dtype, device: torch.device, seconds: float = 2.0
 
 def bf16_pays_off(cache_file: Path) -> bool:
     """Whether bf16 GEMMs beat fp32 ones on this CPU by ``BF16_MIN_GAIN`` (measured once, ~1 s, then cached)."""
-    name, flags = cpu_info()
-    key = f"{name or 'unknown cpu'}|{'+'.join(sorted(flags & NATIVE_BF16_FLAGS)) or 'no-native-bf16'}|" \
-          f"{os.cpu_count()} cores|gemm"
-    with FileLock(cache_file.with_suffix(".lock")):
-        cache = json.loads(cache_file.read_text(encoding="utf-8")) if cache_file.exists() else {}
-        if key not in cache:
-            cpu = torch.device("cpu")
-            fp32, bf16 = matmul_gflops(torch.float32, cpu, 0.5), matmul_gflops(torch.bfloat16, cpu, 0.5)
-            cache[key] = {"fp32_gflops": round(fp32, 1), "bf16_gflops": round(bf16, 1),
-                          "bf16": bf16 >= BF16_MIN_GAIN * fp32}
-            with atomic_path(cache_file) as tmp:
-                tmp.write_text(json.dumps(cache, indent=1, sort_keys=True), encoding="utf-8")
-        return bool(cache[key]["bf16"])
+
+    def compute() -> dict:
+        cpu = torch.device("cpu")
+        fp32, bf16 = matmul_gflops(torch.float32, cpu, 0.5), matmul_gflops(torch.bfloat16, cpu, 0.5)
+        return {"fp32_gflops": round(fp32, 1), "bf16_gflops": round(bf16, 1), "bf16": bf16 >= BF16_MIN_GAIN * fp32}
+
+    return bool(_cached(cache_file, f"{_cpu_key()}|gemm", compute)["bf16"])

@@ -58,7 +58,8 @@ class ModelConfig:
     max_batch_rows: int = 512
     # Where processes claim GPUs when several are present (device "auto"); None: always cuda:0.
     device_lock_dir: str | None = None
-    # Where the measured CPU token budget is cached (token_budget 0 on a CPU); None: the fixed CPU default.
+    # Where CPU measurements are cached (the token budget when it is 0, bf16 vs fp32 when precision is auto);
+    # None: the fixed CPU defaults (budget 2048, bf16 wherever the CPU has native bf16 instructions).
     calibration_file: str | None = None
 
 

@@ -63,7 +63,7 @@ def plan_release(layout: ProjectHome, snapshot: Snapshot, known_partitions: set[
             elif not embeddings_file.exists():
                 reason = "not embedded"
             else:
-                embedded_rows, embedded_meta = _footer(embeddings_file)
+                _, embedded_meta = _footer(embeddings_file)
                 if embedded_meta.get("papers_content_hash") != meta.get("content_hash"):
                     reason = "embeddings stale"
         if reason is None and key not in wanted and embeddings_file.exists() and not papers_file.exists():
