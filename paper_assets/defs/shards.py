@@ -17,7 +17,7 @@ from dagster import (
 from ..engine import gate
 from ..engine.publish import PublishReport, Shard, publish_shards
 from ..engine.snapshot import current_snapshot
-from ..engine.storage import ProjectHome, sha256_file
+from ..engine.storage import ProjectHome
 from .resources import ProjectHomeResource, ShardPublisherResource
 
 
@@ -46,7 +46,7 @@ def mismatches(shards: list[Shard], report: PublishReport) -> list[str]:
         if shard.local is None:
             if remote is not None:
                 found.append(f"{shard.path_in_repo} still present remotely")
-        elif remote is None or remote.sha256 != sha256_file(shard.local):
+        elif remote is None or remote.sha256 != shard.local_sha256():
             found.append(f"{shard.path_in_repo} differs remotely")
     return found
 

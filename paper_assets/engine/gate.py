@@ -86,14 +86,15 @@ def collect_shards(layout: ProjectHome, range_keys: list[str]) -> list[Shard]:
             refused.append(f"{key}: paper_embeddings not materialised")
             continue
         gate = read_gate(layout, rng)
-        if gate is None or gate.file_sha256 != sha256_file(path):
+        digest = sha256_file(path)
+        if gate is None or gate.file_sha256 != digest:
             refused.append(f"{key}: no quality-gate record for the current embeddings file (re-materialise it)")
             continue
         if not gate.passed:
             refused.append(f"{key}: blocking checks failed ({', '.join(gate.failed)})")
             continue
         rows = pq.read_metadata(path).num_rows
-        shards.append(Shard(rng.key, path if rows else None, rows))
+        shards.append(Shard(rng.key, path if rows else None, rows, digest if rows else None))
     if refused:
         raise PublishRefused(refused)
     return shards

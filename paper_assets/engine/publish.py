@@ -100,6 +100,10 @@ class Shard:
     range_key: str
     local: Path | None
     rows: int = 0
+    sha256: str | None = None  # of ``local``, when the caller already hashed it (shards are hundreds of MB)
+
+    def local_sha256(self) -> str:
+        return self.sha256 or sha256_file(self.local)
 
     @property
     def path_in_repo(self) -> str:
@@ -156,7 +160,7 @@ def publish_shards(
     publish of hundreds of ranges is a few commits; an interrupted publish resumes where it stopped (what already
     landed matches by sha256 and is skipped)."""
     report = PublishReport(target=target.description)
-    local_sha = {s.path_in_repo: sha256_file(s.local) for s in shards if s.local is not None}
+    local_sha = {s.path_in_repo: s.local_sha256() for s in shards if s.local is not None}
     head = target.head()
     remote = target.remote_files([s.path_in_repo for s in shards], head)
     pending = [s for s in shards
