@@ -113,6 +113,7 @@ def cmd_update(args) -> int:
 
 def cmd_embed(args) -> int:
     import tempfile
+    from concurrent.futures import ThreadPoolExecutor
 
     from .engine.encoder import Encoder
     from .engine.model import ModelConfig, load_model
@@ -136,6 +137,7 @@ def cmd_embed(args) -> int:
     config = ModelConfig(base_model=args.base_model or settings.base_model, adapter=args.adapter or settings.adapter,
                          device=args.device or settings.device, precision=args.precision or settings.precision,
                          token_budget=args.token_budget or settings.token_budget, compile=args.compile,
+                         pad_multiple=args.pad_multiple or 0,
                          calibration_file=str(Path(settings.home) / "stats" / "calibration.json"))
     flags = {"base model": "--base-model" if args.base_model else "PAPER_ASSETS_BASE_MODEL",
              "adapter": "--adapter" if args.adapter else "PAPER_ASSETS_ADAPTER"}
@@ -144,10 +146,17 @@ def cmd_embed(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     total, started = 0, time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=out, prefix=".work-") as work:
-        for rng in ranges:
+    with tempfile.TemporaryDirectory(dir=out, prefix=".work-") as work, ThreadPoolExecutor(1) as prefetch:
+        def papers_of(rng):
             papers_file = Path(work) / f"papers-{rng.key}.parquet"
-            papers = build_papers(info, rng, papers_file)
+            return papers_file, build_papers(info, rng, papers_file)
+
+        # The next range's papers are read and cleaned while this one embeds, so the device never waits on them.
+        upcoming = prefetch.submit(papers_of, ranges[0]) if ranges else None
+        for index, rng in enumerate(ranges):
+            papers_file, papers = upcoming.result()
+            if index + 1 < len(ranges):
+                upcoming = prefetch.submit(papers_of, ranges[index + 1])
             meta = {"model": {"base_model": config.base_model, "adapter": config.adapter,
                               "fingerprint": encoder.loaded.fingerprint, "precision": encoder.loaded.precision},
                     "range": rng.key, "source_release": info.version}
@@ -191,8 +200,8 @@ def cmd_bench(args) -> int:
 
     return run_benchmark(BenchOptions(
         source=args.source, base_model=args.base_model, adapter=args.adapter, papers=args.papers,
-        precision=args.precision, compile=args.compile, token_budget=args.token_budget, json=args.json,
-        pipeline_papers=args.pipeline_papers, release_rows=args.release_rows))
+        precision=args.precision, compile=args.compile, token_budget=args.token_budget, device=args.device,
+        json=args.json,        pipeline_papers=args.pipeline_papers, release_rows=args.release_rows))
 
 
 SUPERSEDED_DEV_WARNING = "ignore:Function `dev_command` is superseded:Warning"
@@ -251,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--range-width", type=int, help="corpus ids per output file (default PAPER_ASSETS_RANGE_WIDTH"
                        " / 1000000)")
     embed.add_argument("--token-budget", type=int, help="padded tokens per forward batch (default: by device)")
+    embed.add_argument("--pad-multiple", type=int, help="batch widths are multiples of this (default: 64 on GPU, "
+                       "8 on CPU)")
     embed.add_argument("--compile", action="store_true", help="torch.compile the model")
     embed.set_defaults(func=cmd_embed)
 
@@ -263,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="engine precision (default %(default)s, as in production)")
     bench.add_argument("--compile", action="store_true", help="torch.compile the engine's model")
     bench.add_argument("--token-budget", type=int, default=0, help="padded tokens per batch (0: by device)")
+    bench.add_argument("--device", default="auto", help="auto (the GPU where there is one), cpu, cuda, cuda:N")
     bench.add_argument("--json", help="also write the results to this file")
     bench.add_argument("--pipeline-papers", type=int, default=0,
                        help="also measure read->tokenise->write papers/s and RSS with the tiny model at N and 10N")

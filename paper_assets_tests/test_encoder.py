@@ -90,6 +90,26 @@ def test_vector_does_not_depend_on_batch_company(fp32, texts):
     assert cosines(alone, crowd, centre=crowd.mean(0)).min() >= 0.9999
 
 
+def test_padded_width_buckets_do_not_change_vectors(fp32, texts):
+    exact = Encoder(fp32, token_budget=8192, pad_multiple=1).encode(texts)
+    bucketed_encoder = Encoder(fp32, token_budget=8192, pad_multiple=64)
+    chunk = bucketed_encoder.tokenize(texts)
+    assert set(chunk.widths) <= {64, 128, 192, 256, 320, 384, 448, 512} and chunk.rows == len(texts)
+    bucketed = bucketed_encoder.encode_tokenized(chunk)[0]
+    assert cosines(bucketed, exact).min() >= 0.99999
+    assert cosines(bucketed, exact, centre=exact.mean(0)).min() >= 0.9999
+
+
+def test_streamed_chunks_equal_one_shot_encoding_in_order(fp32, texts):
+    encoder = Encoder(fp32, token_budget=2048)
+    pieces = [(i, texts[i * 40 : (i + 1) * 40]) for i in range(4)]
+    streamed = list(encoder.encode_stream(pieces))
+    assert [payload for payload, _, _ in streamed] == [0, 1, 2, 3]
+    # Other batch company than one 160-row chunk: equal up to float rounding.
+    assert cosines(np.concatenate([v for _, v, _ in streamed]), encoder.encode(texts)).min() >= 0.99999
+    assert sum(stats.rows for _, _, stats in streamed) == len(texts)
+
+
 def test_empty_and_single_inputs(fp32):
     encoder = Encoder(fp32)
     assert encoder.encode([]).shape == (0, 64)

@@ -1,6 +1,6 @@
 import pytest
 
-from paper_assets.engine.batching import pad_batch, plan_batches
+from paper_assets.engine.batching import pad_on_device, padded_width, plan_batches
 from paper_assets.engine.ranges import IdRange, InvalidRangeKey, parse_range, range_for
 from paper_assets.engine.text import clean_field, paper_text, text_sha256
 
@@ -58,11 +58,26 @@ def test_plan_batches_covers_every_row_once_within_budget_longest_first():
     assert padded < 0.7 * unsorted
 
 
-def test_pad_batch():
-    flat, offsets = np_rows([1, 2, 3, 4]), np_rows([0, 3, 4])
-    ids, mask = pad_batch(flat, offsets, np_rows([1, 0]), pad_id=0)
-    assert ids.tolist() == [[4, 0, 0], [1, 2, 3]]
-    assert mask.tolist() == [[1, 0, 0], [1, 1, 1]]
+def test_pad_on_device_gathers_right_padded_rows():
+    import torch
+
+    flat, starts, lengths = torch.tensor([1, 2, 3, 4]), torch.tensor([3, 0]), torch.tensor([1, 3])
+    ids, mask = pad_on_device(flat, starts, lengths, 4, pad_id=0, positions=torch.arange(8))
+    assert ids.tolist() == [[4, 0, 0, 0], [1, 2, 3, 0]]
+    assert mask.tolist() == [[1, 0, 0, 0], [1, 1, 1, 0]]
+
+
+def test_widths_are_rounded_to_the_pad_multiple_within_the_budget():
+    import numpy as np
+
+    assert [padded_width(n, 64, 512) for n in (1, 64, 65, 500, 512)] == [64, 64, 128, 512, 512]
+    assert padded_width(510, 64, 500) == 510  # never below the longest row, never past max_length otherwise
+    lengths = np.random.default_rng(1).integers(1, 513, size=2000)
+    batches = plan_batches(lengths, token_budget=16384, max_rows=512, pad_multiple=64)
+    widths = {padded_width(int(lengths[b].max()), 64, 512) for b in batches}
+    assert widths <= {64, 128, 192, 256, 320, 384, 448, 512}
+    assert all(len(b) * padded_width(int(lengths[b].max()), 64, 512) <= 16384 for b in batches)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(2000))
 
 
 def np_rows(values):

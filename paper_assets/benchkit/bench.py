@@ -102,6 +102,12 @@ def _first_ids(source: Path, n: int) -> int:
     return int(max(i[0] for i in ids))
 
 
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_info()[0] or platform.processor() or device.type
+
+
 def _cpu_description() -> dict:
     name, flags = cpu_info()
     return {"cpu": name or platform.processor() or platform.machine(),
@@ -109,15 +115,15 @@ def _cpu_description() -> dict:
 
 
 def run_pair(source: Path, base: str, adapter: str, papers: int, precision: str, compile_model: bool,
-             token_budget: int, work: Path) -> dict:
+             token_budget: int, work: Path, device: str = "auto") -> dict:
     torch.manual_seed(0)
     info = inspect_source(source)
     if info.id_type != "integer":
         raise SystemExit("bench needs an integer corpusid source (the notebook orders by corpusid as text otherwise)")
     last_id = _first_ids(source, papers)
-    reference_model = load_model(ModelConfig(base_model=base, adapter=adapter, precision="fp32", device="cpu"))
+    reference_model = load_model(ModelConfig(base_model=base, adapter=adapter, precision="fp32", device=device))
     engine_model = (reference_model if precision == "fp32" and not compile_model else
-                    load_model(ModelConfig(base_model=base, adapter=adapter, precision=precision, device="cpu",
+                    load_model(ModelConfig(base_model=base, adapter=adapter, precision=precision, device=device,
                                            compile=compile_model, token_budget=token_budget,
                                            calibration_file=str(work / "calibration.json"))))
     encoder = Encoder(engine_model, token_budget=token_budget)
@@ -180,6 +186,7 @@ def run_pair(source: Path, base: str, adapter: str, papers: int, precision: str,
                    else matmul_gflops(engine_model.dtype, engine_model.device))
     return {
         "papers": papers,
+        "device": device_name(engine_model.device),
         "reference": {"papers_per_second": ref_rate, "seconds": ref_seconds,
                       "tokens_per_second": ref_stats["real_tokens"] / ref_seconds,
                       "token_efficiency": ref_stats["real_tokens"] / ref_stats["padded_tokens"],
@@ -206,8 +213,7 @@ def run_pair(source: Path, base: str, adapter: str, papers: int, precision: str,
                   "matmul_peak_gflops_fp32": peak_fp32, "matmul_peak_gflops_engine_precision": peak_engine,
                   "engine_utilisation_of_matmul_peak": engine_gflops / peak_engine,
                   "speedup_ceiling_at_matmul_peak": peak_engine / reference_gflops,
-                  "note": "utilisation against a measured GEMM on this device; on a GPU also compare "
-                          "engine_gflops_per_second with the datasheet peak (e.g. 362 TFLOPS bf16 on an L40S)"},
+                  "note": "utilisation against a GEMM measured on this device in this run"},
     }
 
 
@@ -259,6 +265,7 @@ def run_pipeline(n: int, work: Path) -> dict:
 def _print(result: dict) -> None:
     if "reference" in result:
         ref, eng, fid = result["reference"], result["engine"], result["fidelity"]
+        print(f"device: {result['device']}")
         print(f"papers: {result['papers']}  model: {result['model']['layers']} layers x {result['model']['hidden']} "
               f"({result['model']['parameters'] / 1e6:.1f}M params)")
         print(f"reference (notebook): {ref['papers_per_second']:8.2f} papers/s  {ref['tokens_per_second']:9.1f} tok/s  "
@@ -300,6 +307,7 @@ class BenchOptions:
     precision: str = "auto"
     compile: bool = False
     token_budget: int = 0
+    device: str = "auto"  # as in production: the GPU where there is one
     json: str | None = None
     pipeline_papers: int = 0  # data path and RSS at N and 10N papers (0: skip)
     release_rows: int = 0  # release-following costs on a synthetic source of this many rows (0: skip)
@@ -320,7 +328,7 @@ def run_benchmark(options: BenchOptions) -> int:
         else:
             base, adapter = benchmark_model(work, source)
         result.update(run_pair(source, base, adapter, options.papers, options.precision, options.compile,
-                               options.token_budget, work))
+                               options.token_budget, work, options.device))
     if options.pipeline_papers:
         result["pipeline"] = run_pipeline(options.pipeline_papers, work)
     _print(result)

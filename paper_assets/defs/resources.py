@@ -101,8 +101,10 @@ class Specter2Resource(ConfigurableResource):
     precision: str = Field(default="auto", description="auto, fp32, bf16, fp16")
     max_length: int = 512
     token_budget: int = Field(default=0, description="padded tokens per forward batch (0: measured once per CPU "
-                              "kind and cached in calibration_file; 16384 on GPU)")
+                              "kind and cached in calibration_file; 65536 on a GPU of >= 40 GiB)")
     max_batch_rows: int = 512
+    pad_multiple: int = Field(default=0, description="padded batch widths are multiples of this (0: 64 on GPU, 8 "
+                              "on CPU)")
     compile: bool = False
     chunk_rows: int = Field(default=DEFAULT_CHUNK_ROWS, description="rows per checkpointed chunk of a partition")
     sep_token: str = "[SEP]"
@@ -118,7 +120,7 @@ class Specter2Resource(ConfigurableResource):
         return ModelConfig(
             base_model=self.base_model, adapter=self.adapter, adapter_name=self.adapter_name, device=self.device,
             precision=self.precision, max_length=self.max_length, compile=self.compile,
-            token_budget=self.token_budget, max_batch_rows=self.max_batch_rows,
+            token_budget=self.token_budget, max_batch_rows=self.max_batch_rows, pad_multiple=self.pad_multiple,
             device_lock_dir=self.device_lock_dir or None, calibration_file=self.calibration_file or None,
         )
 

@@ -88,8 +88,10 @@ def calibrated_budget(cache_file: Path, key: str, measure: Callable[[], dict[int
 
 
 def matmul_gflops(dtype: torch.dtype, device: torch.device, seconds: float = 2.0) -> float:
-    """Achievable GEMM rate on this device: an FFN-shaped matmul (2,048 tokens x 768 -> 3,072), best of repeats."""
-    x = torch.randn(2048, 768, device=device).to(dtype)
+    """Achievable GEMM rate on this device: an FFN-shaped matmul (tokens x 768 -> 3,072; 2,048 tokens on a CPU,
+    65,536 on a GPU, whose launch overhead would otherwise dominate), best of repeats."""
+    tokens = 65536 if device.type == "cuda" else 2048
+    x = torch.randn(tokens, 768, device=device).to(dtype)
     w = torch.randn(768, 3072, device=device).to(dtype)
     flops = 2.0 * x.shape[0] * x.shape[1] * w.shape[1]
     best = 0.0

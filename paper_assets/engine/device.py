@@ -88,10 +88,20 @@ def cpu_has_native_bf16() -> bool:
 
 
 def default_token_budget(device: torch.device) -> int:
-    """Padded tokens per batch. GPUs want large batches to fill their cores; on CPUs small batches run faster
-    (measured on BERT-base, 2 cores: 2048 -> 3.9 papers/s, 16384 -> 2.1; see BENCHMARKS.md), as activations then
-    stay in cache."""
-    return 16384 if device.type == "cuda" else 2048
+    """Padded tokens per batch. GPUs want large batches to fill their cores, as large as memory comfortably allows
+    (BERT-base at 64k tokens needs a few GiB of activations in bf16); on CPUs small batches run faster (measured on
+    BERT-base, 2 cores: 2048 -> 3.9 papers/s, 16384 -> 2.1; see BENCHMARKS.md), as activations then stay in cache,
+    and the CPU budget is measured per machine where a calibration file is configured (``calibrate``)."""
+    if device.type == "cuda":
+        memory_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+        return 65536 if memory_gib >= 40 else 32768 if memory_gib >= 16 else 16384
+    return 2048
+
+
+def default_pad_multiple(device: torch.device) -> int:
+    """Batch widths are rounded up to this: on GPUs few distinct shapes (kernel choice and allocator blocks are
+    made per shape) matter more than the padding; on CPUs padding costs compute, so only a small multiple."""
+    return 64 if device.type == "cuda" else 8
 
 
 def resolve_precision(requested: str, device: torch.device) -> torch.dtype:

@@ -56,6 +56,8 @@ class ModelConfig:
     # Seq-len-sorted batches are cut so that rows * longest row <= token_budget (padded tokens); 0: by device.
     token_budget: int = 0
     max_batch_rows: int = 512
+    # Padded batch widths are multiples of this; 0: by device (64 on GPUs, 8 on CPUs).
+    pad_multiple: int = 0
     # Where processes claim GPUs when several are present (device "auto"); None: always cuda:0.
     device_lock_dir: str | None = None
     # Where CPU measurements are cached (the token budget when it is 0, bf16 vs fp32 when precision is auto);
