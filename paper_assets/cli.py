@@ -1,4 +1,4 @@
-"""``paper-assets``: demo | embed | bench | publish | ui."""
+"""``paper-assets``: demo | update | embed | bench | publish | ui | worker."""
 
 from __future__ import annotations
 
@@ -21,21 +21,9 @@ DEMO_PAPERS = 2000
 
 
 def _dagster_home(settings: Settings) -> Path:
-    home = Path(settings.home) / "dagster"
-    home.mkdir(parents=True, exist_ok=True)
-    config = home / "dagster.yaml"
-    if not config.exists():
-        config.write_text(
-            "telemetry:\n  enabled: false\n"
-            "# paper_embeddings runs in pool 'gpu': one step per GPU at a time. Raise the limit with\n"
-            "#   dagster instance concurrency set gpu <number of GPUs>\n"
-            "concurrency:\n  pools:\n    default_limit: 1\n"
-            "# A run whose process died keeps its pool slot until the run is marked ended; free it soon after.\n"
-            "run_monitoring:\n  enabled: true\n  free_slots_after_run_end_seconds: 30\n",
-            encoding="utf-8",
-        )
-    os.environ["DAGSTER_HOME"] = str(home)
-    return home
+    from .instance import prepare_dagster_home
+
+    return prepare_dagster_home(settings)
 
 
 def prepare_demo(settings: Settings, papers_jsonl: str | None, count: int) -> Settings:
@@ -201,7 +189,8 @@ def cmd_bench(args) -> int:
     return run_benchmark(BenchOptions(
         source=args.source, base_model=args.base_model, adapter=args.adapter, papers=args.papers,
         precision=args.precision, compile=args.compile, token_budget=args.token_budget, device=args.device,
-        json=args.json,        pipeline_papers=args.pipeline_papers, release_rows=args.release_rows))
+        json=args.json,        pipeline_papers=args.pipeline_papers, release_rows=args.release_rows,
+        dagster_partitions=args.dagster_partitions, dagster_papers_per_partition=args.dagster_papers_per_partition))
 
 
 SUPERSEDED_DEV_WARNING = "ignore:Function `dev_command` is superseded:Warning"
@@ -231,6 +220,40 @@ def cmd_ui(args) -> int:
     # `dagster dev` warns that `dg dev` supersedes it; `dg` needs the dagster-dg project layout, which this
     # workspace.yaml project does not use (yet). That one warning, in this one process, is the one we silence.
     os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), SUPERSEDED_DEV_WARNING]))
+    os.execv(argv[0], argv)
+    return 0
+
+
+def cmd_worker(args) -> int:
+    import socket
+
+    from .defs.executor import EMBED_QUEUE, GENERAL_QUEUE, celery_config
+    from .engine.device import resolve_device
+    from .instance import migrate_instance
+
+    settings = load_settings()
+    if not settings.celery_broker:
+        raise CommandError("paper-assets worker needs a Celery broker: set PAPER_ASSETS_CELERY_BROKER (e.g. "
+                           "redis://host:6379/0) here and wherever runs are launched")
+    if args.concurrency < 1:
+        raise CommandError(f"--concurrency must be at least 1, got {args.concurrency}")
+    device = str(resolve_device(args.device))  # fails now, not in the first step, if the device is absent
+    queues = args.queue or [EMBED_QUEUE, GENERAL_QUEUE]
+    # The steps this worker executes load the code location in its processes: they read the device from here.
+    os.environ["PAPER_ASSETS_DEVICE"] = device
+    migrate_instance(settings)
+    config_dir = Path(settings.home) / "dagster" / "celery"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    config = celery_config(settings)
+    module = [f"broker_url = {config['broker']!r}\n", f"result_backend = {config['backend']!r}\n"]
+    module += [f"{key} = {value!r}\n" for key, value in config["config_source"].items()]
+    (config_dir / "dagster_celery_config.py").write_text("".join(module), encoding="utf-8")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(config_dir), os.environ.get("PYTHONPATH")]))
+    name = args.name or f"paper-assets-{device.replace(':', '')}-{os.getpid()}@{socket.gethostname()}"
+    argv = [sys.executable, "-m", "celery", "-A", "dagster_celery.app", "worker", "--loglevel", "INFO",
+            "-Q", ",".join(queues), "-n", name, "--pool", "prefork", "-c", str(args.concurrency)]
+    print(f"worker {name} on {device}, queues {','.join(queues)}, DAGSTER_HOME={os.environ['DAGSTER_HOME']}",
+          flush=True)
     os.execv(argv[0], argv)
     return 0
 
@@ -274,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="engine precision (default %(default)s, as in production)")
     bench.add_argument("--compile", action="store_true", help="torch.compile the engine's model")
     bench.add_argument("--token-budget", type=int, default=0, help="padded tokens per batch (0: by device)")
+    bench.add_argument("--dagster-partitions", type=int, default=0,
+                       help="also embed N partitions through Dagster runs on a Celery worker (PostgreSQL and Redis "
+                       "at 127.0.0.1) and through `embed`, same papers and model (0: skip)")
+    bench.add_argument("--dagster-papers-per-partition", type=int, default=2000, help="(default %(default)s)")
     bench.add_argument("--device", default="auto", help="auto (the GPU where there is one), cpu, cuda, cuda:N")
     bench.add_argument("--json", help="also write the results to this file")
     bench.add_argument("--pipeline-papers", type=int, default=0,
@@ -298,6 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     ui.add_argument("--port", type=int, default=3000, help="port to listen on (default %(default)s)")
     ui.set_defaults(func=cmd_ui)
+
+    worker = sub.add_parser("worker", help="a Celery worker bound to one device that executes Dagster steps and "
+                            "keeps the model loaded between them (needs PAPER_ASSETS_CELERY_BROKER)")
+    worker.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default auto)")
+    worker.add_argument("--queue", action="append", help="queue to serve, repeatable (default: embed and dagster; "
+                        "GPU machines: --queue embed)")
+    worker.add_argument("--concurrency", type=int, default=1, help="steps at once (default 1: one per device)")
+    worker.add_argument("--name", help="Celery node name (default paper-assets-<device>-<pid>@<host>)")
+    worker.set_defaults(func=cmd_worker)
     return parser
 
 

@@ -6,6 +6,7 @@ from dagster import Definitions, load_asset_checks_from_modules
 from dagster_duckdb import DuckDBResource
 
 from .defs import embeddings, shards, source
+from .defs.executor import executor_for
 from .defs.resources import ProjectHomeResource, S2SourceResource, ShardPublisherResource, Specter2Resource
 from .defs.sensors import s2_release_ranges_sensor, s2_source_release_sensor
 from .engine.storage import ProjectHome
@@ -41,6 +42,7 @@ def build_definitions(settings: Settings | None = None) -> Definitions:
         asset_checks=load_asset_checks_from_modules([embeddings, shards]),
         sensors=[s2_source_release_sensor, s2_release_ranges_sensor],
         resources=build_resources(settings),
+        executor=executor_for(settings),
     )
 
 

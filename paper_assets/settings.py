@@ -45,6 +45,11 @@ class Settings:
     hub_repo: str = ""
     hub_revision: str = "main"
     hub_private: bool = False
+    # Scale-out (empty: one machine, SQLite instance, local processes). pg_url: the Dagster instance's PostgreSQL
+    # (postgresql://user@host:5432/db); celery_broker/backend: Celery workers execute the steps (redis://host:6379/0).
+    pg_url: str = ""
+    celery_broker: str = ""
+    celery_backend: str = ""
 
     def save(self) -> Path:
         path = Path(self.home) / CONFIG_FILE

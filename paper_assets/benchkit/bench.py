@@ -311,6 +311,8 @@ class BenchOptions:
     json: str | None = None
     pipeline_papers: int = 0  # data path and RSS at N and 10N papers (0: skip)
     release_rows: int = 0  # release-following costs on a synthetic source of this many rows (0: skip)
+    dagster_partitions: int = 0  # the same papers through Dagster partition runs vs `embed` (0: skip)
+    dagster_papers_per_partition: int = 2000
 
 
 def run_benchmark(options: BenchOptions) -> int:
@@ -337,6 +339,21 @@ def run_benchmark(options: BenchOptions) -> int:
 
         result["releases"] = run_release_bench(options.release_rows, work)
         print_release_bench(result["releases"])
+    if options.dagster_partitions:
+        from .dagster_bench import run_dagster_bench
+
+        if options.base_model and options.adapter:
+            base, adapter = options.base_model, options.adapter
+        else:
+            base, adapter = benchmark_model(work, default_source(work))
+        backfill = run_dagster_bench(options.dagster_partitions, options.dagster_papers_per_partition, work, base,
+                                     adapter, options.device, options.precision, SHARED_PAPERS)
+        result["dagster_backfill"] = backfill
+        result["dagster_papers_per_s"] = backfill["dagster_papers_per_s"]
+        result["engine_papers_per_s"] = backfill["engine_papers_per_s"]
+        print(f"dagster backfill of {backfill['partitions']} partitions x {backfill['papers_per_partition']} papers: "
+              f"{backfill['dagster_papers_per_s']:.2f} papers/s vs paper-assets embed "
+              f"{backfill['engine_papers_per_s']:.2f} papers/s ({backfill['ratio']:.2f}x)")
     if options.json:
         Path(options.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
     return 0

@@ -2,6 +2,8 @@
 
 
 import json
+import os
+import socket
 import time
 
 import numpy as np
@@ -27,6 +29,7 @@ from ..engine.ranges import IdRange, parse_range
 from ..engine.snapshot import current_snapshot
 from ..engine.storage import METADATA_KEY, sha256_file
 from . import catalog as catalog_views
+from .executor import CELERY_QUEUE_TAG, EMBED_QUEUE
 from .partitions import corpusid_ranges
 from .resources import ProjectHomeResource, Specter2Resource
 
@@ -103,6 +106,8 @@ class _ProgressLog:
     group_name="embeddings",
     code_version="1",
     pool="gpu",
+    # With the Celery executor, embedding steps go to the workers bound to a device (`paper-assets worker`).
+    op_tags={CELERY_QUEUE_TAG: EMBED_QUEUE},
     check_specs=[AssetCheckSpec(name, asset="paper_embeddings", blocking=True, description=text)
                  for name, text in EMBEDDING_CHECKS.items()],
     description="Embeddings (CLS, float32) per corpusid of one range from the configured SPECTER2-architecture "
@@ -122,6 +127,7 @@ def paper_embeddings(
         raise Failure(f"papers[{rng.key}] is not materialised ({papers_file} missing): materialise papers first")
     papers_meta = json.loads((pq.read_metadata(papers_file).metadata or {}).get(METADATA_KEY, b"{}"))
     load_started = time.perf_counter()
+    model_was_loaded = specter2.is_loaded()
     encoder = specter2.get_encoder()
     loaded = encoder.loaded
     load_seconds = time.perf_counter() - load_started
@@ -172,6 +178,10 @@ def paper_embeddings(
             "rows_deleted": report.rows_deleted,
             "seconds": round(report.seconds, 2),
             "model_load_seconds": round(load_seconds, 2),
+            # Which process embedded this partition, and whether it had to load the model (a long-lived worker
+            # loads it once and keeps it for every later step).
+            "worker": f"{socket.gethostname()}:{os.getpid()}",
+            "model_loaded_in_this_step": not model_was_loaded,
             "device": str(loaded.device),
             "precision": loaded.precision,
             "model_base": specter2.base_model,

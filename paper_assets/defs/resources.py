@@ -124,6 +124,11 @@ class Specter2Resource(ConfigurableResource):
             device_lock_dir=self.device_lock_dir or None, calibration_file=self.calibration_file or None,
         )
 
+    def is_loaded(self) -> bool:
+        """Whether this process already holds the configured model (a long-lived worker after its first step)."""
+        with _MODEL_LOCK:
+            return self.model_config_key() in _MODEL_CACHE
+
     def get_encoder(self) -> Encoder:
         key = self.model_config_key()
         with _MODEL_LOCK:

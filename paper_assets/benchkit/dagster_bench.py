@@ -1,0 +1,118 @@
+"""`paper-assets bench --dagster-partitions N`: the same papers embedded by `paper-assets embed` (one process) and
+by Dagster as a UI backfill runs them (one run process per partition, steps on a long-lived Celery worker that keeps
+the model loaded, PostgreSQL instance), on the same model and device in the same bench run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from ..engine.errors import UserError
+from ..engine.ranges import range_for
+from ..engine.storage import ProjectHome
+from ..settings import Settings
+from . import sample_source
+from .services import DEFAULT_PG_ADMIN, DEFAULT_REDIS, empty_redis_database, temporary_postgres_database
+
+RANGE_WIDTH = 1_000_000
+
+
+def _papers(partitions: int, per_partition: int, shared: Path) -> list[dict]:
+    pool = sample_source.read_jsonl_papers(shared) if shared.exists() else sample_source.generate_papers(3000, 5)
+    return [dict(pool[(p * per_partition + i) % len(pool)], corpusid=p * RANGE_WIDTH + i)
+            for p in range(partitions) for i in range(per_partition)]
+
+
+def _run(argv: list[str], env: dict, what: str, timeout: float = 6 * 3600) -> None:
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise UserError(f"{what} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+
+
+def _wait_ready(worker: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while " ready." not in log.read_text(errors="replace"):
+        if worker.poll() is not None or time.time() > deadline:
+            raise UserError(f"the Celery worker did not start:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.5)
+
+
+def _stop(worker: subprocess.Popen) -> None:
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(worker.pid, sig)
+            worker.wait(timeout=60)
+            return
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            continue
+
+
+def run_dagster_bench(partitions: int, per_partition: int, work: Path, base: str, adapter: str, device: str,
+                      precision: str, shared_papers: Path, concurrent_runs: int = 4,
+                      pg_admin_url: str = DEFAULT_PG_ADMIN, redis_url: str = DEFAULT_REDIS) -> dict:
+    work = work / "dagster-bench"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    source = sample_source.write_source(work / "source.duckdb", _papers(partitions, per_partition, shared_papers))
+    total = partitions * per_partition
+    python = sys.executable
+    model_flags = ["--base-model", base, "--adapter", adapter, "--device", device, "--precision", precision]
+    engine_home = work / "engine-home"
+    env = dict(os.environ, PAPER_ASSETS_HOME=str(engine_home))
+    for name in ("PAPER_ASSETS_PG_URL", "PAPER_ASSETS_CELERY_BROKER", "PAPER_ASSETS_CELERY_BACKEND"):
+        env.pop(name, None)
+    # Untimed: measure the CPU token budget once (cached in the home), so neither side pays for it.
+    warm = sample_source.write_source(work / "warm.duckdb", _papers(1, 16, shared_papers))
+    _run([python, "-m", "paper_assets.cli", "embed", "--source", str(warm), "--out", str(work / "warm-out"),
+          *model_flags], env, "warm-up embed")
+
+    started = time.perf_counter()
+    _run([python, "-m", "paper_assets.cli", "embed", "--source", str(source), "--out", str(work / "engine-out"),
+          *model_flags], env, "paper-assets embed")
+    engine_seconds = time.perf_counter() - started
+
+    home = work / "dagster-home"
+    Settings(home=str(home), source=str(source), base_model=base, adapter=adapter, device=device,
+             precision=precision, range_width=RANGE_WIDTH).save()
+    (home / "stats").mkdir(parents=True, exist_ok=True)
+    shutil.copy(engine_home / "stats" / "calibration.json", home / "stats" / "calibration.json")
+    ranges = [range_for(p * RANGE_WIDTH, RANGE_WIDTH) for p in range(partitions)]
+    keys = [rng.key for rng in ranges]
+    with temporary_postgres_database(pg_admin_url) as pg_url, empty_redis_database(redis_url) as broker:
+        env = dict(env, PAPER_ASSETS_HOME=str(home), PAPER_ASSETS_PG_URL=pg_url, PAPER_ASSETS_CELERY_BROKER=broker,
+                   DAGSTER_HOME=str(home / "dagster"))
+        log = work / "worker.log"
+        with open(log, "w") as log_handle:
+            worker = subprocess.Popen([python, "-m", "paper_assets.cli", "worker", "--device", device], env=env,
+                                      stdout=log_handle, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                _wait_ready(worker, log)
+                materialize = [python, "-m", "dagster", "asset", "materialize", "-m", "paper_assets.definitions"]
+                _run([*materialize, "--select", "s2_source"], env, "s2_source run")
+                started = time.perf_counter()
+                with ThreadPoolExecutor(concurrent_runs) as launcher:  # a backfill's runs, as the run queue starts them
+                    list(launcher.map(lambda key: _run([*materialize, "--select", "papers,paper_embeddings",
+                                                        "--partition", key], env, f"partition run {key}"), keys))
+                dagster_seconds = time.perf_counter() - started
+            finally:
+                _stop(worker)
+    layout = ProjectHome(home)
+    rows = sum(pq.read_metadata(layout.embeddings_file(rng)).num_rows for rng in ranges)
+    if rows != total:
+        raise UserError(f"the Dagster runs embedded {rows} rows, expected {total}")
+    return {"partitions": partitions, "papers_per_partition": per_partition, "papers": total,
+            "engine_seconds": engine_seconds, "dagster_seconds": dagster_seconds,
+            "engine_papers_per_s": total / engine_seconds, "dagster_papers_per_s": total / dagster_seconds,
+            "ratio": engine_seconds / dagster_seconds, "concurrent_runs": concurrent_runs,
+            "executor": "celery: 1 worker (paper-assets worker), concurrency 1; PostgreSQL instance",
+            "engine": "paper-assets embed (one process: imports, model load, every range)",
+            "timed": "dagster: from launching the partition runs to the last one finishing (s2_source untimed)"}

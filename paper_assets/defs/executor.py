@@ -1,0 +1,42 @@
+"""How steps execute: in local processes (the default), or on Celery workers (``PAPER_ASSETS_CELERY_BROKER``).
+
+With Celery, every step runs inside a long-lived worker process (dagster-celery executes the step in the task body),
+so the model that :class:`~paper_assets.defs.resources.Specter2Resource` caches per process is loaded once per
+worker and reused by every later partition: a UI backfill of hundreds of partitions loads the model once per
+device, not once per partition, while each partition keeps its own run, materialisation, metadata and checks.
+Embedding steps go to the ``embed`` queue (workers bound to one device each: ``paper-assets worker --device``),
+everything else to Dagster's default ``dagster`` queue.
+"""
+
+from __future__ import annotations
+
+from ..settings import Settings
+
+CELERY_QUEUE_TAG = "dagster-celery/queue"  # dagster_celery.tags.DAGSTER_CELERY_QUEUE_TAG
+EMBED_QUEUE = "embed"
+GENERAL_QUEUE = "dagster"
+# Redis redelivers a task that is not acknowledged within this time; it must exceed the longest step.
+VISIBILITY_TIMEOUT_SECONDS = 12 * 3600
+
+
+def celery_config(settings: Settings) -> dict:
+    """The executor config block the runs and the workers share (the workers read it from ``celery.yaml``)."""
+    return {
+        "broker": settings.celery_broker,
+        "backend": settings.celery_backend or settings.celery_broker,
+        "include": [],
+        "config_source": {
+            "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
+            "result_backend_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
+            "worker_prefetch_multiplier": 1,  # a worker takes one step at a time, never hoards partitions
+        },
+    }
+
+
+def executor_for(settings: Settings):
+    """The Celery executor when a broker is configured, else ``None`` (Dagster's default multiprocess executor)."""
+    if not settings.celery_broker:
+        return None
+    from dagster_celery import celery_executor
+
+    return celery_executor.configured(celery_config(settings), name="celery_workers")

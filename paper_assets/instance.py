@@ -1,0 +1,69 @@
+"""The Dagster instance paper-assets runs on: ``$PAPER_ASSETS_HOME/dagster/dagster.yaml``, written from the settings.
+
+Default: SQLite storage in the home, one embedding step at a time per GPU pool slot (offline, one machine). With
+``PAPER_ASSETS_PG_URL``: run, event-log and schedule storage in PostgreSQL (dagster-postgres), so the webserver,
+the daemon, the runs and Celery workers on other machines share one instance. The URL stays in the environment
+(``env:`` in the file), never in the file itself.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .settings import Settings
+
+MARKER = "# written by paper-assets from its settings; remove this line to keep your own edits\n"
+PG_URL_VARIABLE = "PAPER_ASSETS_PG_URL"
+# Serialises `dagster instance migrate` across processes and machines: two workers initialising an empty
+# PostgreSQL instance at once race on its tables.
+_MIGRATE_LOCK_KEY = 0x70617065  # "pape"
+
+
+def instance_yaml(settings: Settings) -> str:
+    lines = [MARKER, "telemetry:\n  enabled: false\n"]
+    if settings.pg_url:
+        lines.append("storage:\n  postgres:\n    postgres_url:\n      env: " + PG_URL_VARIABLE + "\n")
+    if not settings.celery_broker:
+        # Locally, paper_embeddings runs in pool 'gpu': one step per GPU at a time. Celery workers bound to one
+        # device each are that limit themselves, so the pool stays unlimited there.
+        lines.append("# Raise with: dagster instance concurrency set gpu <number of GPUs>\n"
+                     "concurrency:\n  pools:\n    default_limit: 1\n")
+    # A run whose process died keeps its pool slot until the run is marked ended; free it soon after.
+    lines.append("run_monitoring:\n  enabled: true\n  free_slots_after_run_end_seconds: 30\n")
+    return "".join(lines)
+
+
+def prepare_dagster_home(settings: Settings) -> Path:
+    """Write ``dagster.yaml`` (unless the user removed the marker line to keep their own), set ``DAGSTER_HOME``."""
+    home = Path(settings.home) / "dagster"
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    wanted = instance_yaml(settings)
+    if not config.exists() or (config.read_text(encoding="utf-8").startswith(MARKER)
+                               and config.read_text(encoding="utf-8") != wanted):
+        tmp = config.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(wanted, encoding="utf-8")
+        tmp.replace(config)
+    os.environ["DAGSTER_HOME"] = str(home)
+    if settings.pg_url:
+        os.environ[PG_URL_VARIABLE] = settings.pg_url
+    return home
+
+
+def migrate_instance(settings: Settings) -> None:
+    """Create or upgrade the instance's tables once, whoever gets there first (PostgreSQL advisory lock)."""
+    prepare_dagster_home(settings)
+    from dagster import DagsterInstance
+
+    if not settings.pg_url:
+        DagsterInstance.get().upgrade()
+        return
+    import psycopg2
+
+    with psycopg2.connect(settings.pg_url) as conn, conn.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_lock(%s)", (_MIGRATE_LOCK_KEY,))
+        try:
+            DagsterInstance.get().upgrade()
+        finally:
+            cursor.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATE_LOCK_KEY,))

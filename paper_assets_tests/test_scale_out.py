@@ -1,0 +1,127 @@
+"""Scale-out over real services: a PostgreSQL Dagster instance and a Celery worker (Redis broker) that keeps the
+model loaded across partition runs launched as separate processes, as the UI's backfill launches them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from paper_assets.benchkit.services import (
+    DEFAULT_PG_ADMIN,
+    DEFAULT_REDIS,
+    empty_redis_database,
+    temporary_postgres_database,
+)
+from paper_assets.defs.executor import CELERY_QUEUE_TAG, EMBED_QUEUE
+from paper_assets.settings import Settings
+
+from .conftest import make_source, stop_process_group
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _service_or_skip(check) -> None:
+    try:
+        check()
+    except Exception as err:  # noqa: BLE001 - any failure to reach the service means it is not there
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"service not reachable here: {err}")
+
+
+@pytest.fixture()
+def pg_url():
+    import psycopg2
+
+    _service_or_skip(lambda: psycopg2.connect(DEFAULT_PG_ADMIN).close())
+    with temporary_postgres_database() as url:
+        yield url
+
+
+@pytest.fixture()
+def redis_url():
+    import redis
+
+    _service_or_skip(lambda: redis.Redis.from_url(f"{DEFAULT_REDIS}/0").ping())
+    with empty_redis_database() as url:
+        yield url
+
+
+def test_embedding_steps_are_routed_to_the_embed_queue():
+    from dagster_celery.tags import DAGSTER_CELERY_QUEUE_TAG
+
+    from paper_assets.defs.embeddings import paper_embeddings
+
+    assert CELERY_QUEUE_TAG == DAGSTER_CELERY_QUEUE_TAG
+    assert paper_embeddings.op.tags[CELERY_QUEUE_TAG] == EMBED_QUEUE
+
+
+def test_celery_worker_keeps_the_model_loaded_across_partition_runs(tmp_path, tiny_model, generated_papers,
+                                                                    pg_url, redis_url):
+    from dagster import AssetKey, DagsterEventType, DagsterInstance
+    from dagster._core.storage.event_log.base import EventRecordsFilter
+
+    base, adapter = tiny_model
+    papers = [dict(p, corpusid=i % 3 * 1_000_000 + i) for i, p in enumerate(generated_papers[:240])]
+    home = tmp_path / "home"
+    settings = Settings(home=str(home), source=str(make_source(tmp_path / "source.duckdb", papers)),
+                        base_model=base, adapter=adapter, chunk_rows=40, device="cpu")
+    settings.save()
+    env = dict(os.environ, PAPER_ASSETS_HOME=str(home), PAPER_ASSETS_PG_URL=pg_url,
+               PAPER_ASSETS_CELERY_BROKER=redis_url, DAGSTER_HOME=str(home / "dagster"))
+    worker_log = open(tmp_path / "worker.log", "w")  # noqa: SIM115 - closed below
+    worker = subprocess.Popen([sys.executable, "-m", "paper_assets.cli", "worker", "--device", "cpu"], cwd=REPO,
+                              env=env, stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def materialize(selection: str, partition: str | None = None) -> None:
+        argv = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "paper_assets.definitions",
+                "--select", selection] + (["--partition", partition] if partition else [])
+        done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-4000:] + (tmp_path / "worker.log").read_text()[-4000:]
+
+    try:
+        deadline = time.time() + 120
+        while "ready" not in (tmp_path / "worker.log").read_text() and time.time() < deadline:
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-4000:]
+            time.sleep(0.5)
+        materialize("s2_source")
+        keys = ["000000000-000999999", "001000000-001999999", "002000000-002999999"]
+        for key in keys:  # one run process per partition, like a UI backfill
+            materialize("papers,paper_embeddings", key)
+    finally:
+        stop_process_group(worker)
+        worker_log.close()
+
+    os.environ["PAPER_ASSETS_PG_URL"] = pg_url  # the instance's dagster.yaml reads it from the environment
+    try:
+        instance = DagsterInstance.from_config(str(home / "dagster"))
+        assert "postgres" in type(instance.run_storage).__module__
+        metadata = {}
+        for key in keys:
+            records = instance.fetch_materializations(AssetKey("paper_embeddings"), limit=10).records
+            record = next(r for r in records if r.asset_materialization.partition == key)
+            meta = {k: v.value for k, v in record.asset_materialization.metadata.items()}
+            metadata[key] = meta
+            assert meta["dagster/row_count"] == 80
+            checks = instance.get_records_for_run(record.run_id,
+                                                  of_type=DagsterEventType.ASSET_CHECK_EVALUATION).records
+            evaluations = [r.event_log_entry.dagster_event.event_specific_data for r in checks]
+            assert len(evaluations) == 5 and all(e.passed for e in evaluations)
+            assert {e.target_materialization_data.run_id for e in evaluations} == {record.run_id}
+            engine_events = instance.get_records_for_run(record.run_id, of_type=DagsterEventType.ENGINE_EVENT)
+            messages = [r.event_log_entry.dagster_event.message or "" for r in engine_events.records]
+            assert any("in celery worker" in message for message in messages), messages
+        workers = {meta["worker"] for meta in metadata.values()}
+        assert len(workers) == 1, workers  # one long-lived process embedded every partition...
+        loads = [metadata[key]["model_loaded_in_this_step"] for key in keys]
+        assert loads == [True, False, False]  # ...and loaded the model for the first one only
+        assert len({r.run_id for r in instance.get_event_records(
+            EventRecordsFilter(DagsterEventType.ASSET_MATERIALIZATION, asset_key=AssetKey("paper_embeddings")))}) == 3
+        instance.dispose()
+    finally:
+        os.environ.pop("PAPER_ASSETS_PG_URL", None)
