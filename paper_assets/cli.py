@@ -1,4 +1,4 @@
-"""``paper-assets``: demo | update | embed | bench | publish | ui | worker."""
+"""``paper-assets``: demo | update | embed | bench | publish | ui | backfill | worker."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from .engine.errors import UserError
+from .engine.storage import ProjectHome
 from .settings import Settings, load_settings
 
 
@@ -30,7 +31,6 @@ def prepare_demo(settings: Settings, papers_jsonl: str | None, count: int) -> Se
     """Build (if absent) the demo source DB and the offline stand-in model, and record them in the home config."""
     from .benchkit import sample_source
     from .benchkit.tiny_model import build_model
-    from .engine.storage import ProjectHome
 
     layout = ProjectHome(settings.home)
     source = layout.demo_dir / "source.duckdb"
@@ -75,12 +75,13 @@ def cmd_demo(args) -> int:
     started = time.perf_counter()
     summary = apply_release(build_definitions(settings), _instance(settings), publish=True, log=print)
     seconds = time.perf_counter() - started
+    layout = ProjectHome(settings.home)
     print(
         f"done: release {summary['release']}, {summary['ranges_changed']} partition(s) run, "
         f"{summary['rows_embedded']:,} papers embedded, {summary['rows_reused']:,} reused in {seconds:.1f} s\n"
-        f"  embeddings:  {Path(settings.home) / 'embeddings'}\n"
-        f"  catalog:     {Path(settings.home) / 'warehouse.duckdb'} (views papers, embeddings)\n"
-        f"  hub layout:  {settings.hub_repo or Path(settings.home) / 'hub'}\n"
+        f"  embeddings:  {layout.embeddings_dir}\n"
+        f"  catalog:     {layout.warehouse} (views papers, embeddings)\n"
+        f"  hub layout:  {settings.hub_repo or layout.hub_folder}\n"
         f"  Dagster UI:  make ui  (or: .venv/bin/paper-assets ui)\n"
         f"The demo's stand-in model makes {summary['model'].get('dimension', '?')}-d vectors; SPECTER2 makes 768-d."
     )
@@ -126,7 +127,7 @@ def cmd_embed(args) -> int:
                          device=args.device or settings.device, precision=args.precision or settings.precision,
                          token_budget=args.token_budget or settings.token_budget, compile=args.compile,
                          pad_multiple=args.pad_multiple or 0,
-                         calibration_file=str(Path(settings.home) / "stats" / "calibration.json"))
+                         calibration_file=str(ProjectHome(settings.home).calibration_file))
     flags = {"base model": "--base-model" if args.base_model else "PAPER_ASSETS_BASE_MODEL",
              "adapter": "--adapter" if args.adapter else "PAPER_ASSETS_ADAPTER"}
     encoder = Encoder(load_model(config, setting_names=flags))
@@ -224,6 +225,29 @@ def cmd_ui(args) -> int:
     return 0
 
 
+def cmd_backfill(args) -> int:
+    from . import backfill
+    from .engine.ranges import parse_range
+
+    settings = load_settings()
+    keys = [parse_range(text).key for text in args.ranges] if args.ranges else None
+    assets = [name.strip() for name in args.assets.split(",") if name.strip()]
+    backfill_id = backfill.launch(args.url, keys, assets)
+    print(json.dumps({"backfill_id": backfill_id, "assets": assets, "ranges": keys or "all"}), flush=True)
+    if not args.wait:
+        return 0
+    status = backfill.wait(args.url, backfill_id, args.timeout,
+                           on_status=lambda s: print(f"backfill {backfill_id}: {s}", file=sys.stderr, flush=True))
+    instance = _instance(settings)
+    reports = backfill.partition_reports(instance, backfill_id)
+    for report in reports:
+        print(json.dumps(report), flush=True)
+    failed = [r["range"] for r in reports if r["status"] != "SUCCESS"]
+    print(json.dumps({"backfill_id": backfill_id, "status": status, "partitions": len(reports),
+                      "succeeded": len(reports) - len(failed), "failed": failed}), flush=True)
+    return 0 if status in backfill.SUCCEEDED and not failed else 1
+
+
 def cmd_worker(args) -> int:
     import socket
 
@@ -242,7 +266,7 @@ def cmd_worker(args) -> int:
     # The steps this worker executes load the code location in its processes: they read the device from here.
     os.environ["PAPER_ASSETS_DEVICE"] = device
     migrate_instance(settings)
-    config_dir = Path(settings.home) / "dagster" / "celery"
+    config_dir = ProjectHome(settings.home).celery_config_dir
     config_dir.mkdir(parents=True, exist_ok=True)
     config = celery_config(settings)
     module = [f"broker_url = {config['broker']!r}\n", f"result_backend = {config['backend']!r}\n"]
@@ -325,6 +349,17 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     ui.add_argument("--port", type=int, default=3000, help="port to listen on (default %(default)s)")
     ui.set_defaults(func=cmd_ui)
+
+    fill = sub.add_parser("backfill", help="launch a partition backfill on the running webserver (what the UI's "
+                          "backfill button does); --wait follows it and reports each partition")
+    fill.add_argument("ranges", nargs="*", help="ranges, e.g. 0-999999 (default: every partition)")
+    fill.add_argument("--assets", default=",".join(("papers", "paper_embeddings")),
+                      help="comma-separated assets (default %(default)s)")
+    fill.add_argument("--wait", action="store_true", help="wait, print one JSON line per partition and a summary; "
+                      "exit 1 if any partition failed")
+    fill.add_argument("--url", default="http://127.0.0.1:3000", help="Dagster webserver (default %(default)s)")
+    fill.add_argument("--timeout", type=float, default=24 * 3600, help="seconds --wait waits (default one day)")
+    fill.set_defaults(func=cmd_backfill)
 
     worker = sub.add_parser("worker", help="a Celery worker bound to one device that executes Dagster steps and "
                             "keeps the model loaded between them (needs PAPER_ASSETS_CELERY_BROKER)")

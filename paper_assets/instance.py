@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .engine.storage import ProjectHome
 from .settings import Settings
 
 MARKER = "# written by paper-assets from its settings; remove this line to keep your own edits\n"
@@ -36,7 +37,7 @@ def instance_yaml(settings: Settings) -> str:
 
 def prepare_dagster_home(settings: Settings) -> Path:
     """Write ``dagster.yaml`` (unless the user removed the marker line to keep their own), set ``DAGSTER_HOME``."""
-    home = Path(settings.home) / "dagster"
+    home = ProjectHome(settings.home).dagster_home
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
     wanted = instance_yaml(settings)

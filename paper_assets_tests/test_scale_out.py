@@ -64,7 +64,6 @@ def test_embedding_steps_are_routed_to_the_embed_queue():
 def test_celery_worker_keeps_the_model_loaded_across_partition_runs(tmp_path, tiny_model, generated_papers,
                                                                     pg_url, redis_url):
     from dagster import AssetKey, DagsterEventType, DagsterInstance
-    from dagster._core.storage.event_log.base import EventRecordsFilter
 
     base, adapter = tiny_model
     papers = [dict(p, corpusid=i % 3 * 1_000_000 + i) for i, p in enumerate(generated_papers[:240])]
@@ -120,8 +119,40 @@ def test_celery_worker_keeps_the_model_loaded_across_partition_runs(tmp_path, ti
         assert len(workers) == 1, workers  # one long-lived process embedded every partition...
         loads = [metadata[key]["model_loaded_in_this_step"] for key in keys]
         assert loads == [True, False, False]  # ...and loaded the model for the first one only
-        assert len({r.run_id for r in instance.get_event_records(
-            EventRecordsFilter(DagsterEventType.ASSET_MATERIALIZATION, asset_key=AssetKey("paper_embeddings")))}) == 3
+        records = instance.fetch_materializations(AssetKey("paper_embeddings"), limit=100).records
+        assert len({r.run_id for r in records}) == len(records) == 3  # one run per partition
         instance.dispose()
     finally:
         os.environ.pop("PAPER_ASSETS_PG_URL", None)
+
+
+def test_instance_config_follows_the_settings(tmp_path, monkeypatch):
+    import yaml
+
+    from paper_assets.instance import MARKER, prepare_dagster_home
+
+    monkeypatch.delenv("PAPER_ASSETS_PG_URL", raising=False)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))  # both are set by prepare_dagster_home: restored after
+    local = Settings(home=str(tmp_path / "home"), source="unused")
+    config = yaml.safe_load((prepare_dagster_home(local) / "dagster.yaml").read_text())
+    assert "storage" not in config and config["concurrency"]["pools"]["default_limit"] == 1  # SQLite, as always
+
+    scaled = Settings(home=local.home, source="unused", pg_url="postgresql://u@h:5432/d", celery_broker="redis://h/0")
+    text = (prepare_dagster_home(scaled) / "dagster.yaml").read_text()
+    config = yaml.safe_load(text)
+    assert config["storage"] == {"postgres": {"postgres_url": {"env": "PAPER_ASSETS_PG_URL"}}}
+    assert "postgresql://" not in text and "concurrency" not in config  # the URL stays in the environment
+    assert os.environ["PAPER_ASSETS_PG_URL"] == "postgresql://u@h:5432/d"
+
+    own = Path(local.home) / "dagster" / "dagster.yaml"
+    own.write_text(text.replace(MARKER, ""))  # the user took it over: left alone from now on
+    prepare_dagster_home(local)
+    assert "postgres" in own.read_text()
+
+
+def test_worker_refuses_to_start_without_a_broker(tmp_path):
+    env = dict(os.environ, PAPER_ASSETS_HOME=str(tmp_path))
+    env.pop("PAPER_ASSETS_CELERY_BROKER", None)
+    done = subprocess.run([sys.executable, "-m", "paper_assets.cli", "worker", "--device", "cpu"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "PAPER_ASSETS_CELERY_BROKER" in done.stderr

@@ -162,25 +162,31 @@ def test_materialise_one_partition_from_the_ui(dagster_dev):
             browser.close()
 
 
-def test_partition_backfill_through_graphql(dagster_dev):
+def test_paper_assets_backfill_launches_through_the_webserver_and_reports_each_partition(dagster_dev):
     url, home = dagster_dev
     keys = partition_keys(url)[-2:]
-    mutation = """mutation($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $params) {
-        __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }"""
-    params = {"partitionNames": keys, "assetSelection": [{"path": ["paper_embeddings"]}], "fromFailure": False}
-    launched = graphql(url, mutation, {"params": params})["launchPartitionBackfill"]
-    assert launched["__typename"] == "LaunchBackfillSuccess", launched
-    query = """query($id: String!) { partitionBackfillOrError(backfillId: $id) {
-        ... on PartitionBackfill { status } } }"""
-    deadline, status = time.time() + 400, None
-    while time.time() < deadline:
-        status = graphql(url, query, {"id": launched["backfillId"]})["partitionBackfillOrError"]["status"]
-        if status in ("COMPLETED", "COMPLETED_SUCCESS", "FAILED", "CANCELED", "COMPLETED_FAILED"):
-            break
-        time.sleep(3)
-    assert status in ("COMPLETED", "COMPLETED_SUCCESS"), status
-    for key in keys:
-        assert (home / "embeddings" / f"embeddings-{key}.parquet").exists()
+    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
+    env["PAPER_ASSETS_HOME"] = str(home)
+    done = subprocess.run([sys.executable, "-m", "paper_assets.cli", "backfill", *keys, "--assets", "paper_embeddings",
+                           "--wait", "--url", url, "--timeout", "400"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=500)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    launched, partitions, summary = lines[0], lines[1:-1], lines[-1]
+    assert launched["ranges"] == keys and summary["backfill_id"] == launched["backfill_id"]
+    assert summary["status"] in ("COMPLETED", "COMPLETED_SUCCESS") and summary["failed"] == []
+    assert [p["range"] for p in partitions] == sorted(keys)
+    for partition in partitions:
+        assert partition["status"] == "SUCCESS" and partition["rows"] > 0 and partition["device"] == "cpu"
+        assert partition["worker"]  # host:pid of the process that embedded it
+        assert (home / "embeddings" / f"embeddings-{partition['range']}.parquet").exists()
+
+
+def test_backfill_without_a_webserver_says_how_to_start_one(tmp_path):
+    env = dict(os.environ, PAPER_ASSETS_HOME=str(tmp_path))
+    done = subprocess.run([sys.executable, "-m", "paper_assets.cli", "backfill", "--url", f"http://127.0.0.1:{free_port()}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "paper-assets ui" in done.stderr
 
 
 def test_the_ui_process_logs_no_warnings_we_cause(dagster_dev):

@@ -83,13 +83,14 @@ def run_dagster_bench(partitions: int, per_partition: int, work: Path, base: str
     home = work / "dagster-home"
     Settings(home=str(home), source=str(source), base_model=base, adapter=adapter, device=device,
              precision=precision, range_width=RANGE_WIDTH).save()
-    (home / "stats").mkdir(parents=True, exist_ok=True)
-    shutil.copy(engine_home / "stats" / "calibration.json", home / "stats" / "calibration.json")
+    layout = ProjectHome(home)
+    layout.stats_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ProjectHome(engine_home).calibration_file, layout.calibration_file)
     ranges = [range_for(p * RANGE_WIDTH, RANGE_WIDTH) for p in range(partitions)]
     keys = [rng.key for rng in ranges]
     with temporary_postgres_database(pg_admin_url) as pg_url, empty_redis_database(redis_url) as broker:
         env = dict(env, PAPER_ASSETS_HOME=str(home), PAPER_ASSETS_PG_URL=pg_url, PAPER_ASSETS_CELERY_BROKER=broker,
-                   DAGSTER_HOME=str(home / "dagster"))
+                   DAGSTER_HOME=str(layout.dagster_home))
         log = work / "worker.log"
         with open(log, "w") as log_handle:
             worker = subprocess.Popen([python, "-m", "paper_assets.cli", "worker", "--device", device], env=env,
@@ -105,7 +106,6 @@ def run_dagster_bench(partitions: int, per_partition: int, work: Path, base: str
                 dagster_seconds = time.perf_counter() - started
             finally:
                 _stop(worker)
-    layout = ProjectHome(home)
     rows = sum(pq.read_metadata(layout.embeddings_file(rng)).num_rows for rng in ranges)
     if rows != total:
         raise UserError(f"the Dagster runs embedded {rows} rows, expected {total}")

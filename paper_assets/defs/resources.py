@@ -145,7 +145,7 @@ class Specter2Resource(ConfigurableResource):
         encoder = self.get_encoder()
         loaded = encoder.loaded
         current = encoder.encode([CANARY_TEXT])[0]
-        reference_file = home.root / "stats" / f"canary-{loaded.fingerprint}-{loaded.precision}.npy"
+        reference_file = home.canary_file(loaded.fingerprint, loaded.precision)
         if not reference_file.exists():
             with atomic_path(reference_file) as tmp, open(tmp, "wb") as handle:
                 np.save(handle, current)

@@ -155,6 +155,17 @@ class ProjectHome:
         return self.root / "dagster"
 
     @property
+    def calibration_file(self) -> Path:
+        return self.stats_dir / "calibration.json"
+
+    @property
+    def celery_config_dir(self) -> Path:
+        return self.dagster_home / "celery"
+
+    def canary_file(self, fingerprint: str, precision: str) -> Path:
+        return self.stats_dir / f"canary-{fingerprint}-{precision}.npy"
+
+    @property
     def hub_folder(self) -> Path:
         return self.root / "hub"
 

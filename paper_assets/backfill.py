@@ -1,0 +1,92 @@
+"""`paper-assets backfill`: what the UI's backfill button does, from a shell. It asks the running webserver
+(`paper-assets ui`, or any Dagster webserver serving this code location) to launch a partition backfill through its
+GraphQL API, so the daemon, run queue, executor and workers are exactly the UI's; with ``--wait`` it follows the
+backfill and reports each partition from the instance (run status, and the worker, device and rows that
+``paper_embeddings`` recorded)."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+from .engine.errors import UserError
+
+DEFAULT_ASSETS = ("papers", "paper_embeddings")
+FINISHED = {"COMPLETED", "COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"}
+SUCCEEDED = {"COMPLETED", "COMPLETED_SUCCESS"}
+
+_LAUNCH = """mutation($params: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $params) {
+  __typename ... on LaunchBackfillSuccess { backfillId } ... on Error { message } } }"""
+_STATUS = """query($id: String!) { partitionBackfillOrError(backfillId: $id) {
+  __typename ... on PartitionBackfill { status } ... on Error { message } } }"""
+
+
+class BackfillError(UserError, RuntimeError):
+    pass
+
+
+def graphql(url: str, query: str, variables: dict) -> dict:
+    request = urllib.request.Request(f"{url.rstrip('/')}/graphql", headers={"Content-Type": "application/json"},
+                                     data=json.dumps({"query": query, "variables": variables}).encode())
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            payload = json.loads(response.read())
+    except (urllib.error.URLError, OSError) as err:
+        raise BackfillError(f"no Dagster webserver at {url} ({err}); start one with `paper-assets ui` or pass "
+                            "--url") from None
+    if payload.get("errors"):
+        raise BackfillError(f"the webserver refused the request: {payload['errors'][0].get('message')}")
+    return payload["data"]
+
+
+def launch(url: str, partition_keys: list[str] | None, assets: list[str]) -> str:
+    """Launch a backfill of ``assets`` over ``partition_keys`` (``None``: every partition); its id."""
+    params: dict = {"assetSelection": [{"path": [asset]} for asset in assets], "fromFailure": False}
+    if partition_keys is None:
+        params["allPartitions"] = True
+    else:
+        params["partitionNames"] = partition_keys
+    result = graphql(url, _LAUNCH, {"params": params})["launchPartitionBackfill"]
+    if result["__typename"] != "LaunchBackfillSuccess":
+        raise BackfillError(f"backfill not launched ({result['__typename']}): {result.get('message', '')}")
+    return result["backfillId"]
+
+
+def wait(url: str, backfill_id: str, timeout: float, poll: float = 3.0,
+         on_status: Callable[[str], None] | None = None) -> str:
+    """The backfill's final status (raises after ``timeout`` seconds without one)."""
+    deadline, last = time.time() + timeout, None
+    while True:
+        result = graphql(url, _STATUS, {"id": backfill_id})["partitionBackfillOrError"]
+        if result["__typename"] != "PartitionBackfill":
+            raise BackfillError(f"backfill {backfill_id}: {result.get('message', result['__typename'])}")
+        status = result["status"]
+        if status != last and on_status:
+            on_status(status)
+        last = status
+        if status in FINISHED:
+            return status
+        if time.time() > deadline:
+            raise BackfillError(f"backfill {backfill_id} still {status} after {timeout:.0f} s")
+        time.sleep(poll)
+
+
+def partition_reports(instance, backfill_id: str) -> list[dict]:
+    """One entry per partition the backfill ran: range, run status, and what paper_embeddings recorded."""
+    from dagster import AssetKey, AssetRecordsFilter, RunsFilter
+
+    reports = []
+    runs = instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id}))
+    for run in sorted(runs, key=lambda r: r.tags.get("dagster/partition", "")):
+        key = run.tags.get("dagster/partition", "")
+        records = instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=AssetKey("paper_embeddings"), asset_partitions=[key]), limit=20).records
+        meta = next(({k: v.value for k, v in r.asset_materialization.metadata.items()} for r in records
+                     if r.run_id == run.run_id), {})
+        reports.append({"range": key, "status": run.status.value, "run_id": run.run_id,
+                        "worker": meta.get("worker"), "device": meta.get("device"),
+                        "rows": meta.get("dagster/row_count")})
+    return reports
