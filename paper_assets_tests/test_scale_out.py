@@ -131,8 +131,9 @@ def test_instance_config_follows_the_settings(tmp_path, monkeypatch):
 
     from paper_assets.instance import MARKER, prepare_dagster_home
 
-    monkeypatch.delenv("PAPER_ASSETS_PG_URL", raising=False)
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))  # both are set by prepare_dagster_home: restored after
+    # prepare_dagster_home sets both in os.environ; setenv (unlike delenv of an unset name) restores them after.
+    monkeypatch.setenv("PAPER_ASSETS_PG_URL", "")
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
     local = Settings(home=str(tmp_path / "home"), source="unused")
     config = yaml.safe_load((prepare_dagster_home(local) / "dagster.yaml").read_text())
     assert "storage" not in config and config["concurrency"]["pools"]["default_limit"] == 1  # SQLite, as always
