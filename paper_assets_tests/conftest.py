@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ HUB = HubServer().__enter__()
 os.environ["HF_ENDPOINT"] = HUB.endpoint
 
 from paper_assets.benchkit import sample_source  # noqa: E402
+from paper_assets.benchkit.services import stop_process_group  # noqa: E402,F401 - shared with the tests
 from paper_assets.benchkit.tiny_model import build_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,17 +53,6 @@ def home(tmp_path, monkeypatch) -> Path:
     root.mkdir()
     monkeypatch.setenv("PAPER_ASSETS_HOME", str(root))
     return root
-
-
-def stop_process_group(process: subprocess.Popen) -> None:
-    """Stop a server started with ``start_new_session=True`` and everything it started (TERM, then KILL)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-            process.wait(timeout=30)
-            return
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            continue
 
 
 def make_source(path: Path, papers: list[dict], id_type: str = "BIGINT") -> Path:

@@ -19,7 +19,13 @@ from ..engine.ranges import range_for
 from ..engine.storage import ProjectHome
 from ..settings import Settings
 from . import sample_source
-from .services import DEFAULT_PG_ADMIN, DEFAULT_REDIS, empty_redis_database, temporary_postgres_database
+from .services import (
+    DEFAULT_PG_ADMIN,
+    DEFAULT_REDIS,
+    empty_redis_database,
+    stop_process_group,
+    temporary_postgres_database,
+)
 
 RANGE_WIDTH = 1_000_000
 
@@ -42,18 +48,6 @@ def _wait_ready(worker: subprocess.Popen, log: Path, timeout: float = 300) -> No
         if worker.poll() is not None or time.time() > deadline:
             raise UserError(f"the Celery worker did not start:\n{log.read_text(errors='replace')[-3000:]}")
         time.sleep(0.5)
-
-
-def _stop(worker: subprocess.Popen) -> None:
-    import signal
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(worker.pid, sig)
-            worker.wait(timeout=60)
-            return
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            continue
 
 
 def run_dagster_bench(partitions: int, per_partition: int, work: Path, base: str, adapter: str, device: str,
@@ -105,7 +99,7 @@ def run_dagster_bench(partitions: int, per_partition: int, work: Path, base: str
                                                         "--partition", key], env, f"partition run {key}"), keys))
                 dagster_seconds = time.perf_counter() - started
             finally:
-                _stop(worker)
+                stop_process_group(worker, timeout=60)
     rows = sum(pq.read_metadata(layout.embeddings_file(rng)).num_rows for rng in ranges)
     if rows != total:
         raise UserError(f"the Dagster runs embedded {rows} rows, expected {total}")

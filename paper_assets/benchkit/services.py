@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,3 +48,14 @@ def empty_redis_database(base_url: str = DEFAULT_REDIS, candidates: range = rang
     finally:
         client.flushdb()
         client.close()
+
+
+def stop_process_group(process: subprocess.Popen, timeout: float = 30) -> None:
+    """Stop a process started with ``start_new_session=True`` and everything it started (TERM, then KILL)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(timeout=timeout)
+            return
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            continue
