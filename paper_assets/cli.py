@@ -106,6 +106,7 @@ def cmd_embed(args) -> int:
 
     from .engine.encoder import Encoder
     from .engine.model import ModelConfig, load_model
+    from .engine.partition_gate import GatePolicy, evaluate_partition
     from .engine.pipeline import build_papers, embed_papers
     from .engine.ranges import parse_range, range_for
     from .engine.source import inspect_source, range_stats
@@ -131,13 +132,20 @@ def cmd_embed(args) -> int:
     flags = {"base model": "--base-model" if args.base_model else "PAPER_ASSETS_BASE_MODEL",
              "adapter": "--adapter" if args.adapter else "PAPER_ASSETS_ADAPTER"}
     encoder = Encoder(load_model(config, setting_names=flags))
-    print(f"adapter {config.adapter_name} active ({encoder.loaded.precision} on {encoder.loaded.device})")
-    out = Path(args.out)
+    loaded = encoder.loaded
+    print(f"adapter {config.adapter_name} active ({loaded.precision} on {loaded.device})")
+    layout = ProjectHome(settings.home)
+    into_home = args.out is None  # the home's own layout, quality gate included: `publish` can take it from there
+    out = layout.embeddings_dir if into_home else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    total, started = 0, time.perf_counter()
+    model_meta = {"base_model": config.base_model, "adapter": config.adapter, "adapter_name": config.adapter_name,
+                  "fingerprint": loaded.fingerprint, "precision": loaded.precision, "device": str(loaded.device),
+                  "max_length": config.max_length, "pooling": "cls"}
+    total, gate_failed, started = 0, [], time.perf_counter()
     with tempfile.TemporaryDirectory(dir=out, prefix=".work-") as work, ThreadPoolExecutor(1) as prefetch:
         def papers_of(rng):
-            papers_file = Path(work) / f"papers-{rng.key}.parquet"
+            papers_file = layout.papers_file(rng) if into_home else Path(work) / f"papers-{rng.key}.parquet"
+            papers_file.parent.mkdir(parents=True, exist_ok=True)
             return papers_file, build_papers(info, rng, papers_file)
 
         # The next range's papers are read and cleaned while this one embeds, so the device never waits on them.
@@ -146,17 +154,28 @@ def cmd_embed(args) -> int:
             papers_file, papers = upcoming.result()
             if index + 1 < len(ranges):
                 upcoming = prefetch.submit(papers_of, ranges[index + 1])
-            meta = {"model": {"base_model": config.base_model, "adapter": config.adapter,
-                              "fingerprint": encoder.loaded.fingerprint, "precision": encoder.loaded.precision},
-                    "range": rng.key, "source_release": info.version}
-            report = embed_papers(papers_file, out / f"embeddings-{rng.key}.parquet", encoder,
-                                  Path(work) / "checkpoints" / rng.key, chunk_rows=settings.chunk_rows,
+            meta = {"model": model_meta, "range": rng.key, "papers_content_hash": papers.content_hash,
+                    "source_release": info.version}
+            out_file = layout.embeddings_file(rng) if into_home else out / f"embeddings-{rng.key}.parquet"
+            checkpoints = layout.checkpoint_dir(rng) if into_home else Path(work) / "checkpoints" / rng.key
+            report = embed_papers(papers_file, out_file, encoder, checkpoints, chunk_rows=settings.chunk_rows,
                                   file_metadata=meta)
             total += report.rows
+            verdict = ""
+            if into_home:
+                decision = evaluate_partition(layout, rng, out_file, encoder, papers.as_metadata(), model_meta,
+                                              GatePolicy()).gate
+                verdict = ", quality gate passed" if decision.passed else f", quality gate FAILED: {decision.failed}"
+                if not decision.passed:
+                    gate_failed.append(rng.key)
             print(f"{rng.key}: {report.rows:,} embedded, {sum(papers.skipped.values())} skipped (no text), "
-                  f"{papers.duplicate_corpusid} duplicate ids, {report.papers_per_second:,.1f} papers/s")
+                  f"{papers.duplicate_corpusid} duplicate ids, {report.papers_per_second:,.1f} papers/s{verdict}")
     elapsed = time.perf_counter() - started
     print(f"{total:,} papers in {elapsed:.1f} s ({total / elapsed if elapsed else 0:,.1f} papers/s) -> {out}")
+    if gate_failed:
+        print(f"paper-assets: error: quality gate failed for {', '.join(gate_failed)}; `publish` will refuse them",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -294,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     embed = sub.add_parser("embed", help="embed a source DuckDB into embeddings Parquet files (no Dagster)")
     embed.add_argument("--source", required=True, help="the cleaned S2 DuckDB file to read (opened read-only)")
-    embed.add_argument("--out", required=True, help="folder for embeddings-<range>.parquet (created if missing)")
+    embed.add_argument("--out", help="folder for embeddings-<range>.parquet (created if missing); without it, into "
+                       "PAPER_ASSETS_HOME's own layout with each range's quality gate, ready for `publish`")
     embed.add_argument("--table", default="papers_with_abstracts", help="source table (default %(default)s)")
     embed.add_argument("--base-model", help="base model id or folder (default PAPER_ASSETS_BASE_MODEL / "
                        "allenai/specter2_base)")

@@ -13,6 +13,7 @@ from dagster import DagsterInstance, instance_for_test, materialize
 from paper_assets.definitions import build_definitions
 from paper_assets.defs import embeddings, shards, source
 from paper_assets.defs.partitions import CORPUSID_RANGES
+from paper_assets.engine.partition_gate import canary_vectors
 from paper_assets.engine.ranges import parse_range
 from paper_assets.engine.storage import ProjectHome, vectors_of
 from paper_assets.settings import Settings
@@ -104,7 +105,7 @@ def test_failing_blocking_check_stops_hub_shards(project):
         run([embeddings.papers], defs, instance, partition_key=key)
         # Switch the adapter off in this process's loaded model: the canary must notice.
         encoder = defs.resources["specter2"].get_encoder()
-        defs.resources["specter2"].canary_vectors(ProjectHome(settings.home))  # reference recorded while active
+        canary_vectors(encoder, ProjectHome(settings.home))  # reference recorded while active
         encoder.loaded.model.set_active_adapters(None)
         try:
             result = materialize([embeddings.paper_embeddings], resources=defs.resources,

@@ -23,11 +23,12 @@ from dagster import (
 )
 from dagster_duckdb import DuckDBResource
 
-from ..engine import gate, quality
+from ..engine import quality
+from ..engine.partition_gate import evaluate_partition
 from ..engine.pipeline import build_papers, embed_papers
 from ..engine.ranges import IdRange, parse_range
 from ..engine.snapshot import current_snapshot
-from ..engine.storage import METADATA_KEY, sha256_file
+from ..engine.storage import METADATA_KEY
 from . import catalog as catalog_views
 from .executor import CELERY_QUEUE_TAG, EMBED_QUEUE
 from .partitions import corpusid_ranges
@@ -142,21 +143,8 @@ def paper_embeddings(
                           file_metadata=file_meta, progress=_ProgressLog(context))
     catalog_views.refresh(catalog, layout)
 
-    scan = quality.scan_embeddings(out, rng)
-    norm_stats = quality.robust_stats(scan.norms)
-    registry = gate.update_norm_registry(layout, rng.key, loaded.fingerprint, norm_stats)
-    canary = specter2.canary_vectors(layout)
-    outcomes = [
-        quality.check_count(scan.rows, int(papers_meta.get("rows", -1)), papers_meta.get("skipped", {})),
-        quality.check_vectors(scan, loaded.hidden_size),
-        quality.check_ids(scan, rng),
-        quality.check_norms(scan.norms, gate.norm_band(registry, loaded.fingerprint, specter2.norm_k,
-                                                       specter2.norm_band), specter2.max_norm_outlier_fraction),
-        quality.check_canary(canary["current"], canary["reference"], canary["without_adapter"], loaded.precision),
-    ]
-    decision = gate.Gate(file_sha256=sha256_file(out), rows=scan.rows, passed=all(o.passed for o in outcomes),
-                         failed=[o.name for o in outcomes if not o.passed], model=model_meta)
-    gate.write_gate(layout, rng, decision)
+    verdict = evaluate_partition(layout, rng, out, encoder, papers_meta, model_meta, specter2.gate_policy())
+    scan, norm_stats, outcomes, decision = verdict.scan, verdict.norm_stats, verdict.outcomes, verdict.gate
 
     stats = report.encode
     return MaterializeResult(

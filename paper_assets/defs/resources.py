@@ -5,17 +5,16 @@ import os
 import threading
 from pathlib import Path
 
-import numpy as np
 from dagster import ConfigurableResource
 from pydantic import Field, PrivateAttr
 
 from ..engine import publish
 from ..engine.encoder import Encoder
-from ..engine.model import ModelConfig, adapter_warning_silenced, load_model
-from ..engine.quality import CANARY_TEXT
+from ..engine.model import ModelConfig, load_model
+from ..engine.partition_gate import GatePolicy
 from ..engine.snapshot import release_id
 from ..engine.source import SourceError, SourceInfo, inspect_source, local_version
-from ..engine.storage import DEFAULT_CHUNK_ROWS, ProjectHome, atomic_path
+from ..engine.storage import DEFAULT_CHUNK_ROWS, ProjectHome
 
 
 class ProjectHomeResource(ConfigurableResource):
@@ -140,24 +139,9 @@ class Specter2Resource(ConfigurableResource):
                 _MODEL_CACHE[key] = encoder
             return _MODEL_CACHE[key]
 
-    def canary_vectors(self, home: ProjectHome) -> dict[str, np.ndarray]:
-        """Canary now, its stored reference for this fingerprint+precision, and with the adapter switched off."""
-        encoder = self.get_encoder()
-        loaded = encoder.loaded
-        current = encoder.encode([CANARY_TEXT])[0]
-        reference_file = home.canary_file(loaded.fingerprint, loaded.precision)
-        if not reference_file.exists():
-            with atomic_path(reference_file) as tmp, open(tmp, "wb") as handle:
-                np.save(handle, current)
-        reference = np.load(reference_file)
-        active = loaded.model.active_adapters
-        with adapter_warning_silenced():
-            loaded.model.set_active_adapters(None)
-            try:
-                without = encoder.encode([CANARY_TEXT])[0]
-            finally:
-                loaded.model.set_active_adapters(active)
-        return {"current": current, "reference": reference, "without_adapter": without}
+    def gate_policy(self) -> GatePolicy:
+        return GatePolicy(norm_k=self.norm_k, norm_band=tuple(self.norm_band) if self.norm_band else None,
+                          max_norm_outlier_fraction=self.max_norm_outlier_fraction)
 
 
 class ShardPublisherResource(ConfigurableResource):
