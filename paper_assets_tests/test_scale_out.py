@@ -16,6 +16,7 @@ from paper_assets.benchkit.services import (
     DEFAULT_REDIS,
     empty_redis_database,
     temporary_postgres_database,
+    temporary_rabbitmq_vhost,
 )
 from paper_assets.defs.executor import CELERY_QUEUE_TAG, EMBED_QUEUE
 from paper_assets.settings import Settings
@@ -50,6 +51,90 @@ def redis_url():
     _service_or_skip(lambda: redis.Redis.from_url(f"{DEFAULT_REDIS}/0").ping())
     with empty_redis_database() as url:
         yield url
+
+
+@pytest.fixture()
+def amqp_url():
+    import shutil
+
+    if shutil.which("rabbitmqctl") is None and not os.environ.get("CI"):
+        pytest.skip("rabbitmqctl not on this machine")
+    with temporary_rabbitmq_vhost() as url:
+        yield url
+
+
+def start_worker(env: dict, log: Path, *args: str) -> subprocess.Popen:
+    with open(log, "w") as handle:
+        worker = subprocess.Popen([sys.executable, "-m", "paper_assets.cli", "worker", "--device", "cpu", *args],
+                                  cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while " ready." not in log.read_text():
+        assert worker.poll() is None and time.time() < deadline, log.read_text()[-4000:]
+        time.sleep(0.5)
+    return worker
+
+
+def materialize_argv(selection: str, partition: str | None = None) -> list[str]:
+    return [sys.executable, "-m", "dagster", "asset", "materialize", "-m", "paper_assets.definitions",
+            "--select", selection] + (["--partition", partition] if partition else [])
+
+
+def test_a_worker_killed_mid_embedding_hands_its_step_to_another(tmp_path, tiny_model, generated_papers, pg_url,
+                                                                 redis_url, amqp_url):
+    import signal
+
+    import pyarrow.parquet as pq
+    from dagster import AssetKey, DagsterInstance
+
+    from paper_assets.engine.ranges import parse_range
+    from paper_assets.engine.storage import ProjectHome
+
+    base, adapter = tiny_model
+    papers = [dict(generated_papers[i % len(generated_papers)], corpusid=i) for i in range(3000)]
+    home = tmp_path / "home"
+    # Small batches and chunks: the embedding step runs long enough to be killed in the middle.
+    Settings(home=str(home), source=str(make_source(tmp_path / "source.duckdb", papers)), base_model=base,
+             adapter=adapter, chunk_rows=50, device="cpu", token_budget=512).save()
+    env = dict(os.environ, PAPER_ASSETS_HOME=str(home), PAPER_ASSETS_PG_URL=pg_url,
+               PAPER_ASSETS_CELERY_BROKER=amqp_url, PAPER_ASSETS_CELERY_BACKEND=redis_url,
+               DAGSTER_HOME=str(home / "dagster"))
+    key = "000000000-000999999"
+    checkpoints = ProjectHome(home).checkpoint_dir(parse_range(key))
+    first = start_worker(env, tmp_path / "first.log")
+    second = None
+    try:
+        done = subprocess.run(materialize_argv("s2_source"), cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        run = subprocess.Popen(materialize_argv("papers,paper_embeddings", key), cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 300
+        while len(list(checkpoints.glob("*.parquet"))) < 3:
+            assert run.poll() is None and time.time() < deadline, "the embedding step ended before the kill"
+            time.sleep(0.1)
+        second = start_worker(env, tmp_path / "second.log", "--queue", "embed")
+        assert run.poll() is None, "the embedding step ended before the kill"
+        os.killpg(first.pid, signal.SIGKILL)
+        output, _ = run.communicate(timeout=600)
+        assert run.returncode == 0, output[-4000:] + (tmp_path / "second.log").read_text()[-3000:]
+    finally:
+        for worker in (first, second):
+            if worker is not None:
+                stop_process_group(worker)
+
+    embedded = pq.read_table(ProjectHome(home).embeddings_file(parse_range(key)))
+    ids = embedded.column("corpusid").to_pylist()
+    assert sorted(ids) == list(range(3000))  # nothing lost, nothing twice
+    os.environ["PAPER_ASSETS_PG_URL"] = pg_url
+    try:
+        instance = DagsterInstance.from_config(str(home / "dagster"))
+        (record,) = instance.fetch_materializations(AssetKey("paper_embeddings"), limit=5).records
+        meta = {k: v.value for k, v in record.asset_materialization.metadata.items()}
+        assert meta["resumed_rows_from_checkpoint"] >= 150  # the second worker went on from the first's chunks
+        assert meta["quality_gate"] == "passed"
+        instance.dispose()
+    finally:
+        os.environ.pop("PAPER_ASSETS_PG_URL", None)
 
 
 def test_embedding_steps_are_routed_to_the_embed_queue():

@@ -59,3 +59,16 @@ def stop_process_group(process: subprocess.Popen, timeout: float = 30) -> None:
             return
         except (ProcessLookupError, subprocess.TimeoutExpired):
             continue
+
+
+@contextmanager
+def temporary_rabbitmq_vhost(host: str = "127.0.0.1", user: str = "guest", password: str = "guest") -> Iterator[str]:
+    """A fresh RabbitMQ virtual host (made with ``rabbitmqctl`` on this machine); its AMQP URL, deleted after."""
+    name = f"paper_assets_{uuid.uuid4().hex[:10]}"
+    subprocess.run(["rabbitmqctl", "add_vhost", name], check=True, capture_output=True, timeout=60)
+    try:
+        subprocess.run(["rabbitmqctl", "set_permissions", "-p", name, user, ".*", ".*", ".*"], check=True,
+                       capture_output=True, timeout=60)
+        yield f"amqp://{user}:{password}@{host}:5672/{name}"
+    finally:
+        subprocess.run(["rabbitmqctl", "delete_vhost", name], capture_output=True, timeout=60)

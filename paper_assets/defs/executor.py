@@ -29,6 +29,11 @@ def celery_config(settings: Settings) -> dict:
             "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
             "result_backend_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_SECONDS},
             "worker_prefetch_multiplier": 1,  # a worker takes one step at a time, never hoards partitions
+            # A step is acknowledged when it ends, not when it starts: if its worker dies (kill -9, lost machine)
+            # the broker hands it to another worker, which resumes from the chunk checkpoints. RabbitMQ does so as
+            # soon as the dead worker's connection drops; Redis after visibility_timeout.
+            "task_acks_late": True,
+            "task_reject_on_worker_lost": True,
         },
     }
 
