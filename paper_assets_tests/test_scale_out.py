@@ -242,3 +242,52 @@ def test_worker_refuses_to_start_without_a_broker(tmp_path):
     done = subprocess.run([sys.executable, "-m", "paper_assets.cli", "worker", "--device", "cpu"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "PAPER_ASSETS_CELERY_BROKER" in done.stderr
+
+
+def test_ui_backfill_runs_on_two_workers_with_a_postgresql_instance(tmp_path, tiny_model, generated_papers, pg_url,
+                                                                     redis_url):
+    """`paper-assets ui` (webserver + daemon) on a PostgreSQL instance with the Celery executor; `paper-assets
+    backfill --wait` launches 4 partition runs, as the UI's button would; two workers share the embedding steps."""
+    import json
+    import urllib.request
+
+    from .test_ui import free_port
+
+    base, adapter = tiny_model
+    papers = [dict(p, corpusid=i % 4 * 1_000_000 + i) for i, p in enumerate(generated_papers[:320])]
+    home = tmp_path / "home"
+    Settings(home=str(home), source=str(make_source(tmp_path / "source.duckdb", papers)), base_model=base,
+             adapter=adapter, chunk_rows=40, device="cpu").save()
+    env = dict(os.environ, PAPER_ASSETS_HOME=str(home), PAPER_ASSETS_PG_URL=pg_url,
+               PAPER_ASSETS_CELERY_BROKER=redis_url)
+    env.pop("DAGSTER_HOME", None)
+    workers = [start_worker(env, tmp_path / f"worker{i}.log") for i in range(2)]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "ui.log", "w") as log:
+        ui = subprocess.Popen([sys.executable, "-m", "paper_assets.cli", "ui", "--port", str(port)], cwd=REPO, env=env,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/server_info", timeout=5):
+                    break
+            except OSError:
+                assert ui.poll() is None and time.time() < deadline, (tmp_path / "ui.log").read_text()[-3000:]
+                time.sleep(1)
+        dagster_env = dict(env, DAGSTER_HOME=str(home / "dagster"))
+        done = subprocess.run(materialize_argv("s2_source"), cwd=REPO, env=dagster_env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        done = subprocess.run([sys.executable, "-m", "paper_assets.cli", "backfill", "--wait", "--url", url,
+                               "--timeout", "500"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr[-3000:] + (tmp_path / "ui.log").read_text()[-3000:]
+    finally:
+        for process in (ui, *workers):
+            stop_process_group(process)
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    partitions, summary = lines[1:-1], lines[-1]
+    assert summary["partitions"] == 4 and summary["failed"] == []
+    assert all(p["status"] == "SUCCESS" and p["rows"] == 80 for p in partitions)
+    assert len({p["worker"] for p in partitions}) == 2, partitions  # both workers embedded partitions
