@@ -249,9 +249,8 @@ def test_ui_backfill_runs_on_two_workers_with_a_postgresql_instance(tmp_path, ti
     """`paper-assets ui` (webserver + daemon) on a PostgreSQL instance with the Celery executor; `paper-assets
     backfill --wait` launches 4 partition runs, as the UI's button would; two workers share the embedding steps."""
     import json
-    import urllib.request
 
-    from .test_ui import free_port
+    from .test_ui import free_port, wait_for_webserver
 
     base, adapter = tiny_model
     papers = [dict(p, corpusid=i % 4 * 1_000_000 + i) for i, p in enumerate(generated_papers[:320])]
@@ -268,14 +267,7 @@ def test_ui_backfill_runs_on_two_workers_with_a_postgresql_instance(tmp_path, ti
         ui = subprocess.Popen([sys.executable, "-m", "paper_assets.cli", "ui", "--port", str(port)], cwd=REPO, env=env,
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/server_info", timeout=5):
-                    break
-            except OSError:
-                assert ui.poll() is None and time.time() < deadline, (tmp_path / "ui.log").read_text()[-3000:]
-                time.sleep(1)
+        wait_for_webserver(url, ui, tmp_path / "ui.log")
         dagster_env = dict(env, DAGSTER_HOME=str(home / "dagster"))
         done = subprocess.run(materialize_argv("s2_source"), cwd=REPO, env=dagster_env, capture_output=True,
                               text=True, timeout=300)

@@ -27,6 +27,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def wait_for_webserver(url: str, server: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/server_info", timeout=5):
+                return
+        except OSError as err:
+            if time.time() > deadline or server.poll() is not None:
+                raise RuntimeError(f"dagster dev did not start: {log.read_text()[-3000:]}") from err
+            time.sleep(1)
+
+
 def graphql(url: str, query: str, variables: dict | None = None) -> dict:
     request = urllib.request.Request(f"{url}/graphql", data=json.dumps({"query": query, "variables": variables or {}})
                                      .encode(), headers={"Content-Type": "application/json"})
@@ -69,16 +81,7 @@ def dagster_dev(tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/server_info", timeout=5):
-                    break
-            except OSError as err:
-                if time.time() > deadline or server.poll() is not None:
-                    log_tail = (home / "dagster-dev.log").read_text()[-3000:]
-                    raise RuntimeError(f"dagster dev did not start: {log_tail}") from err
-                time.sleep(1)
+        wait_for_webserver(url, server, home / "dagster-dev.log")
         yield url, home
     finally:
         stop_process_group(server)
