@@ -164,7 +164,8 @@ def cmd_embed(args) -> int:
             verdict = ""
             if into_home:
                 decision = evaluate_partition(layout, rng, out_file, encoder, papers.as_metadata(), model_meta,
-                                              GatePolicy()).gate
+                                              GatePolicy(settings.norm_k, None,
+                                                         settings.max_norm_outlier_fraction)).gate
                 verdict = ", quality gate passed" if decision.passed else f", quality gate FAILED: {decision.failed}"
                 if not decision.passed:
                     gate_failed.append(rng.key)

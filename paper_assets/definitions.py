@@ -25,7 +25,8 @@ def build_resources(settings: Settings) -> dict:
             base_model=settings.base_model, adapter=settings.adapter, device=settings.device,
             precision=settings.precision, token_budget=settings.token_budget, chunk_rows=settings.chunk_rows,
             compile=settings.compile, device_lock_dir=str(home.root / ".locks" / "devices"),
-            calibration_file=str(home.stats_dir / "calibration.json"),
+            calibration_file=str(home.calibration_file), norm_k=settings.norm_k,
+            max_norm_outlier_fraction=settings.max_norm_outlier_fraction,
         ),
         "publisher": ShardPublisherResource(
             hub_repo=settings.hub_repo, revision=settings.hub_revision, private=settings.hub_private,

@@ -45,6 +45,10 @@ class Settings:
     hub_repo: str = ""
     hub_revision: str = "main"
     hub_private: bool = False
+    # Quality gate, shared by paper_embeddings and `paper-assets embed` into a home: norms must lie within median ±
+    # norm_k·MAD of the home's partitions, with at most this fraction of outliers.
+    norm_k: float = 8.0
+    max_norm_outlier_fraction: float = 0.001
     # Scale-out (empty: one machine, SQLite instance, local processes). pg_url: the Dagster instance's PostgreSQL
     # (postgresql://user@host:5432/db); celery_broker/backend: Celery workers execute the steps (redis://host:6379/0).
     pg_url: str = ""
@@ -64,6 +68,8 @@ def _coerce(kind: type, raw: str | object):
         return raw if isinstance(raw, bool) else str(raw).strip().lower() in {"1", "true", "yes", "on"}
     if kind is int or kind == "int":
         return int(raw)
+    if kind is float or kind == "float":
+        return float(raw)
     return str(raw)
 
 

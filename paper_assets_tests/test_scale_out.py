@@ -283,3 +283,17 @@ def test_ui_backfill_runs_on_two_workers_with_a_postgresql_instance(tmp_path, ti
     assert summary["partitions"] == 4 and summary["failed"] == []
     assert all(p["status"] == "SUCCESS" and p["rows"] == 80 for p in partitions)
     assert len({p["worker"] for p in partitions}) == 2, partitions  # both workers embedded partitions
+
+
+def test_one_setting_reaches_the_assets_and_the_cli(tmp_path, monkeypatch):
+    from paper_assets.definitions import build_resources
+    from paper_assets.settings import load_settings
+
+    monkeypatch.setenv("PAPER_ASSETS_HOME", str(tmp_path))
+    monkeypatch.setenv("PAPER_ASSETS_NORM_K", "5.5")
+    monkeypatch.setenv("PAPER_ASSETS_CELERY_BROKER", "redis://127.0.0.1:6379/3")
+    settings = load_settings()
+    assert settings.norm_k == 5.5 and build_resources(settings)["specter2"].gate_policy().norm_k == 5.5
+    from paper_assets.definitions import build_definitions
+
+    assert build_definitions(settings).executor.name == "celery_workers"
