@@ -106,8 +106,9 @@ def cmd_embed(args) -> int:
 
     from .engine.encoder import Encoder
     from .engine.model import ModelConfig, load_model
-    from .engine.partition_gate import GatePolicy, evaluate_partition
+    from .engine.partition_gate import evaluate_partition
     from .engine.pipeline import build_papers, embed_papers
+    from .engine.quality import GatePolicy
     from .engine.ranges import parse_range, range_for
     from .engine.source import inspect_source, range_stats
 
@@ -138,9 +139,7 @@ def cmd_embed(args) -> int:
     into_home = args.out is None  # the home's own layout, quality gate included: `publish` can take it from there
     out = layout.embeddings_dir if into_home else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model_meta = {"base_model": config.base_model, "adapter": config.adapter, "adapter_name": config.adapter_name,
-                  "fingerprint": loaded.fingerprint, "precision": loaded.precision, "device": str(loaded.device),
-                  "max_length": config.max_length, "pooling": "cls"}
+    model_meta = loaded.metadata()
     total, gate_failed, started = 0, [], time.perf_counter()
     with tempfile.TemporaryDirectory(dir=out, prefix=".work-") as work, ThreadPoolExecutor(1) as prefetch:
         def papers_of(rng):
@@ -164,8 +163,9 @@ def cmd_embed(args) -> int:
             verdict = ""
             if into_home:
                 decision = evaluate_partition(layout, rng, out_file, encoder, papers.as_metadata(), model_meta,
-                                              GatePolicy(settings.norm_k, None,
-                                                         settings.max_norm_outlier_fraction)).gate
+                                              GatePolicy(norm_k=settings.norm_k,
+                                                         max_norm_outlier_fraction=settings.max_norm_outlier_fraction),
+                                              ).gate
                 verdict = ", quality gate passed" if decision.passed else f", quality gate FAILED: {decision.failed}"
                 if not decision.passed:
                     gate_failed.append(rng.key)
@@ -210,7 +210,7 @@ def cmd_bench(args) -> int:
     return run_benchmark(BenchOptions(
         source=args.source, base_model=args.base_model, adapter=args.adapter, papers=args.papers,
         precision=args.precision, compile=args.compile, token_budget=args.token_budget, device=args.device,
-        json=args.json,        pipeline_papers=args.pipeline_papers, release_rows=args.release_rows,
+        json=args.json, pipeline_papers=args.pipeline_papers, release_rows=args.release_rows,
         dagster_partitions=args.dagster_partitions, dagster_papers_per_partition=args.dagster_papers_per_partition))
 
 

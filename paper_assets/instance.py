@@ -41,8 +41,8 @@ def prepare_dagster_home(settings: Settings) -> Path:
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
     wanted = instance_yaml(settings)
-    if not config.exists() or (config.read_text(encoding="utf-8").startswith(MARKER)
-                               and config.read_text(encoding="utf-8") != wanted):
+    current = config.read_text(encoding="utf-8") if config.exists() else None
+    if current is None or (current.startswith(MARKER) and current != wanted):
         tmp = config.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(wanted, encoding="utf-8")
         tmp.replace(config)

@@ -10,6 +10,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .engine.quality import GatePolicy
 from .engine.storage import DEFAULT_CHUNK_ROWS
 
 CONFIG_FILE = "paper_assets.json"
@@ -47,8 +48,8 @@ class Settings:
     hub_private: bool = False
     # Quality gate, shared by paper_embeddings and `paper-assets embed` into a home: norms must lie within median ±
     # norm_k·MAD of the home's partitions, with at most this fraction of outliers.
-    norm_k: float = 8.0
-    max_norm_outlier_fraction: float = 0.001
+    norm_k: float = GatePolicy.norm_k
+    max_norm_outlier_fraction: float = GatePolicy.max_norm_outlier_fraction
     # Scale-out (empty: one machine, SQLite instance, local processes). pg_url: the Dagster instance's PostgreSQL
     # (postgresql://user@host:5432/db); celery_broker/backend: Celery workers execute the steps (redis://host:6379/0).
     pg_url: str = ""

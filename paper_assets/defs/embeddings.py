@@ -132,10 +132,7 @@ def paper_embeddings(
     encoder = specter2.get_encoder()
     loaded = encoder.loaded
     load_seconds = time.perf_counter() - load_started
-    model_meta = {"base_model": specter2.base_model, "adapter": specter2.adapter,
-                  "adapter_name": specter2.adapter_name, "fingerprint": loaded.fingerprint,
-                  "precision": loaded.precision, "device": str(loaded.device), "max_length": specter2.max_length,
-                  "pooling": "cls"}
+    model_meta = loaded.metadata()
     file_meta = {"model": model_meta, "range": rng.key, "papers_content_hash": papers_meta.get("content_hash"),
                  "source_release": papers_meta.get("source_version")}
     out = layout.embeddings_file(rng)

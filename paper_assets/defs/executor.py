@@ -20,7 +20,8 @@ VISIBILITY_TIMEOUT_SECONDS = 12 * 3600
 
 
 def celery_config(settings: Settings) -> dict:
-    """The executor config block the runs and the workers share (the workers read it from ``celery.yaml``)."""
+    """The executor config block the runs and the workers share (`paper-assets worker` writes it into the
+    ``dagster_celery_config`` module that dagster_celery's app imports)."""
     return {
         "broker": settings.celery_broker,
         "backend": settings.celery_backend or settings.celery_broker,

@@ -11,7 +11,7 @@ from pydantic import Field, PrivateAttr
 from ..engine import publish
 from ..engine.encoder import Encoder
 from ..engine.model import ModelConfig, load_model
-from ..engine.partition_gate import GatePolicy
+from ..engine.quality import GatePolicy
 from ..engine.snapshot import release_id
 from ..engine.source import SourceError, SourceInfo, inspect_source, local_version
 from ..engine.storage import DEFAULT_CHUNK_ROWS, ProjectHome
@@ -109,9 +109,9 @@ class Specter2Resource(ConfigurableResource):
     sep_token: str = "[SEP]"
     device_lock_dir: str = Field(default="", description="GPU claims for device=auto on multi-GPU machines")
     calibration_file: str = Field(default="", description="cache of the CPU token budget measured on first use")
-    norm_k: float = Field(default=8.0, description="norm band: median ± k·MAD across partitions")
+    norm_k: float = Field(default=GatePolicy.norm_k, description="norm band: median ± k·MAD across partitions")
     norm_band: list[float] = Field(default_factory=list, description="fixed [low, high] norm band instead")
-    max_norm_outlier_fraction: float = 0.001
+    max_norm_outlier_fraction: float = GatePolicy.max_norm_outlier_fraction
 
     _canary: dict = PrivateAttr(default_factory=dict)
 

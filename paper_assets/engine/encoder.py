@@ -96,6 +96,7 @@ class _LaunchedChunk:
     chunk: TokenizedChunk
     stats: EncodeStats
     started: float
+    sorted_lengths: np.ndarray  # row lengths in batch order (host)
     flat_ids: torch.Tensor | None = None  # the chunk's ids, starts and lengths (sorted order) on the device
     starts: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
@@ -227,29 +228,25 @@ class Encoder:
                 torch.cuda.empty_cache()
             stats.oom_splits += 1
             middle = (first + end) // 2
-            sorted_lengths = launched.chunk.lengths[launched.chunk.order]
-            return torch.cat([
-                self._encode_slice(launched, first, middle, width),
-                self._encode_slice(launched, middle, end,
-                                   padded_width(int(sorted_lengths[middle]), self.pad_multiple, self.max_length)),
-            ])
+            middle_width = padded_width(int(launched.sorted_lengths[middle]), self.pad_multiple, self.max_length)
+            return torch.cat([self._encode_slice(launched, first, middle, width),
+                              self._encode_slice(launched, middle, end, middle_width)])
         stats.batches += 1
-        stats.real_tokens += int(launched.chunk.lengths[launched.chunk.order[first:end]].sum())
+        stats.real_tokens += int(launched.sorted_lengths[first:end].sum())
         stats.padded_tokens += (end - first) * width
         return vectors
 
     def _launch(self, chunk: TokenizedChunk) -> _LaunchedChunk:
         """Queue every batch of ``chunk`` on the device and the copy of its vectors back; does not wait."""
         launched = _LaunchedChunk(chunk, EncodeStats(rows=chunk.rows, truncated_rows=chunk.truncated),
-                                  time.perf_counter())
+                                  time.perf_counter(), chunk.lengths[chunk.order])
         if not chunk.rows:
             launched.vectors = torch.empty((0, self.loaded.hidden_size), dtype=torch.float32)
             return launched
-        sorted_lengths = chunk.lengths[chunk.order]
         with torch.inference_mode(), self._autocast():
             launched.flat_ids = self._upload(chunk.flat_ids).long()
             launched.starts = self._upload(chunk.offsets[:-1][chunk.order])
-            launched.lengths = self._upload(sorted_lengths)
+            launched.lengths = self._upload(launched.sorted_lengths)
             vectors = torch.empty((chunk.rows, self.loaded.hidden_size), dtype=torch.float32, device=self.device)
             for first, end, width in zip(chunk.bounds[:-1].tolist(), chunk.bounds[1:].tolist(), chunk.widths,
                                          strict=True):
@@ -267,22 +264,21 @@ class Encoder:
         """Wait for a launched chunk, apply the NaN rule, and return its vectors in the chunk's row order."""
         if launched.copied is not None:
             launched.copied.synchronize()
-        chunk, stats = launched.chunk, launched.stats
+        chunk, stats, sorted_lengths = launched.chunk, launched.stats, launched.sorted_lengths
         sorted_vectors = launched.vectors.numpy()
         bad = np.flatnonzero(~np.isfinite(sorted_vectors).all(axis=1))
-        if len(bad):
-            sorted_lengths = chunk.lengths[chunk.order]
-            for batch in np.unique(np.searchsorted(chunk.bounds, bad, side="right") - 1).tolist():
-                first, end = int(chunk.bounds[batch]), int(chunk.bounds[batch + 1])
-                if end - first > 1:
-                    stats.nan_batches_recomputed += 1
-                    with torch.inference_mode(), self._autocast():
-                        for row in range(first, end):
-                            sorted_vectors[row] = self._encode_slice(launched, row, row + 1,
-                                                                     int(sorted_lengths[row])).cpu().numpy()
-                if not np.isfinite(sorted_vectors[first:end]).all():
-                    tokens = int(sorted_lengths[first + int(np.argmin(np.isfinite(sorted_vectors[first:end]).all(1)))])
-                    raise NonFiniteEmbeddingError(f"non-finite embedding for a row of {tokens} tokens")
+        for batch in np.unique(np.searchsorted(chunk.bounds, bad, side="right") - 1).tolist():
+            first, end = int(chunk.bounds[batch]), int(chunk.bounds[batch + 1])
+            if end - first > 1:
+                stats.nan_batches_recomputed += 1
+                with torch.inference_mode(), self._autocast():
+                    for row in range(first, end):
+                        sorted_vectors[row] = self._encode_slice(launched, row, row + 1,
+                                                                 int(sorted_lengths[row])).cpu().numpy()
+            finite = np.isfinite(sorted_vectors[first:end]).all(axis=1)
+            if not finite.all():
+                tokens = int(sorted_lengths[first + int(np.argmin(finite))])
+                raise NonFiniteEmbeddingError(f"non-finite embedding for a row of {tokens} tokens")
         out = np.empty_like(sorted_vectors)
         out[chunk.order] = sorted_vectors
         stats.forward_seconds = time.perf_counter() - launched.started

@@ -81,6 +81,13 @@ class LoadedModel:
     def precision(self) -> str:
         return precision_name(self.dtype)
 
+    def metadata(self) -> dict:
+        """What made a vector: recorded in every embeddings file and quality-gate record."""
+        config = self.config
+        return {"base_model": config.base_model, "adapter": config.adapter, "adapter_name": config.adapter_name,
+                "fingerprint": self.fingerprint, "precision": self.precision, "device": str(self.device),
+                "max_length": config.max_length, "pooling": POOLING}
+
 
 # Where the user sets each model path; the CLI passes its own flags so hints name what was actually used.
 SETTING_NAMES = {"base model": "PAPER_ASSETS_BASE_MODEL", "adapter": "PAPER_ASSETS_ADAPTER"}

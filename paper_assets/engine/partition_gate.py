@@ -12,15 +12,9 @@ import numpy as np
 from . import gate, quality
 from .encoder import Encoder
 from .model import adapter_warning_silenced
+from .quality import GatePolicy
 from .ranges import IdRange
 from .storage import ProjectHome, atomic_path, sha256_file
-
-
-@dataclass(frozen=True)
-class GatePolicy:
-    norm_k: float = 8.0  # norm band: median ± k·MAD across the home's partitions
-    norm_band: tuple[float, float] | None = None  # a fixed [low, high] band instead
-    max_norm_outlier_fraction: float = 0.001
 
 
 @dataclass

@@ -16,6 +16,15 @@ CANARY_TEXT = (
 )
 
 
+@dataclass(frozen=True)
+class GatePolicy:
+    """The thresholds of a partition's quality gate (the settings' and the resource's defaults come from here)."""
+
+    norm_k: float = 8.0  # norm band: median ± k·MAD across the home's partitions
+    norm_band: tuple[float, float] | None = None  # a fixed [low, high] band instead
+    max_norm_outlier_fraction: float = 0.001
+
+
 @dataclass
 class Outcome:
     name: str
