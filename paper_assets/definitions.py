@@ -5,10 +5,16 @@ from __future__ import annotations
 from dagster import Definitions, load_asset_checks_from_modules
 from dagster_duckdb import DuckDBResource
 
-from .defs import embeddings, shards, source
+from .defs import embeddings, novelty, shards, source
 from .defs.executor import executor_for
-from .defs.resources import ProjectHomeResource, S2SourceResource, ShardPublisherResource, Specter2Resource
-from .defs.sensors import s2_release_ranges_sensor, s2_source_release_sensor
+from .defs.resources import (
+    NoveltyResource,
+    ProjectHomeResource,
+    S2SourceResource,
+    ShardPublisherResource,
+    Specter2Resource,
+)
+from .defs.sensors import novelty_sensor, s2_release_ranges_sensor, s2_source_release_sensor
 from .engine.storage import ProjectHome
 from .settings import Settings, load_settings
 
@@ -33,15 +39,21 @@ def build_resources(settings: Settings) -> dict:
             local_folder=str(home.hub_folder),
         ),
         "catalog": DuckDBResource(database=str(home.warehouse)),
+        "novelty_config": NoveltyResource(
+            k=settings.novelty_k, search=settings.novelty_search, ef_search=settings.novelty_ef_search,
+            min_recall=settings.novelty_min_recall, hnsw_m=settings.novelty_hnsw_m,
+            ef_construction=settings.novelty_ef_construction, graph=settings.novelty_graph,
+        ),
     }
 
 
 def build_definitions(settings: Settings | None = None) -> Definitions:
     settings = settings or load_settings()
     return Definitions(
-        assets=[source.s2_source, embeddings.papers, embeddings.paper_embeddings, shards.hub_shards],
-        asset_checks=load_asset_checks_from_modules([embeddings, shards]),
-        sensors=[s2_source_release_sensor, s2_release_ranges_sensor],
+        assets=[source.s2_source, embeddings.papers, embeddings.paper_embeddings, shards.hub_shards,
+                novelty.paper_index, novelty.paper_novelty, novelty.hub_novelty],
+        asset_checks=load_asset_checks_from_modules([embeddings, shards, novelty]),
+        sensors=[s2_source_release_sensor, s2_release_ranges_sensor, novelty_sensor],
         resources=build_resources(settings),
         executor=executor_for(settings),
     )

@@ -10,6 +10,8 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .engine.novelty import NoveltyParams
+from .engine.paper_index import IndexParams
 from .engine.quality import GatePolicy
 from .engine.storage import DEFAULT_CHUNK_ROWS
 
@@ -53,6 +55,14 @@ class Settings:
     # Scale-out (empty: one machine, SQLite instance, local processes). pg_url: the Dagster instance's PostgreSQL
     # (postgresql://user@host:5432/db); celery_broker/backend: Celery workers execute the steps (redis://host:6379/0).
     pg_url: str = ""
+    # Novelty metrics and the similar-paper index (defaults: the metrics' authors' settings; see engine/novelty.py).
+    novelty_k: int = NoveltyParams.k
+    novelty_search: str = NoveltyParams.search
+    novelty_ef_search: int = NoveltyParams.ef_search
+    novelty_min_recall: float = NoveltyParams.min_recall
+    novelty_hnsw_m: int = IndexParams.hnsw_m
+    novelty_ef_construction: int = IndexParams.ef_construction
+    novelty_graph: str = IndexParams.graph
     celery_broker: str = ""
     celery_backend: str = ""
 

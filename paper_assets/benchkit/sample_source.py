@@ -52,9 +52,15 @@ def _sentence(rng: random.Random, words: int) -> str:
     return " ".join(chosen).capitalize()
 
 
+DEMO_FIRST_DAY = datetime.date(2023, 1, 1)
+DEMO_DAYS = 731  # publication dates spread over 24 calendar months (2023-01 .. 2024-12)
+
+
 def generate_papers(count: int, seed: int = 0, first_id: int = 1000, id_gap: int = 2_417) -> list[dict]:
-    """Deterministic synthetic papers with realistic lengths, ids spread over several ranges."""
+    """Deterministic synthetic papers with realistic lengths, ids spread over several ranges, publication dates
+    over 24 months (drawn from their own generator, so texts do not depend on them)."""
     rng = random.Random(seed)
+    dates = random.Random(seed + 7_919)
     papers = []
     corpusid = first_id
     for _ in range(count):
@@ -69,9 +75,11 @@ def generate_papers(count: int, seed: int = 0, first_id: int = 1000, id_gap: int
                 sentences.append(_sentence(rng, n) + ".")
                 left -= n
             abstract = " ".join(sentences)
+        rng.randint(1990, 2025)  # was the year: still drawn, so every text stays what it was
+        published = DEMO_FIRST_DAY + datetime.timedelta(days=dates.randrange(DEMO_DAYS))
         papers.append(
-            {"corpusid": corpusid, "title": title, "abstract": abstract,
-             "year": rng.randint(1990, 2025), "citation_count": int(rng.paretovariate(1.2)) - 1, "venue": None}
+            {"corpusid": corpusid, "title": title, "abstract": abstract, "publication_date": published,
+             "year": published.year, "citation_count": int(rng.paretovariate(1.2)) - 1, "venue": None}
         )
     return papers
 
@@ -113,7 +121,8 @@ def write_source(path: str | Path, papers: list[dict], id_type: str = "BIGINT") 
                     "title": [p["title"] for p in papers],
                     "abstract": [p["abstract"] for p in papers],
                     "publication_date": pa.array(
-                        [datetime.date(int(p["year"]), 1, 1) if p.get("year") else None for p in papers], pa.date32()
+                        [p.get("publication_date") or (datetime.date(int(p["year"]), 1, 1) if p.get("year") else None)
+                         for p in papers], pa.date32()
                     ),
                     "citation_count": pa.array([p.get("citation_count") for p in papers], pa.int32()),
                     "venue": pa.array([p.get("venue") for p in papers], pa.string()),

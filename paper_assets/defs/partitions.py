@@ -4,3 +4,7 @@ from dagster import DynamicPartitionsDefinition
 # and the release sensor when a source brings ids in a new range, so they never have to be listed by hand.
 CORPUSID_RANGES = "corpusid_ranges"
 corpusid_ranges = DynamicPartitionsDefinition(name=CORPUSID_RANGES)
+
+# Keys are calendar months ("2023-01") from the earliest dated paper to the latest; paper_index adds them.
+PUBLICATION_MONTHS = "publication_months"
+publication_months = DynamicPartitionsDefinition(name=PUBLICATION_MONTHS)

@@ -8,9 +8,12 @@ from collections.abc import Callable
 
 from dagster import DagsterInstance, DagsterRunStatus, Definitions, RunsFilter, materialize
 
+from ..engine.errors import UserError
+from ..engine.novelty import stale_months
+from ..engine.paper_index import current_manifest, index_inputs
 from ..engine.planner import plan_release
 from ..engine.snapshot import current_snapshot
-from . import embeddings, shards, source
+from . import embeddings, novelty, shards, source
 from .partitions import CORPUSID_RANGES
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -76,6 +79,7 @@ def apply_release(defs: Definitions, instance: DagsterInstance, publish: bool,
                 f"{model['device']}, {model['dimension']}-d vectors)")
         log(f"  {key}: {meta['dagster/row_count']:,} papers ({meta['rows_embedded']:,} embedded, "
             f"{meta['rows_reused']:,} reused, {meta['rows_deleted']:,} deleted; {plan.reasons[key]})")
+    summary["novelty_months"] = refresh_novelty(resources, instance, tags, publish, log)
     if publish and (plan.ranges or plan_release(layout, snapshot, None,
                                                 resources["publisher"].description()).publish):
         result = materialize([shards.hub_shards], resources=resources, instance=instance, run_config=QUIET,
@@ -84,3 +88,30 @@ def apply_release(defs: Definitions, instance: DagsterInstance, publish: bool,
         log(f"  published to {meta['target'].value}: {meta['files_uploaded'].value} uploaded, "
             f"{meta['files_deleted'].value} deleted, {meta['files_skipped_unchanged'].value} unchanged")
     return {**summary, "model": model}
+
+
+def refresh_novelty(resources: dict, instance: DagsterInstance, tags: dict, publish: bool,
+                    log: Callable[[str], None]) -> int:
+    """paper_index when the checked embeddings changed, then paper_novelty for the stale months only (what
+    ``novelty_sensor`` requests), then hub_novelty; returns the months computed."""
+    layout = resources["home"].layout()
+    try:
+        inputs = index_inputs(layout, verify=False)
+    except UserError as err:
+        log(f"  novelty skipped: {err}")
+        return 0
+    manifest = current_manifest(layout.index_dir)
+    if manifest is None or manifest.inputs != inputs:
+        materialize([novelty.paper_index], resources=resources, instance=instance, run_config=QUIET, tags=tags)
+        manifest = current_manifest(layout.index_dir)
+    months = manifest.month_range()
+    stale = stale_months(layout, manifest, months, resources["novelty_config"].params())
+    for month in stale:
+        materialize([novelty.paper_novelty], partition_key=month, resources=resources, instance=instance,
+                    run_config=QUIET, tags=tags)
+    if stale:
+        log(f"  paper_index {manifest.build}: {manifest.papers:,} papers; novelty of {len(stale)} month(s) "
+            f"computed ({stale[0]} .. {stale[-1]}), {len(months) - len(stale)} already current")
+        if publish:
+            materialize([novelty.hub_novelty], resources=resources, instance=instance, run_config=QUIET, tags=tags)
+    return len(stale)

@@ -11,6 +11,8 @@ from pydantic import Field, PrivateAttr
 from ..engine import publish
 from ..engine.encoder import Encoder
 from ..engine.model import ModelConfig, load_model
+from ..engine.novelty import NoveltyParams
+from ..engine.paper_index import IndexParams
 from ..engine.quality import GatePolicy
 from ..engine.snapshot import release_id
 from ..engine.source import SourceError, SourceInfo, inspect_source, local_version
@@ -165,3 +167,29 @@ class ShardPublisherResource(ConfigurableResource):
             return publish.HubTarget(self.hub_repo, revision=self.revision, private=self.private,
                                      endpoint=self.endpoint or None)
         return publish.LocalFolderTarget(Path(self.local_folder))
+
+
+class NoveltyResource(ConfigurableResource):
+    """How paper_index is built and paper_novelty searches it (defaults: the metrics' authors' settings)."""
+
+    k: int = Field(default=NoveltyParams.k, description="neighbours per paper (K)")
+    search: str = Field(default=NoveltyParams.search, description="auto (exact while a month's query x prior "
+                        "pairs are few, the HNSW graph beyond), exact, or hnsw")
+    exact_max_pairs: int = NoveltyParams.exact_max_pairs
+    ef_search: int = NoveltyParams.ef_search
+    recall_sample: int = Field(default=NoveltyParams.recall_sample, description="papers per month checked against "
+                               "exact search")
+    min_recall: float = NoveltyParams.min_recall
+    hnsw_m: int = IndexParams.hnsw_m
+    ef_construction: int = IndexParams.ef_construction
+    graph: str = Field(default=IndexParams.graph, description="build the HNSW graph: auto (from graph_min_papers), "
+                       "always, never")
+    graph_min_papers: int = IndexParams.graph_min_papers
+
+    def params(self) -> NoveltyParams:
+        return NoveltyParams(k=self.k, search=self.search, exact_max_pairs=self.exact_max_pairs,
+                             ef_search=self.ef_search, recall_sample=self.recall_sample, min_recall=self.min_recall)
+
+    def index_params(self) -> IndexParams:
+        return IndexParams(hnsw_m=self.hnsw_m, ef_construction=self.ef_construction, graph=self.graph,
+                           graph_min_papers=self.graph_min_papers)

@@ -7,7 +7,13 @@
    (``engine/planner.py``, the same one `paper-assets update` uses) which ranges are new, changed or emptied: it
    requests ``papers`` + ``paper_embeddings`` for exactly those, then, once none is pending, ``hub_shards`` if the
    Hub is behind. Run keys carry the release and range hash, so a range is requested once per change.
+3. ``novelty_sensor`` rebuilds ``paper_index`` when the checked embeddings changed, then requests ``paper_novelty``
+   for the months whose inputs (papers of that month or earlier) changed: a month's input hash chains the content
+   hashes of every month up to it, so a change in month M makes M and the later months stale, never earlier ones.
 """
+
+import hashlib
+import json
 
 from dagster import (
     AssetKey,
@@ -20,10 +26,13 @@ from dagster import (
     sensor,
 )
 
+from ..engine import novelty
+from ..engine.errors import UserError
+from ..engine.paper_index import current_manifest, index_inputs
 from ..engine.planner import plan_release
 from ..engine.snapshot import current_snapshot
-from .partitions import CORPUSID_RANGES, corpusid_ranges
-from .resources import ProjectHomeResource, S2SourceResource, ShardPublisherResource
+from .partitions import CORPUSID_RANGES, PUBLICATION_MONTHS, corpusid_ranges, publication_months
+from .resources import NoveltyResource, ProjectHomeResource, S2SourceResource, ShardPublisherResource
 
 RANGE_ASSETS = [AssetKey("papers"), AssetKey("paper_embeddings")]
 
@@ -81,3 +90,36 @@ def s2_release_ranges_sensor(context: SensorEvaluationContext, home: ProjectHome
         return SensorResult(run_requests=[RunRequest(run_key=f"{plan.release}:hub:{plan.publish_key}",
                                                      asset_selection=[AssetKey("hub_shards")])])
     return SkipReason(f"release {plan.release} is embedded and published")
+
+
+@sensor(
+    name="novelty_sensor",
+    description="Rebuilds paper_index when the checked embeddings differ from what it indexed (once no range is "
+    "pending), then requests paper_novelty for exactly the months whose papers, or earlier papers, changed.",
+    asset_selection=AssetSelection.assets(AssetKey("paper_index"), AssetKey("paper_novelty")),
+    minimum_interval_seconds=60,
+    default_status=DefaultSensorStatus.STOPPED,
+)
+def novelty_sensor(context: SensorEvaluationContext, home: ProjectHomeResource, novelty_config: NoveltyResource):
+    layout = home.layout()
+    try:
+        inputs = index_inputs(layout, verify=False)
+    except UserError as err:
+        return SkipReason(f"paper_index cannot be built yet: {err}")
+    manifest = current_manifest(layout.index_dir)
+    if manifest is None or manifest.inputs != inputs:
+        key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+        return SensorResult(run_requests=[RunRequest(run_key=f"paper_index:{key}",
+                                                     asset_selection=[AssetKey("paper_index")])])
+    months = manifest.month_range()
+    params = novelty_config.params()
+    stale = novelty.stale_months(layout, manifest, months, params)
+    if not stale:
+        return SkipReason(f"every novelty month is current with index build {manifest.build}")
+    known = set(context.instance.get_dynamic_partitions(PUBLICATION_MONTHS))
+    new_months = [m for m in months if m not in known]
+    return SensorResult(
+        run_requests=[RunRequest(run_key=f"paper_novelty:{m}:{novelty.month_input_hash(manifest, m, params)}",
+                                 partition_key=m, asset_selection=[AssetKey("paper_novelty")]) for m in stale],
+        dynamic_partitions_requests=[publication_months.build_add_request(new_months)] if new_months else [],
+    )

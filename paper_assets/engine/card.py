@@ -4,9 +4,30 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+NOVELTY_SECTION = [
+    "",
+    "## Novelty metrics (`novelty/`)",
+    "",
+    "One file per publication month: each paper of the month against its K nearest papers (cosine of the vectors "
+    "above) among all papers published before that month. Missing neighbours (fewer than K earlier papers) count as "
+    "cosine 0, so papers of the first month have every metric 1.0.",
+    "",
+    "| column | type | meaning |",
+    "|---|---|---|",
+    "| corpus_id | int64 | Semantic Scholar corpus id |",
+    "| publication_date | date32 | the paper's publication date |",
+    "| neighbors | int32 | earlier papers found (K unless fewer were published before the month) |",
+    "| novelty_mean | float32 | 1 − mean cosine of the K neighbours |",
+    "| novelty_max | float32 | 1 − the largest cosine (distance to the nearest earlier paper) |",
+    "| novelty_min | float32 | 1 − the smallest cosine |",
+    "| novelty_median | float32 | 1 − median cosine |",
+    "| novelty_harmonic | float32 | K / Σ 1 / max(1 − cosine, 1e-6) |",
+]
+
 
 def dataset_card(shards: list[str], rows: Mapping[str, int], model: Mapping[str, str], source_release: str,
-                 dim: int) -> str:
+                 dim: int, novelty: Mapping[str, int] | None = None) -> str:
+    """``novelty``: month file path -> rows, for the months published beside the shards."""
     total = sum(rows.get(s, 0) for s in shards)
     lines = [
         "---",
@@ -22,6 +43,8 @@ def dataset_card(shards: list[str], rows: Mapping[str, int], model: Mapping[str,
         "  data_files:",
         "  - split: train",
         '    path: "data/*.parquet"',
+        *(["- config_name: novelty", "  data_files:", "  - split: train", '    path: "novelty/*.parquet"']
+          if novelty else []),
         "---",
         "",
         "# SPECTER2 embeddings of Semantic Scholar papers",
@@ -52,6 +75,10 @@ def dataset_card(shards: list[str], rows: Mapping[str, int], model: Mapping[str,
         "|---|---|",
     ]
     lines += [f"| `{s}` | {rows[s]:,} |" if s in rows else f"| `{s}` | (published elsewhere) |" for s in shards]
+    if novelty:
+        lines += NOVELTY_SECTION
+        months = sorted(path.removeprefix("novelty/novelty-").removesuffix(".parquet") for path in novelty)
+        lines += ["", f"{sum(novelty.values()):,} papers in {len(novelty)} month file(s), {months[0]} to {months[-1]}."]
     lines += [
         "",
         "## Attribution",

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from . import quality
 from .card import dataset_card
 from .errors import UserError
-from .publish import Shard, shard_path
+from .publish import Shard, novelty_path, shard_path
 from .ranges import IdRange, parse_range
 from .storage import ProjectHome, atomic_path, file_metadata, sha256_file
 
@@ -112,9 +112,19 @@ def card_builder(layout: ProjectHome, release: str):
                 rows[shard_path(key)] = meta.num_rows
                 model = file_metadata(path).get("model", model)
                 dim = pq.read_schema(path).field("embedding").type.list_size
-        return dataset_card(present, rows, model, release, dim)
+        return dataset_card(present, rows, model, release, dim, novelty=published_novelty(layout))
 
     return build
+
+
+def published_novelty(layout: ProjectHome) -> dict[str, int]:
+    """Month files that passed their checks (repo path -> rows): what hub_novelty publishes."""
+    found = {}
+    for path in sorted(layout.novelty_dir.glob("novelty-*.parquet")):
+        if file_metadata(path).get("checks_passed"):
+            found[novelty_path(path.name.removeprefix("novelty-").removesuffix(".parquet"))] = \
+                pq.read_metadata(path).num_rows
+    return found
 
 
 def record_published(layout: ProjectHome, target: str, remote_sha256: dict[str, str | None]) -> None:

@@ -27,7 +27,9 @@ from .storage import FileLock, atomic_path, sha256_file
 SHARD_DIR = "data"
 CARD_PATH = "README.md"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-_REPO_PATH = re.compile(r"^(README\.md|data/embeddings-\d{9,12}-\d{9,12}\.parquet)$")
+NOVELTY_DIR = "novelty"
+_REPO_PATH = re.compile(
+    r"^(README\.md|data/embeddings-\d{9,12}-\d{9,12}\.parquet|novelty/novelty-\d{4}-\d{2}\.parquet)$")
 
 
 class PublishError(UserError, RuntimeError):
@@ -68,6 +70,10 @@ def validate_repo_path(path: str) -> str:
     return path
 
 
+def novelty_path(month: str) -> str:
+    return validate_repo_path(f"{NOVELTY_DIR}/novelty-{month}.parquet")
+
+
 def shard_path(range_key: str) -> str:
     return validate_repo_path(f"{SHARD_DIR}/embeddings-{range_key}.parquet")
 
@@ -101,13 +107,14 @@ class Shard:
     local: Path | None
     rows: int = 0
     sha256: str | None = None  # of ``local``, when the caller already hashed it (shards are hundreds of MB)
+    repo_path: str | None = None  # default: the embeddings shard path of ``range_key``
 
     def local_sha256(self) -> str:
         return self.sha256 or sha256_file(self.local)
 
     @property
     def path_in_repo(self) -> str:
-        return shard_path(self.range_key)
+        return self.repo_path or shard_path(self.range_key)
 
 
 class PublishTarget(Protocol):

@@ -166,6 +166,17 @@ class ProjectHome:
         return self.stats_dir / f"canary-{fingerprint}-{precision}.npy"
 
     @property
+    def index_dir(self) -> Path:
+        return self.root / "index"
+
+    @property
+    def novelty_dir(self) -> Path:
+        return self.root / "novelty"
+
+    def novelty_file(self, month: str) -> Path:
+        return self._inside(self.novelty_dir / f"novelty-{month}.parquet")
+
+    @property
     def hub_folder(self) -> Path:
         return self.root / "hub"
 
@@ -251,7 +262,8 @@ class ChunkCheckpoints:
 
 
 def refresh_catalog(conn, home: ProjectHome) -> list[str]:
-    """(Re)create the ``papers`` and ``embeddings`` views over the Parquet files; return the views made.
+    """(Re)create the ``papers``, ``embeddings`` and ``paper_novelty`` views over the Parquet files; return the views
+    made.
 
     The views use globs, so new partitions appear without a refresh; a refresh is only needed for the first file.
     """
@@ -259,6 +271,7 @@ def refresh_catalog(conn, home: ProjectHome) -> list[str]:
     for view, folder, prefix in (
         ("papers", home.papers_dir, "papers"),
         ("embeddings", home.embeddings_dir, "embeddings"),
+        ("paper_novelty", home.novelty_dir, "novelty"),
     ):
         files = sorted(folder.glob(f"{prefix}-*.parquet"))
         if files:
