@@ -51,10 +51,11 @@ def test_asset_graph_lineage(project):
     parents = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys}
                for k in graph.get_all_asset_keys()}
     assert parents == {"s2_source": set(), "papers": {"s2_source"}, "paper_embeddings": {"papers"},
-                       "hub_shards": {"paper_embeddings"}}
+                       "hub_shards": {"paper_embeddings"}, "paper_index": {"paper_embeddings", "s2_source"},
+                       "paper_novelty": {"paper_index"}, "hub_novelty": {"paper_novelty"}}
     checks = {c.name for c in graph.asset_check_keys}
     assert {"row_count", "vectors_valid", "corpusid_unique_in_range", "norms_in_band", "adapter_canary",
-            "published_matches_local"} <= checks
+            "published_matches_local", "recall_at_k", "metrics_in_unit_interval", "one_row_per_paper"} <= checks
 
 
 def test_one_partition_of_each_asset(project):
@@ -142,8 +143,14 @@ def test_demo_end_to_end_in_a_temporary_home(tmp_path):
     assert embedded == eligible > 350
     published = list((layout.hub_folder / "data").glob("*.parquet"))
     assert len(published) == len(list(layout.embeddings_dir.glob("*.parquet")))
-    commits = (layout.hub_folder / ".commits.jsonl").read_text().splitlines()
-    assert len(commits) == 1  # every partition in one commit
+    commits = [json.loads(line) for line in (layout.hub_folder / ".commits.jsonl").read_text().splitlines()]
+    # Every embeddings partition in one commit, every novelty month in another.
+    shard_commits = [c for c in commits if any(p.startswith("data/") for p in c["added"])]
+    assert len(shard_commits) == 1 and len([p for p in shard_commits[0]["added"] if p.startswith("data/")]) == \
+        len(published)
+    novelty_files = list((layout.hub_folder / "novelty").glob("novelty-*.parquet"))
+    assert len(commits) == 2 and len(novelty_files) == 24
+    assert "paper_index" in out.stdout and "novelty of 24 month(s)" in out.stdout
     instance = DagsterInstance.from_config(str(layout.dagster_home))
     try:
         keys = instance.get_dynamic_partitions(CORPUSID_RANGES)
@@ -152,5 +159,6 @@ def test_demo_end_to_end_in_a_temporary_home(tmp_path):
         for asset in ("papers", "paper_embeddings"):
             materialized = instance.get_materialized_partitions(AssetKey(asset))
             assert set(keys) == set(materialized), asset
+        assert len(instance.get_materialized_partitions(AssetKey("paper_novelty"))) == 24
     finally:
         instance.dispose()

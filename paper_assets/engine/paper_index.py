@@ -371,3 +371,22 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
         if want_set:
             scores.append(len(want_set & set(int(g) for g in got if g >= 0)) / len(want_set))
     return float(np.mean(scores)) if scores else 1.0
+
+
+def similar_papers(index: PaperIndex, corpusid: int, k: int = 10, before_day: int | None = None,
+                   exact_max_papers: int = 200_000) -> list[tuple[int, float]]:
+    """(position, cosine) of the k papers nearest to ``corpusid``, best first, optionally only those published
+    before ``before_day``. The paper itself is never its own neighbour."""
+    position = index.position_of(corpusid)
+    if position is None:
+        raise IndexError_(f"corpusid {corpusid} is not in paper_index (build {index.manifest.build}, "
+                          f"{index.manifest.papers:,} papers): it is not embedded, or its range was not indexed yet")
+    end = len(index.ids) if before_day is None else index.prior_end(before_day)
+    query = np.asarray(index.vectors[position : position + 1])
+    if end <= exact_max_papers or not index.has_graph:
+        found = index.search_exact(query, k + 1, end)
+    else:
+        found = index.search_hnsw(query, k + 1, end, ef_search=max(64, 2 * k))
+    pairs = [(int(p), float(c)) for p, c in zip(found.positions[0], found.cosines[0], strict=True)
+             if p >= 0 and p != position]
+    return pairs[:k]

@@ -1,0 +1,236 @@
+"""Novelty metrics, the paper index, their assets, checks, sensor and the similar / novelty commands."""
+
+import datetime
+import json
+
+import duckdb
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from dagster import AssetKey, build_sensor_context, instance_for_test, materialize
+
+from paper_assets.benchkit.novelty_bench import authors_loop, synthetic_corpus
+from paper_assets.cli import main
+from paper_assets.definitions import build_definitions
+from paper_assets.defs import embeddings, novelty, source
+from paper_assets.defs.partitions import CORPUSID_RANGES, PUBLICATION_MONTHS
+from paper_assets.defs.sensors import novelty_sensor
+from paper_assets.engine import novelty as engine
+from paper_assets.engine.paper_index import (
+    IndexParams,
+    PaperIndex,
+    current_index,
+    month_start_day,
+    write_index,
+)
+from paper_assets.engine.storage import ProjectHome
+from paper_assets.settings import Settings
+
+from .conftest import make_source
+
+QUIET = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+
+
+def test_metrics_are_the_authors_formulas():
+    cosines = np.array([[0.9, 0.5, 0.1]])
+    got = engine.metrics_from_cosines(cosines, np.array([3]), k=3)
+    assert got["novelty_mean"][0] == pytest.approx(0.5)
+    assert got["novelty_max"][0] == pytest.approx(0.1)  # 1 - the largest cosine
+    assert got["novelty_min"][0] == pytest.approx(0.9)
+    assert got["novelty_median"][0] == pytest.approx(0.5)
+    assert got["novelty_harmonic"][0] == pytest.approx(3 / (1 / 0.1 + 1 / 0.5 + 1 / 0.9))
+    # Fewer neighbours than K: the missing ones count as cosine 0 (what FAISS's -1 results give in the loop).
+    few = engine.metrics_from_cosines(np.array([[0.8, 0.6, 0.0, 0.0]]), np.array([2]), k=4)
+    assert few["novelty_mean"][0] == pytest.approx(1 - 1.4 / 4)
+    assert few["novelty_min"][0] == pytest.approx(1.0) and few["novelty_max"][0] == pytest.approx(0.2)
+    assert few["novelty_median"][0] == pytest.approx(1 - 0.3)
+    assert few["novelty_harmonic"][0] == pytest.approx(4 / (5 + 2.5 + 1 + 1))
+    # No prior paper at all: every metric is 1; an exact duplicate: the harmonic form is bounded by the 1e-6 floor.
+    none = engine.metrics_from_cosines(np.zeros((1, 5)), np.array([0]), k=5)
+    assert all(none[name][0] == pytest.approx(1.0) for name in engine.METRICS)
+    same = engine.metrics_from_cosines(np.ones((1, 2)), np.array([2]), k=2)
+    assert same["novelty_mean"][0] == pytest.approx(0.0) and same["novelty_harmonic"][0] == pytest.approx(1e-6)
+    # Cosines outside [0, 1] are clipped, as in the authors' notebook.
+    clipped = engine.metrics_from_cosines(np.array([[1.0000002, -0.3]]), np.array([2]), k=2)
+    assert clipped["novelty_max"][0] == 0.0 and clipped["novelty_min"][0] == 1.0
+
+
+def _index(tmp_path, papers=1500, months=6, dim=32, graph="never", seed=0):
+    ids, days, vectors = synthetic_corpus(papers, months, dim=dim, topics=30, seed=seed)
+    manifest = write_index(tmp_path, ids, days, vectors, "fp", "test", IndexParams(graph=graph))
+    return ids, days, vectors, PaperIndex(tmp_path / manifest.build)
+
+
+def _as_dict(result: engine.MonthNovelty) -> dict[int, np.ndarray]:
+    table = np.stack([result.table.column(m).to_numpy() for m in engine.METRICS], axis=1)
+    return dict(zip(result.table.column("corpus_id").to_pylist(), table, strict=True))
+
+
+def test_a_month_computed_alone_equals_the_month_by_month_loop(tmp_path):
+    ids, days, vectors, index = _index(tmp_path)
+    loop, _ = authors_loop(ids, days, vectors, k=100, exact=True)
+    months = sorted(index.manifest.months)
+    assert len(months) == 6
+    params = engine.NoveltyParams(search="exact")
+    for month in reversed(months):  # any order: the prior papers are defined by dates
+        result = engine.compute_month(index, month, params)
+        assert result.papers == index.manifest.months[month][1] - index.manifest.months[month][0]
+        for corpusid, values in _as_dict(result).items():
+            np.testing.assert_allclose(values, loop[corpusid], atol=2e-5)
+        checks = engine.check_month(result, index, params)
+        assert all(c.passed for c in checks), checks
+    first = engine.compute_month(index, months[0], params)
+    assert first.prior_papers == 0 and first.recall is None
+    assert (first.table.column("neighbors").to_numpy() == 0).all()
+    assert (first.table.column("novelty_mean").to_numpy() == 1.0).all()
+
+
+def test_hnsw_search_with_a_date_filter_agrees_with_exact(tmp_path):
+    ids, days, vectors, index = _index(tmp_path, papers=4000, months=4, dim=48, graph="always")
+    exact, _ = authors_loop(ids, days, vectors, k=100, exact=True)
+    params = engine.NoveltyParams(search="hnsw", recall_sample=200)
+    errors = []
+    for month in sorted(index.manifest.months)[1:]:
+        result = engine.compute_month(index, month, params)
+        assert result.search == "hnsw" and result.recall >= 0.95, (month, result.recall)
+        # Only papers published before the month: every neighbour position lies before the month's first paper.
+        got = _as_dict(result)
+        errors += [abs(values[0] - exact[corpusid][0]) for corpusid, values in got.items()]
+    assert np.mean(np.array(errors) <= 0.01) >= 0.99
+
+
+def test_prior_papers_are_defined_by_dates(tmp_path):
+    day = month_start_day("2024-03")
+    ids = np.array([10, 11, 12, 13, 14])
+    days = np.array([day - 1, day, day + 5, day - 70, np.iinfo(np.int32).max], dtype=np.int32)  # 14: undated
+    vectors = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
+    manifest = write_index(tmp_path, ids, days, vectors, "fp", "test", IndexParams(graph="never"))
+    index = PaperIndex(tmp_path / manifest.build)
+    assert manifest.dated == 4 and manifest.month_range() == ["2023-12", "2024-01", "2024-02", "2024-03"]
+    result = engine.compute_month(index, "2024-03", engine.NoveltyParams(k=10, search="exact"))
+    # The last day of February counts as prior, papers of March and the undated one never do.
+    assert sorted(result.table.column("corpus_id").to_pylist()) == [11, 12]
+    assert result.prior_papers == 2 and set(result.table.column("neighbors").to_pylist()) == {2}
+    empty = engine.compute_month(index, "2024-01", engine.NoveltyParams(k=10, search="exact"))  # no paper
+    assert empty.papers == 0 and empty.prior_papers == 1
+    assert all(c.passed for c in engine.check_month(empty, index, engine.NoveltyParams(k=10)))
+
+
+def test_a_broken_graph_fails_the_recall_check(tmp_path):
+    _, _, vectors, index = _index(tmp_path, papers=3000, months=3, dim=32, graph="always")
+    # A graph over other vectors than the index's (e.g. a stale or corrupted file): search returns wrong papers.
+    broken = faiss.IndexHNSWFlat(vectors.shape[1], 32)
+    broken.add(np.random.default_rng(9).permutation(np.asarray(index.vectors)))
+    faiss.write_index(broken, str(index.folder / "hnsw.faiss"))
+    index = PaperIndex(index.folder)
+    params = engine.NoveltyParams(search="hnsw")
+    month = sorted(index.manifest.months)[-1]
+    result = engine.compute_month(index, month, params)
+    outcomes = {c.name: c for c in engine.check_month(result, index, params)}
+    assert not outcomes["recall_at_k"].passed and outcomes["recall_at_k"].metadata["recall"] < 0.5
+    assert outcomes["metrics_in_unit_interval"].passed and outcomes["one_row_per_paper"].passed
+
+
+@pytest.fixture()
+def novelty_project(tmp_path, home, tiny_model, generated_papers):
+    base, adapter = tiny_model
+    src = make_source(tmp_path / "source.duckdb", generated_papers[:400])
+    settings = Settings(home=str(home), source=str(src), base_model=base, adapter=adapter, chunk_rows=64,
+                        novelty_k=20)
+    return settings, src
+
+
+def _run(assets, defs, instance, **kwargs):
+    result = materialize(assets, resources=defs.resources, instance=instance, run_config=QUIET, **kwargs)
+    assert result.success
+    return result
+
+
+def _embed_all(defs, instance):
+    _run([source.s2_source], defs, instance)
+    for key in sorted(instance.get_dynamic_partitions(CORPUSID_RANGES)):
+        _run([embeddings.papers, embeddings.paper_embeddings], defs, instance, partition_key=key)
+
+
+def test_novelty_assets_checks_sensor_and_commands(novelty_project, generated_papers, tmp_path, capsys):
+    settings, src = novelty_project
+    defs = build_definitions(settings)
+    layout = ProjectHome(settings.home)
+    with instance_for_test() as instance:
+        _embed_all(defs, instance)
+        sensor_resources = {k: defs.resources[k] for k in ("home", "novelty_config")}
+        tick = novelty_sensor(build_sensor_context(instance=instance, resources=sensor_resources))
+        assert [r.asset_selection for r in tick.run_requests] == [[AssetKey("paper_index")]]
+
+        meta = _run([novelty.paper_index], defs, instance).asset_materializations_for_node("paper_index")[0].metadata
+        months = instance.get_dynamic_partitions(PUBLICATION_MONTHS)
+        assert meta["dagster/row_count"].value == 400 and meta["months"].value == len(months) == 24
+        assert months[0] == "2023-01" and months[-1] == "2024-12"
+
+        # A late month alone, before any other: equals the exact month-by-month loop over the same vectors.
+        late = months[-3]
+        result = _run([novelty.paper_novelty], defs, instance, partition_key=late)
+        checks = result.get_asset_check_evaluations()
+        assert {c.check_name for c in checks} == set(novelty.NOVELTY_CHECKS) and all(c.passed for c in checks)
+        month_meta = result.asset_materializations_for_node("paper_novelty")[0].metadata
+        assert month_meta["prior_papers"].value > 300 and "novelty_mean_histogram" in month_meta
+        index = current_index(layout.index_dir)
+        loop, _ = authors_loop(index.ids[: index.manifest.dated], index.days[: index.manifest.dated],
+                               np.asarray(index.vectors[: index.manifest.dated]), k=20, exact=True)
+        table = pq.read_table(layout.novelty_file(late))
+        assert table.num_rows == month_meta["dagster/row_count"].value > 0
+        for row in table.to_pylist():
+            assert row["novelty_mean"] == pytest.approx(loop[row["corpus_id"]][0], abs=2e-5)
+
+        # The sensor now asks for exactly the other months.
+        tick = novelty_sensor(build_sensor_context(instance=instance, resources=sensor_resources))
+        assert sorted(r.partition_key for r in tick.run_requests) == sorted(m for m in months if m != late)
+        for request in tick.run_requests:
+            _run([novelty.paper_novelty], defs, instance, partition_key=request.partition_key)
+        tick = novelty_sensor(build_sensor_context(instance=instance, resources=sensor_resources))
+        assert not getattr(tick, "run_requests", None)
+        with duckdb.connect(str(layout.warehouse), read_only=True) as conn:
+            assert conn.execute("SELECT count(*), count(DISTINCT corpus_id) FROM paper_novelty").fetchone() == \
+                (400, 400)
+
+        _run([novelty.hub_novelty], defs, instance)
+        assert len(list((layout.hub_folder / "novelty").glob("novelty-*.parquet"))) == 24
+        assert "novelty_harmonic" in (layout.hub_folder / "README.md").read_text()
+
+        # Commands on this home.
+        corpusid = table.column("corpus_id")[0].as_py()
+        assert main(["similar", str(corpusid), "-k", "5", "--json"]) == 0
+        answer = json.loads(capsys.readouterr().out)
+        assert len(answer["neighbors"]) == 5 and corpusid not in [n["corpusid"] for n in answer["neighbors"]]
+        scores = [n["score"] for n in answer["neighbors"]]
+        assert scores == sorted(scores, reverse=True) and all(n["title"] for n in answer["neighbors"])
+        assert main(["similar", str(corpusid), "-k", "5", "--before", "2023-03-01", "--json"]) == 0
+        early = json.loads(capsys.readouterr().out)["neighbors"]
+        assert early and all(n["publication_date"] < "2023-03-01" for n in early)
+        assert main(["novelty", str(corpusid), "--json"]) == 0
+        record = json.loads(capsys.readouterr().out)
+        assert record["month"] == late and record["novelty_mean"] == pytest.approx(
+            table.column("novelty_mean")[0].as_py(), abs=1e-6)
+        assert main(["similar", "7"]) == 2 and "not in paper_index" in capsys.readouterr().err
+        assert main(["novelty", "7"]) == 2 and "not in paper_index" in capsys.readouterr().err
+
+        # A changed paper in month M: the rebuilt index makes M and the later months stale, not the earlier ones.
+        papers = [dict(p) for p in generated_papers[:400]]
+        target = next(p for p in papers if p["publication_date"].strftime("%Y-%m") == "2024-06")
+        target["abstract"] = (target["abstract"] or "") + " A new sentence changes this paper's vector."
+        changed_src = make_source(tmp_path / "source2.duckdb", papers)
+        settings2 = Settings(**{**vars(settings), "source": str(changed_src)})
+        defs2 = build_definitions(settings2)
+        _embed_all(defs2, instance)
+        tick = novelty_sensor(build_sensor_context(instance=instance, resources=sensor_resources))
+        assert [r.asset_selection for r in tick.run_requests] == [[AssetKey("paper_index")]]
+        _run([novelty.paper_index], defs2, instance)
+        tick = novelty_sensor(build_sensor_context(instance=instance, resources=sensor_resources))
+        assert sorted(r.partition_key for r in tick.run_requests) == [m for m in months if m >= "2024-06"]
+
+
+def test_generated_papers_have_dates_over_24_months(generated_papers):
+    dates = [p["publication_date"] for p in generated_papers]
+    assert min(dates) >= datetime.date(2023, 1, 1) and max(dates) <= datetime.date(2024, 12, 31)
+    assert len({d.strftime("%Y-%m") for d in dates}) == 24
