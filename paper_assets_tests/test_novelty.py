@@ -234,3 +234,28 @@ def test_generated_papers_have_dates_over_24_months(generated_papers):
     dates = [p["publication_date"] for p in generated_papers]
     assert min(dates) >= datetime.date(2023, 1, 1) and max(dates) <= datetime.date(2024, 12, 31)
     assert len({d.strftime("%Y-%m") for d in dates}) == 24
+
+
+def test_retrieval_model_has_trained_weights_and_an_active_adapter(tmp_path):
+    from paper_assets.benchkit.retrieval import build_retrieval_model, ndcg_at_10
+    from paper_assets.engine.encoder import Encoder
+    from paper_assets.engine.model import ModelConfig, load_model
+
+    base, adapter = build_retrieval_model(tmp_path / "model")
+    loaded = load_model(ModelConfig(base_model=base, adapter=adapter, precision="fp32", device="cpu"))
+    encoder = Encoder(loaded)
+    texts = ["Graph neural networks [SEP] Message passing on graphs for node classification.",
+             "Node classification with graph convolutions [SEP] We learn node embeddings over a citation graph.",
+             "Coral reef decline [SEP] Ocean warming bleaches corals across the Pacific."]
+    vectors = encoder.encode(texts)
+    assert vectors.shape == (3, 384)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    assert unit[0] @ unit[1] > unit[0] @ unit[2] + 0.05  # trained weights: related papers are closer
+    loaded.model.set_active_adapters(None)
+    try:
+        without = encoder.encode(texts)
+    finally:
+        loaded.model.set_active_adapters("proximity")
+    assert not np.allclose(vectors, without, atol=1e-4)  # the adapter is on the path
+    assert ndcg_at_10([1, 0], [1, 0]) == 1.0
+    assert ndcg_at_10([0, 1], [1, 0]) == pytest.approx(1 / np.log2(3))

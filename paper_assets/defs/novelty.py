@@ -106,6 +106,7 @@ def paper_novelty(context: AssetExecutionContext, home: ProjectHomeResource, nov
             "search": result.search,
             "recall_estimate": result.recall if result.recall is not None else "n/a (no prior papers)",
             "recall_sample": result.recall_sample,
+            "ef_search": result.ef_search if result.ef_search is not None else "n/a (exact)",
             "k": params.k,
             "index_build": index.manifest.build,
             "input_hash": result.input_hash,
