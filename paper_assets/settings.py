@@ -55,6 +55,7 @@ class Settings:
     # Scale-out (empty: one machine, SQLite instance, local processes). pg_url: the Dagster instance's PostgreSQL
     # (postgresql://user@host:5432/db); celery_broker/backend: Celery workers execute the steps (redis://host:6379/0).
     pg_url: str = ""
+    executor: str = "auto"  # auto (celery when a broker is set, else local processes), multiprocess, celery, k8s
     # Novelty metrics and the similar-paper index (defaults: the metrics' authors' settings; see engine/novelty.py).
     novelty_k: int = NoveltyParams.k
     novelty_search: str = NoveltyParams.search

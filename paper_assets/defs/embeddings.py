@@ -30,7 +30,7 @@ from ..engine.ranges import IdRange, parse_range
 from ..engine.snapshot import current_snapshot
 from ..engine.storage import METADATA_KEY
 from . import catalog as catalog_views
-from .executor import CELERY_QUEUE_TAG, EMBED_QUEUE
+from .executor import CELERY_QUEUE_TAG, EMBED_QUEUE, K8S_CONFIG_TAG, K8S_GPU_STEP
 from .partitions import corpusid_ranges
 from .resources import ProjectHomeResource, Specter2Resource
 
@@ -107,8 +107,8 @@ class _ProgressLog:
     group_name="embeddings",
     code_version="1",
     pool="gpu",
-    # With the Celery executor, embedding steps go to the workers bound to a device (`paper-assets worker`).
-    op_tags={CELERY_QUEUE_TAG: EMBED_QUEUE},
+    # Celery: embedding steps go to the workers bound to a device (`paper-assets worker`); k8s: a pod with a GPU.
+    op_tags={CELERY_QUEUE_TAG: EMBED_QUEUE, K8S_CONFIG_TAG: K8S_GPU_STEP},
     check_specs=[AssetCheckSpec(name, asset="paper_embeddings", blocking=True, description=text)
                  for name, text in EMBEDDING_CHECKS.items()],
     description="Embeddings (CLS, float32) per corpusid of one range from the configured SPECTER2-architecture "

@@ -1,4 +1,6 @@
-"""How steps execute: in local processes (the default), or on Celery workers (``PAPER_ASSETS_CELERY_BROKER``).
+"""How steps execute: in local processes (the default), on Celery workers (``PAPER_ASSETS_CELERY_BROKER``), or
+one Kubernetes pod per step (``PAPER_ASSETS_EXECUTOR=k8s``; the embedding steps' pods request a GPU through the
+``dagster-k8s/config`` tag, see ``K8S_GPU_STEP``).
 
 With Celery, every step runs inside a long-lived worker process (dagster-celery executes the step in the task body),
 so the model that :class:`~paper_assets.defs.resources.Specter2Resource` caches per process is loaded once per
@@ -15,6 +17,11 @@ from ..settings import Settings
 CELERY_QUEUE_TAG = "dagster-celery/queue"  # dagster_celery.tags.DAGSTER_CELERY_QUEUE_TAG
 EMBED_QUEUE = "embed"
 GENERAL_QUEUE = "dagster"
+K8S_CONFIG_TAG = "dagster-k8s/config"  # dagster_k8s.job.K8S_RESOURCE_REQUIREMENTS_KEY's tag
+# What the k8s_job_executor gives an embedding step's pod (other executors ignore the tag): one GPU.
+K8S_GPU_STEP = {"container_config": {"resources": {"requests": {"nvidia.com/gpu": "1", "cpu": "4", "memory": "16Gi"},
+                                                   "limits": {"nvidia.com/gpu": "1", "memory": "32Gi"}}}}
+EXECUTORS = ("auto", "multiprocess", "celery", "k8s")
 # Redis redelivers a task that is not acknowledged within this time; it must exceed the longest step.
 VISIBILITY_TIMEOUT_SECONDS = 12 * 3600
 
@@ -40,9 +47,18 @@ def celery_config(settings: Settings) -> dict:
 
 
 def executor_for(settings: Settings):
-    """The Celery executor when a broker is configured, else ``None`` (Dagster's default multiprocess executor)."""
-    if not settings.celery_broker:
-        return None
-    from dagster_celery import celery_executor
+    """``auto``: Celery when a broker is configured, else ``None`` (Dagster's default multiprocess executor)."""
+    kind = settings.executor
+    if kind not in EXECUTORS:
+        raise ValueError(f"PAPER_ASSETS_EXECUTOR must be one of {', '.join(EXECUTORS)}, not {kind!r}")
+    if kind == "k8s":
+        from dagster_k8s import k8s_job_executor
 
-    return celery_executor.configured(celery_config(settings), name="celery_workers")
+        return k8s_job_executor
+    if kind == "celery" or (kind == "auto" and settings.celery_broker):
+        if not settings.celery_broker:
+            raise ValueError("PAPER_ASSETS_EXECUTOR=celery needs PAPER_ASSETS_CELERY_BROKER")
+        from dagster_celery import celery_executor
+
+        return celery_executor.configured(celery_config(settings), name="celery_workers")
+    return None

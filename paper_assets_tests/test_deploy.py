@@ -1,0 +1,110 @@
+"""The shipped deployment files, checked against the libraries that read them (there is no cluster here).
+
+- deploy/helm/values.yaml: every Kubernetes object (env, volumes, volume mounts, resources) through the Kubernetes
+  client's models, strictly (dagster-k8s's ``k8s_model_from_dict``: unknown keys fail), which is what the chart
+  renders them into; the user deployment's gRPC arguments load the code location; the PostgreSQL settings make a
+  dagster-postgres storage config that dagster's instance schema accepts.
+- The embedding step's ``dagster-k8s/config`` tag through dagster-k8s's own parser and the container model.
+- Dockerfile: the interpreter matches ``requires-python``, the torch pin matches the Makefile's, the command
+  serves the module the Helm values name.
+The chart's own values.schema.json is not installable offline (it ships with the chart, not with a Python
+package), so the chart-level keys are checked only by the structure the chart's templates read.
+"""
+
+import re
+import tomllib
+
+import kubernetes
+import pytest
+import yaml
+from dagster import AssetKey
+from dagster._config import validate_config
+from dagster._core.instance.config import dagster_instance_config_schema
+from dagster_k8s.job import UserDefinedDagsterK8sConfig
+from dagster_k8s.models import k8s_model_from_dict, k8s_snake_case_dict
+
+from paper_assets.definitions import build_definitions
+from paper_assets.defs.executor import K8S_CONFIG_TAG, K8S_GPU_STEP
+from paper_assets.settings import Settings
+
+from .conftest import REPO
+
+VALUES = REPO / "deploy" / "helm" / "values.yaml"
+
+
+@pytest.fixture(scope="module")
+def values() -> dict:
+    return yaml.safe_load(VALUES.read_text(encoding="utf-8"))
+
+
+def _k8s(model, data):
+    """A Kubernetes object as written in YAML (camelCase, as the chart passes it on) into the client's model."""
+    return k8s_model_from_dict(model, k8s_snake_case_dict(model, data))
+
+
+def test_helm_values_kubernetes_objects_are_valid(values):
+    deployments = values["dagster-user-deployments"]["deployments"]
+    assert values["dagster-user-deployments"]["enabled"] and len(deployments) == 1
+    deployment = deployments[0]
+    env = [_k8s(kubernetes.client.V1EnvVar, item) for item in deployment["env"]]
+    names = {item.name for item in env}
+    assert {"PAPER_ASSETS_HOME", "PAPER_ASSETS_EXECUTOR"} <= names
+    settings = set(Settings.__dataclass_fields__)
+    assert all(name.removeprefix("PAPER_ASSETS_").lower() in settings for name in names), "every variable is a setting"
+    for place in (deployment, values["runLauncher"]["config"]["k8sRunLauncher"]):
+        volumes = [_k8s(kubernetes.client.V1Volume, v) for v in place["volumes"]]
+        mounts = [_k8s(kubernetes.client.V1VolumeMount, m) for m in place["volumeMounts"]]
+        assert {m.name for m in mounts} <= {v.name for v in volumes}
+        assert [m.mount_path for m in mounts] == [next(e.value for e in env if e.name == "PAPER_ASSETS_HOME")]
+        assert [s["name"] for s in place["envSecrets"]] == ["paper-assets-secrets"]
+    _k8s(kubernetes.client.V1ResourceRequirements, deployment["resources"])
+    with pytest.raises(Exception, match="Unexpected keys"):  # noqa: B017 - strict: a misspelt key fails
+        _k8s(kubernetes.client.V1VolumeMount, {"name": "home", "mountpath": "/data"})
+    assert values["runLauncher"]["type"] == "K8sRunLauncher"
+
+
+def test_helm_values_grpc_args_serve_our_code_location(values):
+    args = values["dagster-user-deployments"]["deployments"][0]["dagsterApiGrpcArgs"]
+    assert args == ["-m", "paper_assets.definitions"]
+    dockerfile = (REPO / "Dockerfile").read_text(encoding="utf-8")
+    assert '"-m", "paper_assets.definitions"' in dockerfile
+
+
+def test_helm_postgresql_settings_make_a_valid_dagster_instance(values):
+    pg = values["postgresql"]
+    assert pg["enabled"] is False and values["generatePostgresqlPasswordSecret"] is False
+    # What the chart's instance template renders from these values (helpers/instance/_postgresql.tpl).
+    storage = {"postgres_db": {"username": pg["postgresqlUsername"], "password": {"env": "DAGSTER_PG_PASSWORD"},
+                               "hostname": pg["postgresqlHost"], "db_name": pg["postgresqlDatabase"],
+                               "port": pg["service"]["port"]}}
+    instance = {"storage": {"postgres": storage},
+                "run_launcher": {"module": "dagster_k8s.launcher", "class": "K8sRunLauncher", "config": {}}}
+    result = validate_config(dagster_instance_config_schema(), instance)
+    assert result.success, result.errors
+
+
+def test_embedding_steps_request_a_gpu_on_kubernetes(tmp_path):
+    config = UserDefinedDagsterK8sConfig.from_dict(K8S_GPU_STEP)
+    resources = _k8s(kubernetes.client.V1ResourceRequirements, config.container_config["resources"])
+    assert resources.limits["nvidia.com/gpu"] == "1"
+    defs = build_definitions(Settings(home=str(tmp_path / "home"), source="", executor="k8s"))
+    assert defs.executor.name == "k8s"
+    graph = defs.resolve_asset_graph()
+    tags = graph.get(AssetKey("paper_embeddings")).assets_def.op.tags
+    assert tags[K8S_CONFIG_TAG] == K8S_GPU_STEP or yaml.safe_load(tags[K8S_CONFIG_TAG]) == K8S_GPU_STEP
+    assert K8S_CONFIG_TAG not in graph.get(AssetKey("papers")).assets_def.op.tags  # CPU steps stay on CPU pods
+    with pytest.raises(ValueError, match="PAPER_ASSETS_EXECUTOR"):
+        build_definitions(Settings(home=str(tmp_path / "home"), source="", executor="slurm"))
+
+
+def test_dockerfile_matches_the_project():
+    dockerfile = (REPO / "Dockerfile").read_text(encoding="utf-8")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    python = re.search(r"^FROM python:(\d+\.\d+)", dockerfile, re.M).group(1)
+    assert project["requires-python"] == f">={python}"
+    makefile_torch = re.search(r"^TORCH \?= (\S+)", (REPO / "Makefile").read_text(), re.M).group(1)
+    assert f'TORCH_SPEC="{makefile_torch}"' in dockerfile
+    assert 'pip install --no-cache-dir ".[k8s]"' in dockerfile and "k8s" in project["optional-dependencies"]
+    for copied in re.findall(r"^COPY (.+) \./", dockerfile, re.M):
+        for name in copied.split():
+            assert (REPO / name).exists(), name
