@@ -493,14 +493,14 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(func=cmd_worker)
 
     similar = sub.add_parser("similar", help="the papers nearest to one paper in paper_index (cosine of the vectors)")
-    similar.add_argument("corpusid", type=int)
+    similar.add_argument("corpusid", type=int, help="the paper's Semantic Scholar corpus id")
     similar.add_argument("-k", type=int, default=10, help="neighbours (default %(default)s)")
     similar.add_argument("--before", help="only papers published before this date (YYYY-MM-DD)")
     similar.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     similar.set_defaults(func=cmd_similar)
 
     novelty = sub.add_parser("novelty", help="a paper's novelty metrics (paper_novelty of its publication month)")
-    novelty.add_argument("corpusid", type=int)
+    novelty.add_argument("corpusid", type=int, help="the paper's Semantic Scholar corpus id")
     novelty.add_argument("--json", action="store_true", help="one JSON object")
     novelty.set_defaults(func=cmd_novelty)
     return parser

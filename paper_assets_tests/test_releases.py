@@ -109,13 +109,17 @@ def test_update_embeds_only_what_changed_and_deletes_what_left(release_home, cap
     assert "embeddings-009000000-009999999.parquet" in published
     card = (layout.hub_folder / "README.md").read_text()
     assert second["release"] in card
-    commits = (layout.hub_folder / ".commits.jsonl").read_text().splitlines()
-    assert len(commits) == 2  # one per release
+    commits = [json.loads(line) for line in (layout.hub_folder / ".commits.jsonl").read_text().splitlines()]
+    shard_commits = [c for c in commits if any(p.startswith("data/") for p in c["added"] + c["deleted"])]
+    assert len(shard_commits) == 2  # one per release
+    # Novelty: every month at first; after the change, the months from the earliest changed paper's on.
+    assert first["novelty_months"] == 24 and 0 < second["novelty_months"] <= 24
+    assert len(commits) == 4
 
     again = update(capsys, "--publish")
     assert again == {"release": second["release"], "ranges_changed": 0, "rows_embedded": 0, "rows_reused": 0,
-                     "rows_deleted": 0}
-    assert len((layout.hub_folder / ".commits.jsonl").read_text().splitlines()) == 2
+                     "rows_deleted": 0, "novelty_months": 0}
+    assert len((layout.hub_folder / ".commits.jsonl").read_text().splitlines()) == 4
 
 
 def run_sensor_requests(result, defs, instance) -> int:

@@ -86,7 +86,7 @@ def score_queries(queries, query_vector, paper_vector) -> dict[str, float]:
     per_task: dict[str, list[float]] = defaultdict(list)
     for (task, query), candidates in queries.items():
         q = query_vector(query)
-        scored = sorted(candidates, key=lambda c: -float(np.dot(q, paper_vector(c[0]))))
+        scored = sorted(candidates, key=lambda c, q=q: (-float(np.dot(q, paper_vector(c[0]))), c[1]))
         per_task[task].append(ndcg_at_10([label for _, label in scored], [label for _, label in candidates]))
     result = {task: float(np.mean(values)) for task, values in sorted(per_task.items())}
     result["mean"] = float(np.mean(list(result.values())))
@@ -173,7 +173,9 @@ def _index_quality(queries, paper_vectors, ids, work: Path, depth: int = 100) ->
         per_task: dict[str, list[float]] = defaultdict(list)
         for (task, query), candidates in paper_queries.items():
             ranks = rank_of[int(query)]
-            scored = sorted(candidates, key=lambda c: ranks.get(c[0], depth + 1))
+            # Candidates the search did not return tie at the end; ties go against the relevant ones, so the
+            # metric never profits from the order in which the pairs file lists candidates.
+            scored = sorted(candidates, key=lambda c, ranks=ranks: (ranks.get(c[0], depth + 1), c[1]))
             per_task[task].append(ndcg_at_10([label for _, label in scored], [label for _, label in candidates]))
         result[name] = {task: float(np.mean(v)) for task, v in sorted(per_task.items())}
         result[name]["mean"] = float(np.mean(list(result[name].values())))
