@@ -259,3 +259,28 @@ def test_retrieval_model_has_trained_weights_and_an_active_adapter(tmp_path):
     assert not np.allclose(vectors, without, atol=1e-4)  # the adapter is on the path
     assert ndcg_at_10([1, 0], [1, 0]) == 1.0
     assert ndcg_at_10([0, 1], [1, 0]) == pytest.approx(1 / np.log2(3))
+
+
+def test_the_index_refuses_embeddings_of_two_models(tmp_path):
+    from paper_assets.engine import gate
+    from paper_assets.engine.paper_index import IndexError_, build_index
+    from paper_assets.engine.ranges import parse_range
+    from paper_assets.engine.storage import (
+        atomic_parquet_writer,
+        embeddings_batch,
+        embeddings_schema,
+        sha256_file,
+    )
+
+    layout = ProjectHome(tmp_path / "home")
+    for key, fingerprint in (("000000000-000999999", "model-a"), ("001000000-001999999", "model-b")):
+        rng = parse_range(key)
+        schema = embeddings_schema(8, {"model": {"fingerprint": fingerprint}})
+        path = layout.embeddings_file(rng)
+        with atomic_parquet_writer(path, schema) as writer:
+            writer.write_batch(embeddings_batch(np.array([rng.lo + 1]), np.ones((1, 8), np.float32),
+                                                ["x" * 64], schema))
+        gate.write_gate(layout, rng, gate.Gate(file_sha256=sha256_file(path), rows=1, passed=True, failed=[],
+                                               model={"fingerprint": fingerprint}))
+    with pytest.raises(IndexError_, match="2 model fingerprints.*model-a.*model-b"):
+        build_index(layout, snapshot=None)
