@@ -284,3 +284,11 @@ def test_the_index_refuses_embeddings_of_two_models(tmp_path):
                                                model={"fingerprint": fingerprint}))
     with pytest.raises(IndexError_, match="2 model fingerprints.*model-a.*model-b"):
         build_index(layout, snapshot=None)
+
+
+def test_an_identical_rebuild_reuses_the_build_and_records_its_new_inputs(tmp_path):
+    ids, days, vectors = synthetic_corpus(300, 3, dim=16, topics=5, seed=1)
+    first = write_index(tmp_path, ids, days, vectors, "fp", "r1", IndexParams(graph="never"), inputs={"a": "1"})
+    second = write_index(tmp_path, ids, days, vectors, "fp", "r2", IndexParams(graph="never"), inputs={"a": "2"})
+    assert second.build == first.build and second.inputs == {"a": "2"} and second.source_release == "r2"
+    assert PaperIndex(tmp_path / first.build).manifest.inputs == {"a": "2"}

@@ -28,14 +28,12 @@ def synthetic_corpus(papers: int, months: int, dim: int = 768, topics: int = 400
     centres = rng.normal(size=(topics, dim)).astype(np.float32)
     month_of_paper = np.sort(rng.integers(0, months, size=papers))
     # Topics open over time: month m draws from the first (m+1)/months share of topics (and half stay popular).
-    limit = np.maximum(8, ((month_of_paper + 1) * topics) // months)
+    limit = np.minimum(topics, np.maximum(8, ((month_of_paper + 1) * topics) // months))
     topic = (rng.random(papers) * limit).astype(np.int64)
     vectors = centres[topic] + rng.normal(scale=0.9, size=(papers, dim)).astype(np.float32)
-    start = month_start_day(first_month)
     month_starts = np.array([month_start_day(str(np.datetime64(first_month, "M") + m)) for m in range(months + 1)])
     days = month_starts[month_of_paper] + (rng.random(papers) * (month_starts[month_of_paper + 1]
                                                                   - month_starts[month_of_paper])).astype(np.int64)
-    del start
     ids = rng.choice(np.arange(10_000_000, 10_000_000 + 40 * papers), size=papers, replace=False)
     return ids.astype(np.int64), days.astype(np.int32), vectors
 
@@ -56,7 +54,7 @@ def authors_loop(ids: np.ndarray, days: np.ndarray, vectors: np.ndarray, k: int 
         index.hnsw.efConstruction = ef_construction
         index.hnsw.efSearch = ef_search
     results: dict[int, np.ndarray] = {}
-    names, starts = np.unique(labels, return_index=True)
+    _, starts = np.unique(labels, return_index=True)
     ends = list(starts[1:]) + [len(ids)]
     for start, end in zip(starts, ends, strict=True):
         queries = x[start:end]
@@ -73,7 +71,6 @@ def authors_loop(ids: np.ndarray, days: np.ndarray, vectors: np.ndarray, k: int 
         for row, corpusid in enumerate(ids[start:end]):
             results[int(corpusid)] = table[row]
         index.add(queries)
-    del names
     return results, time.perf_counter() - started
 
 

@@ -236,7 +236,16 @@ def write_index(root: Path, ids: np.ndarray, days: np.ndarray, vectors: np.ndarr
         shutil.rmtree(folder, ignore_errors=True)
         staging.rename(folder)
     else:
-        manifest = IndexManifest.from_json((folder / "manifest.json").read_text(encoding="utf-8"))
+        # Same papers and vectors as an existing build (e.g. a range re-embedded to identical vectors): reuse it, but
+        # record what it was built from now, or the sensor would keep asking for a rebuild.
+        stored = IndexManifest.from_json((folder / "manifest.json").read_text(encoding="utf-8"))
+        if (stored.inputs, stored.source_release, stored.skipped) != (manifest.inputs, manifest.source_release,
+                                                                      manifest.skipped):
+            stored.inputs, stored.source_release, stored.skipped = (manifest.inputs, manifest.source_release,
+                                                                    manifest.skipped)
+            with atomic_path(folder / "manifest.json") as tmp:
+                tmp.write_text(stored.to_json(), encoding="utf-8")
+        manifest = stored
     with atomic_path(root / CURRENT_FILE) as tmp:
         tmp.write_text(json.dumps({"build": build}), encoding="utf-8")
     _prune(root, keep=build)
