@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .engine.errors import UserError
 from .engine.storage import ProjectHome
-from .settings import Settings, load_settings
+from .settings import DEFAULTS, Settings, load_settings
 
 
 class CommandError(UserError):
@@ -410,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--source", required=True, help="the cleaned S2 DuckDB file to read (opened read-only)")
     embed.add_argument("--out", help="folder for embeddings-<range>.parquet (created if missing); without it, into "
                        "PAPER_ASSETS_HOME's own layout with each range's quality gate, ready for `publish`")
-    embed.add_argument("--table", default="papers_with_abstracts", help="source table (default %(default)s)")
+    embed.add_argument("--table", default=DEFAULTS.source_table, help="source table (default %(default)s)")
     embed.add_argument("--base-model", help="base model id or folder (default PAPER_ASSETS_BASE_MODEL / "
                        "allenai/specter2_base)")
     embed.add_argument("--adapter", help="proximity adapter id or folder (default PAPER_ASSETS_ADAPTER / "

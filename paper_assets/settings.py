@@ -75,6 +75,10 @@ class Settings:
         return path
 
 
+# Every default of every setting, for the resources and the CLI (one place to change one).
+DEFAULTS = Settings(home="", source="")
+
+
 def _coerce(kind: type, raw: str | object):
     if kind is bool or kind == "bool":
         return raw if isinstance(raw, bool) else str(raw).strip().lower() in {"1", "true", "yes", "on"}

@@ -108,3 +108,28 @@ def test_dockerfile_matches_the_project():
     for copied in re.findall(r"^COPY (.+) \./", dockerfile, re.M):
         for name in copied.split():
             assert (REPO / name).exists(), name
+
+
+def test_resources_and_cli_take_their_defaults_from_the_settings():
+    from paper_assets.cli import build_parser
+    from paper_assets.defs.resources import NoveltyResource, S2SourceResource, ShardPublisherResource, Specter2Resource
+    from paper_assets.settings import DEFAULTS
+
+    pairs = {
+        (S2SourceResource, "table"): "source_table", (S2SourceResource, "hub_file"): "source_hub_file",
+        (S2SourceResource, "revision"): "source_revision", (S2SourceResource, "range_width"): "range_width",
+        (Specter2Resource, "base_model"): "base_model", (Specter2Resource, "adapter"): "adapter",
+        (Specter2Resource, "device"): "device", (Specter2Resource, "precision"): "precision",
+        (Specter2Resource, "token_budget"): "token_budget", (Specter2Resource, "chunk_rows"): "chunk_rows",
+        (Specter2Resource, "compile"): "compile", (Specter2Resource, "norm_k"): "norm_k",
+        (Specter2Resource, "max_norm_outlier_fraction"): "max_norm_outlier_fraction",
+        (ShardPublisherResource, "revision"): "hub_revision", (ShardPublisherResource, "private"): "hub_private",
+        (NoveltyResource, "k"): "novelty_k", (NoveltyResource, "search"): "novelty_search",
+        (NoveltyResource, "ef_search"): "novelty_ef_search", (NoveltyResource, "min_recall"): "novelty_min_recall",
+        (NoveltyResource, "hnsw_m"): "novelty_hnsw_m", (NoveltyResource, "ef_construction"): "novelty_ef_construction",
+        (NoveltyResource, "graph"): "novelty_graph",
+    }
+    for (resource, field), setting in pairs.items():
+        assert resource.model_fields[field].default == getattr(DEFAULTS, setting), (resource.__name__, field)
+    embed = build_parser()._subparsers._group_actions[0].choices["embed"]
+    assert embed.get_default("table") == DEFAULTS.source_table

@@ -16,7 +16,8 @@ from ..engine.paper_index import IndexParams
 from ..engine.quality import GatePolicy
 from ..engine.snapshot import release_id
 from ..engine.source import SourceError, SourceInfo, inspect_source, local_version
-from ..engine.storage import DEFAULT_CHUNK_ROWS, ProjectHome
+from ..engine.storage import ProjectHome
+from ..settings import DEFAULTS
 
 
 class ProjectHomeResource(ConfigurableResource):
@@ -39,11 +40,11 @@ class S2SourceResource(ConfigurableResource):
     """
 
     path: str = Field(default="", description="local DuckDB file(s), comma-separated (used when hub_repo is empty)")
-    table: str = "papers_with_abstracts"
+    table: str = DEFAULTS.source_table
     hub_repo: str = Field(default="", description="dataset repo id holding the source file(s)")
-    hub_file: str = Field(default="S2_papers_cleaned.db", description="file(s) in hub_repo, comma-separated")
-    revision: str = Field(default="main", description="commit sha, tag or branch of hub_repo")
-    range_width: int = Field(default=1_000_000, description="corpus ids per partition")
+    hub_file: str = Field(default=DEFAULTS.source_hub_file, description="file(s) in hub_repo, comma-separated")
+    revision: str = Field(default=DEFAULTS.source_revision, description="commit sha, tag or branch of hub_repo")
+    range_width: int = Field(default=DEFAULTS.range_width, description="corpus ids per partition")
     hub_endpoint: str = Field(default="", description="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
 
     def _api(self):
@@ -95,25 +96,25 @@ _MODEL_LOCK = threading.Lock()
 class Specter2Resource(ConfigurableResource):
     """SPECTER2 (base + proximity adapter), loaded once per process on the best device."""
 
-    base_model: str = "allenai/specter2_base"
-    adapter: str = "allenai/specter2"
+    base_model: str = DEFAULTS.base_model
+    adapter: str = DEFAULTS.adapter
     adapter_name: str = "proximity"
-    device: str = Field(default="auto", description="auto (cuda -> mps -> cpu), cpu, cuda, cuda:N, mps")
-    precision: str = Field(default="auto", description="auto, fp32, bf16, fp16")
+    device: str = Field(default=DEFAULTS.device, description="auto (cuda -> mps -> cpu), cpu, cuda, cuda:N, mps")
+    precision: str = Field(default=DEFAULTS.precision, description="auto, fp32, bf16, fp16")
     max_length: int = 512
-    token_budget: int = Field(default=0, description="padded tokens per forward batch (0: measured once per CPU "
-                              "kind and cached in calibration_file; 65536 on a GPU of >= 40 GiB)")
+    token_budget: int = Field(default=DEFAULTS.token_budget, description="padded tokens per forward batch (0: "
+                              "measured once per CPU kind and cached in calibration_file; 65536 on a GPU of >= 40 GiB)")
     max_batch_rows: int = 512
     pad_multiple: int = Field(default=0, description="padded batch widths are multiples of this (0: 64 on GPU, 8 "
                               "on CPU)")
-    compile: bool = False
-    chunk_rows: int = Field(default=DEFAULT_CHUNK_ROWS, description="rows per checkpointed chunk of a partition")
+    compile: bool = DEFAULTS.compile
+    chunk_rows: int = Field(default=DEFAULTS.chunk_rows, description="rows per checkpointed chunk of a partition")
     sep_token: str = "[SEP]"
     device_lock_dir: str = Field(default="", description="GPU claims for device=auto on multi-GPU machines")
     calibration_file: str = Field(default="", description="cache of the CPU token budget measured on first use")
-    norm_k: float = Field(default=GatePolicy.norm_k, description="norm band: median ± k·MAD across partitions")
+    norm_k: float = Field(default=DEFAULTS.norm_k, description="norm band: median ± k·MAD across partitions")
     norm_band: list[float] = Field(default_factory=list, description="fixed [low, high] norm band instead")
-    max_norm_outlier_fraction: float = GatePolicy.max_norm_outlier_fraction
+    max_norm_outlier_fraction: float = DEFAULTS.max_norm_outlier_fraction
 
     _canary: dict = PrivateAttr(default_factory=dict)
 
@@ -150,8 +151,8 @@ class ShardPublisherResource(ConfigurableResource):
     """Where hub_shards go: a Hub dataset repo (HF_TOKEN from the environment) or a local folder."""
 
     hub_repo: str = Field(default="", description="dataset repo id; empty publishes to local_folder")
-    revision: str = "main"
-    private: bool = False
+    revision: str = DEFAULTS.hub_revision
+    private: bool = DEFAULTS.hub_private
     local_folder: str = ""
     endpoint: str = Field(default="", description="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
     max_files_per_commit: int = Field(default=publish.MAX_FILES_PER_COMMIT, description="shards per Hub commit")
@@ -172,18 +173,18 @@ class ShardPublisherResource(ConfigurableResource):
 class NoveltyResource(ConfigurableResource):
     """How paper_index is built and paper_novelty searches it (defaults: the metrics' authors' settings)."""
 
-    k: int = Field(default=NoveltyParams.k, description="neighbours per paper (K)")
-    search: str = Field(default=NoveltyParams.search, description="auto (exact while a month's query x prior "
+    k: int = Field(default=DEFAULTS.novelty_k, description="neighbours per paper (K)")
+    search: str = Field(default=DEFAULTS.novelty_search, description="auto (exact while a month's query x prior "
                         "pairs are few, the HNSW graph beyond), exact, or hnsw")
     exact_max_pairs: int = NoveltyParams.exact_max_pairs
-    ef_search: int = NoveltyParams.ef_search
+    ef_search: int = DEFAULTS.novelty_ef_search
     recall_sample: int = Field(default=NoveltyParams.recall_sample, description="papers per month checked against "
                                "exact search")
-    min_recall: float = NoveltyParams.min_recall
-    hnsw_m: int = IndexParams.hnsw_m
-    ef_construction: int = IndexParams.ef_construction
-    graph: str = Field(default=IndexParams.graph, description="build the HNSW graph: auto (from graph_min_papers), "
-                       "always, never")
+    min_recall: float = DEFAULTS.novelty_min_recall
+    hnsw_m: int = DEFAULTS.novelty_hnsw_m
+    ef_construction: int = DEFAULTS.novelty_ef_construction
+    graph: str = Field(default=DEFAULTS.novelty_graph, description="build the HNSW graph: auto (from "
+                       "graph_min_papers), always, never")
     graph_min_papers: int = IndexParams.graph_min_papers
 
     def params(self) -> NoveltyParams:
