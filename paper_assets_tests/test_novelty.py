@@ -102,12 +102,16 @@ def test_hnsw_search_with_a_date_filter_agrees_with_exact(tmp_path):
 
 def test_prior_papers_are_defined_by_dates(tmp_path):
     day = month_start_day("2024-03")
-    ids = np.array([10, 11, 12, 13, 14])
-    days = np.array([day - 1, day, day + 5, day - 70, np.iinfo(np.int32).max], dtype=np.int32)  # 14: undated
-    vectors = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
-    manifest = write_index(tmp_path, ids, days, vectors, "fp", "test", IndexParams(graph="never"))
+    ids = np.array([10, 11, 12, 13, 14, 15])
+    # 14: undated; 15: dated after the build's "today" (a data error): indexed as undated and counted.
+    days = np.array([day - 1, day, day + 5, day - 70, np.iinfo(np.int32).max, month_start_day("2099-01")],
+                    dtype=np.int32)
+    vectors = np.random.default_rng(0).normal(size=(6, 8)).astype(np.float32)
+    manifest = write_index(tmp_path, ids, days, vectors, "fp", "test", IndexParams(graph="never"),
+                           latest_day=day + 30)
     index = PaperIndex(tmp_path / manifest.build)
     assert manifest.dated == 4 and manifest.month_range() == ["2023-12", "2024-01", "2024-02", "2024-03"]
+    assert manifest.skipped["future_publication_date"] == 1 and manifest.papers == 6
     result = engine.compute_month(index, "2024-03", engine.NoveltyParams(k=10, search="exact"))
     # The last day of February counts as prior, papers of March and the undated one never do.
     assert sorted(result.table.column("corpus_id").to_pylist()) == [11, 12]

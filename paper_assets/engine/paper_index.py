@@ -21,6 +21,7 @@ fingerprint (vectors of two models are not comparable).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import shutil
@@ -193,11 +194,20 @@ def build_index(layout: ProjectHome, snapshot: Snapshot, params: IndexParams = I
 
 def write_index(root: Path, ids: np.ndarray, days: np.ndarray, vectors: np.ndarray, fingerprint: str,
                 source_release: str, params: IndexParams = IndexParams(), skipped: dict | None = None,
-                started: float | None = None, inputs: dict[str, str] | None = None) -> IndexManifest:
-    """Order papers by (date, id), normalise, build the graph under ``root/<build>/`` and switch ``current``."""
+                started: float | None = None, inputs: dict[str, str] | None = None,
+                latest_day: int | None = None) -> IndexManifest:
+    """Order papers by (date, id), normalise, build the graph under ``root/<build>/`` and switch ``current``.
+
+    A publication date after ``latest_day`` (default: today) is a data error, not a month to compute (one paper
+    dated 2099 would add 900 empty partitions): such papers are indexed as undated and counted."""
     import faiss
 
     started = time.perf_counter() if started is None else started
+    if latest_day is None:
+        latest_day = int(np.datetime64(datetime.date.today(), "D").astype(np.int64))
+    future = (days != UNDATED) & (days > latest_day)
+    skipped = {**(skipped or {}), "future_publication_date": int(future.sum())}
+    days = np.where(future, UNDATED, days).astype(np.int32)
     order = np.lexsort((ids, days))
     ids, days, vectors = ids[order], days[order], normalise(vectors[order])
     dated = int((days != UNDATED).sum())
