@@ -40,7 +40,8 @@ def build_resources(settings: Settings) -> dict:
         ),
         "catalog": DuckDBResource(database=str(home.warehouse)),
         "novelty_config": NoveltyResource(
-            k=settings.novelty_k, search=settings.novelty_search, ef_search=settings.novelty_ef_search,
+            enabled=settings.novelty, k=settings.novelty_k, search=settings.novelty_search,
+            ef_search=settings.novelty_ef_search,
             min_recall=settings.novelty_min_recall, hnsw_m=settings.novelty_hnsw_m,
             ef_construction=settings.novelty_ef_construction, graph=settings.novelty_graph,
         ),

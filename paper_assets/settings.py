@@ -57,6 +57,9 @@ class Settings:
     pg_url: str = ""
     executor: str = "auto"  # auto (celery when a broker is set, else local processes), multiprocess, celery, k8s
     # Novelty metrics and the similar-paper index (defaults: the metrics' authors' settings; see engine/novelty.py).
+    # novelty: `update`/`demo` and novelty_sensor keep paper_index and paper_novelty current (the assets can always
+    # be materialised from the UI).
+    novelty: bool = True
     novelty_k: int = NoveltyParams.k
     novelty_search: str = NoveltyParams.search
     novelty_ef_search: int = NoveltyParams.ef_search

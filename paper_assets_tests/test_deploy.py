@@ -127,7 +127,7 @@ def test_resources_and_cli_take_their_defaults_from_the_settings():
         (NoveltyResource, "k"): "novelty_k", (NoveltyResource, "search"): "novelty_search",
         (NoveltyResource, "ef_search"): "novelty_ef_search", (NoveltyResource, "min_recall"): "novelty_min_recall",
         (NoveltyResource, "hnsw_m"): "novelty_hnsw_m", (NoveltyResource, "ef_construction"): "novelty_ef_construction",
-        (NoveltyResource, "graph"): "novelty_graph",
+        (NoveltyResource, "graph"): "novelty_graph", (NoveltyResource, "enabled"): "novelty",
     }
     for (resource, field), setting in pairs.items():
         assert resource.model_fields[field].default == getattr(DEFAULTS, setting), (resource.__name__, field)

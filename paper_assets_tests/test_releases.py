@@ -57,8 +57,9 @@ def v2_papers(v1: list[dict]) -> tuple[list[dict], dict]:
 def release_home(tmp_path, home, tiny_model, monkeypatch):
     base, adapter = tiny_model
     src = make_source(tmp_path / "source.duckdb", v1_papers())
+    # Novelty is off here (its own tests cover it) except where a test switches it on: it adds ~20 s per update.
     settings = Settings(home=str(home), source=str(src), base_model=base, adapter=adapter, chunk_rows=64,
-                        precision="fp32")
+                        precision="fp32", novelty=False)
     settings.save()
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
     return settings
@@ -83,7 +84,8 @@ def write_release(settings: Settings, papers: list[dict]) -> None:
     make_source(settings.source, papers)
 
 
-def test_update_embeds_only_what_changed_and_deletes_what_left(release_home, capsys):
+def test_update_embeds_only_what_changed_and_deletes_what_left(release_home, capsys, monkeypatch):
+    monkeypatch.setenv("PAPER_ASSETS_NOVELTY", "1")
     settings = release_home
     layout = ProjectHome(settings.home)
     first = update(capsys, "--publish")

@@ -95,6 +95,8 @@ def refresh_novelty(resources: dict, instance: DagsterInstance, tags: dict, publ
     """paper_index when the checked embeddings changed, then paper_novelty for the stale months only (what
     ``novelty_sensor`` requests), then hub_novelty; returns the months computed."""
     layout = resources["home"].layout()
+    if not resources["novelty_config"].enabled:
+        return 0
     try:
         inputs = index_inputs(layout, verify=False)
     except UserError as err:

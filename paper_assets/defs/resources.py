@@ -173,6 +173,8 @@ class ShardPublisherResource(ConfigurableResource):
 class NoveltyResource(ConfigurableResource):
     """How paper_index is built and paper_novelty searches it (defaults: the metrics' authors' settings)."""
 
+    enabled: bool = Field(default=DEFAULTS.novelty, description="`update`/`demo` and novelty_sensor keep the index "
+                          "and the novelty months current")
     k: int = Field(default=DEFAULTS.novelty_k, description="neighbours per paper (K)")
     search: str = Field(default=DEFAULTS.novelty_search, description="auto (exact while a month's query x prior "
                         "pairs are few, the HNSW graph beyond), exact, or hnsw")

@@ -101,6 +101,8 @@ def s2_release_ranges_sensor(context: SensorEvaluationContext, home: ProjectHome
     default_status=DefaultSensorStatus.STOPPED,
 )
 def novelty_sensor(context: SensorEvaluationContext, home: ProjectHomeResource, novelty_config: NoveltyResource):
+    if not novelty_config.enabled:
+        return SkipReason("novelty is switched off (PAPER_ASSETS_NOVELTY=0)")
     layout = home.layout()
     try:
         inputs = index_inputs(layout, verify=False)
