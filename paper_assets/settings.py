@@ -10,8 +10,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .engine.novelty import NoveltyParams
-from .engine.paper_index import IndexParams
+from .engine.novelty_params import IndexParams, NoveltyParams
 from .engine.quality import GatePolicy
 from .engine.storage import DEFAULT_CHUNK_ROWS
 

@@ -11,8 +11,7 @@ from pydantic import Field, PrivateAttr
 from ..engine import publish
 from ..engine.encoder import Encoder
 from ..engine.model import ModelConfig, load_model
-from ..engine.novelty import NoveltyParams
-from ..engine.paper_index import IndexParams
+from ..engine.novelty_params import IndexParams, NoveltyParams
 from ..engine.quality import GatePolicy
 from ..engine.snapshot import release_id
 from ..engine.source import SourceError, SourceInfo, inspect_source, local_version

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 
+from .novelty_params import NoveltyParams
 from .paper_index import MAX_EF_SEARCH, IndexManifest, PaperIndex, month_start_day, recall_at_k
 from .storage import METADATA_KEY, ProjectHome, atomic_parquet_writer, file_metadata
 
@@ -35,32 +36,10 @@ NOVELTY_SCHEMA = pa.schema(
      pa.field("neighbors", pa.int32(), nullable=False)]
     + [pa.field(name, pa.float32(), nullable=False) for name in METRICS]
 )
-SEARCH_MODES = ("auto", "hnsw", "exact")
 TUNE_SAMPLE = 128  # papers of a month whose exact neighbours tune the graph search's beam
 EF_STEP = 1.5  # doubling overshot: at 40k papers recall went 0.956 -> 0.98 from ef 200 to 400, at twice the cost
 # The beam is tuned on 128 papers and judged on 256 others: a 0.01 margin let two months of 23 fall to 0.947.
 RECALL_MARGIN = 0.02
-
-
-@dataclass(frozen=True)
-class NoveltyParams:
-    k: int = 100
-    search: str = "auto"
-    # auto: exact search while queries x prior papers stays under this (~1 s of matrix products on 2 cores).
-    exact_max_pairs: int = 100_000_000
-    ef_search: int = 50
-    recall_sample: int = 256
-    min_recall: float = 0.95
-
-    def __post_init__(self):
-        if self.search not in SEARCH_MODES:
-            raise ValueError(f"novelty search must be one of {', '.join(SEARCH_MODES)}, not {self.search!r}")
-        if self.k < 1:
-            raise ValueError("novelty k must be at least 1")
-
-    def key(self) -> str:
-        """What the results depend on (the search mode is not part of it: every mode estimates the same values)."""
-        return f"k={self.k}"
 
 
 def metrics_from_cosines(cosines: np.ndarray, neighbours: np.ndarray, k: int) -> dict[str, np.ndarray]:

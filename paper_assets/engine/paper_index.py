@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from . import gate
 from .errors import UserError
+from .novelty_params import IndexParams
 from .ranges import parse_range
 from .snapshot import Snapshot
 from .storage import ProjectHome, atomic_path, file_metadata, vectors_of
@@ -48,24 +49,6 @@ MAX_EF_SEARCH = 4096
 
 class IndexError_(UserError):
     """The index cannot be built or used as asked (the message says why)."""
-
-
-@dataclass(frozen=True)
-class IndexParams:
-    """The authors' HNSW settings by default. ``graph``: ``auto`` builds the HNSW graph from ``graph_min_papers``
-    papers on (below it exact search is faster than building the graph: BENCHMARKS.md), ``always`` or ``never``."""
-
-    hnsw_m: int = 32
-    ef_construction: int = 200
-    graph: str = "auto"
-    graph_min_papers: int = 200_000
-
-    def __post_init__(self):
-        if self.graph not in ("auto", "always", "never"):
-            raise ValueError(f"index graph must be auto, always or never, not {self.graph!r}")
-
-    def builds_graph(self, papers: int) -> bool:
-        return self.graph == "always" or (self.graph == "auto" and papers >= self.graph_min_papers)
 
 
 @dataclass

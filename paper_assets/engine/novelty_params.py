@@ -1,0 +1,48 @@
+"""Parameters of the paper index and the novelty metrics: their defaults are the settings' defaults, so this module
+stays import-light (no numpy, FAISS or DuckDB) for ``settings`` and the CLI's start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SEARCH_MODES = ("auto", "hnsw", "exact")
+GRAPH_MODES = ("auto", "always", "never")
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """The authors' HNSW settings by default. ``graph``: ``auto`` builds the HNSW graph from ``graph_min_papers``
+    papers on (below it exact search is faster than building the graph: BENCHMARKS.md), ``always`` or ``never``."""
+
+    hnsw_m: int = 32
+    ef_construction: int = 200
+    graph: str = "auto"
+    graph_min_papers: int = 200_000
+
+    def __post_init__(self):
+        if self.graph not in GRAPH_MODES:
+            raise ValueError(f"index graph must be auto, always or never, not {self.graph!r}")
+
+    def builds_graph(self, papers: int) -> bool:
+        return self.graph == "always" or (self.graph == "auto" and papers >= self.graph_min_papers)
+
+
+@dataclass(frozen=True)
+class NoveltyParams:
+    k: int = 100
+    search: str = "auto"
+    # auto: exact search while queries x prior papers stays under this (~1 s of matrix products on 2 cores).
+    exact_max_pairs: int = 100_000_000
+    ef_search: int = 50
+    recall_sample: int = 256
+    min_recall: float = 0.95
+
+    def __post_init__(self):
+        if self.search not in SEARCH_MODES:
+            raise ValueError(f"novelty search must be one of {', '.join(SEARCH_MODES)}, not {self.search!r}")
+        if self.k < 1:
+            raise ValueError("novelty k must be at least 1")
+
+    def key(self) -> str:
+        """What the results depend on (the search mode is not part of it: every mode estimates the same values)."""
+        return f"k={self.k}"
