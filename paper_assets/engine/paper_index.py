@@ -20,7 +20,6 @@ fingerprint (vectors of two models are not comparable).
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import json
@@ -38,9 +37,8 @@ from .errors import UserError
 from .novelty_params import IndexParams
 from .ranges import parse_range
 from .snapshot import Snapshot
-from .storage import ProjectHome, atomic_path, file_metadata, vectors_of
+from .storage import ProjectHome, atomic_path, current_name, file_metadata, prune_versions, switch_current, vectors_of
 
-CURRENT_FILE = "current.json"
 UNDATED = np.iinfo(np.int32).max  # sort key of papers without a publication date: after every real date
 KEEP_BUILDS = 2
 EXACT_BLOCK_PRIORS = 131_072
@@ -239,19 +237,9 @@ def write_index(root: Path, ids: np.ndarray, days: np.ndarray, vectors: np.ndarr
             with atomic_path(folder / "manifest.json") as tmp:
                 tmp.write_text(stored.to_json(), encoding="utf-8")
         manifest = stored
-    with atomic_path(root / CURRENT_FILE) as tmp:
-        tmp.write_text(json.dumps({"build": build}), encoding="utf-8")
-    _prune(root, keep=build)
+    switch_current(root, "build", build)
+    prune_versions(root, KEEP_BUILDS, keep={build})
     return manifest
-
-
-def _prune(root: Path, keep: str) -> None:
-    builds = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
-                     and (p / "manifest.json").exists()),
-                    key=lambda p: (p / "manifest.json").stat().st_mtime_ns, reverse=True)
-    for old in builds[KEEP_BUILDS:]:
-        if old.name != keep:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass
@@ -351,18 +339,14 @@ class PaperIndex:
 
 def current_manifest(root: Path) -> IndexManifest | None:
     """The current build's manifest without loading ids or vectors (cheap enough for a sensor tick)."""
-    with contextlib.suppress(FileNotFoundError):
-        build = json.loads((root / CURRENT_FILE).read_text(encoding="utf-8"))["build"]
-        return IndexManifest.from_json((root / build / "manifest.json").read_text(encoding="utf-8"))
-    return None
+    build = current_name(root, "build")
+    return IndexManifest.from_json((root / build / "manifest.json").read_text(encoding="utf-8")) if build else None
 
 
 def current_index(root: Path) -> PaperIndex | None:
     """The current build under ``root`` (``<home>/index``), or None before the first one."""
-    with contextlib.suppress(FileNotFoundError):
-        build = json.loads((root / CURRENT_FILE).read_text(encoding="utf-8"))["build"]
-        return PaperIndex(root / build)
-    return None
+    build = current_name(root, "build")
+    return PaperIndex(root / build) if build else None
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:

@@ -26,7 +26,6 @@ Rules (also in RELIABILITY.md):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import shutil
@@ -40,11 +39,10 @@ import pyarrow as pa
 from .errors import UserError
 from .ranges import IdRange, range_for
 from .source import RangeReadStats, SourceInfo, id_expression
-from .storage import atomic_path
+from .storage import current_name, prune_versions, switch_current
 
 SNAPSHOT_ROW_GROUP = 8192
 SNAPSHOT_MEMORY_LIMIT = "2GB"
-CURRENT_FILE = "current.json"
 KEEP_RELEASES = 2  # the current one and the previous one, which runs started before the switch may still read
 
 
@@ -186,20 +184,9 @@ def build_snapshot(inputs: list[SourceInfo], root: Path, release: str, range_wid
     (staging / "manifest.json").write_text(manifest.to_json(), encoding="utf-8")
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
-    with atomic_path(root / CURRENT_FILE) as tmp:
-        tmp.write_text(json.dumps({"release": release}), encoding="utf-8")
-    _prune(root, keep={release})
+    switch_current(root, "release", release)
+    prune_versions(root, KEEP_RELEASES, keep={release})
     return manifest
-
-
-def _prune(root: Path, keep: set[str]) -> None:
-    """Remove releases beyond the newest ``KEEP_RELEASES`` (by manifest time), never one in ``keep``."""
-    releases = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
-                       and (p / "manifest.json").exists()),
-                      key=lambda p: (p / "manifest.json").stat().st_mtime_ns, reverse=True)
-    for old in releases[KEEP_RELEASES:]:
-        if old.name not in keep:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 class Snapshot:
@@ -242,8 +229,5 @@ class Snapshot:
 
 def current_snapshot(root: Path) -> Snapshot | None:
     """The current release's snapshot, or None before the first one."""
-    pointer = root / CURRENT_FILE
-    with contextlib.suppress(FileNotFoundError):
-        release = json.loads(pointer.read_text(encoding="utf-8"))["release"]
-        return Snapshot(root / _safe_release(release))
-    return None
+    release = current_name(root, "release")
+    return Snapshot(root / _safe_release(release)) if release is not None else None

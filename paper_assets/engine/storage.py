@@ -118,6 +118,37 @@ def atomic_parquet_writer(final: str | os.PathLike, schema: pa.Schema, **options
             writer.close()
 
 
+CURRENT_FILE = "current.json"
+
+
+def switch_current(root: Path, field: str, name: str) -> None:
+    """Point ``root/current.json`` at the complete version folder ``root/name`` (atomically; readers see the old
+    pointer or the new one)."""
+    with atomic_path(root / CURRENT_FILE) as tmp:
+        tmp.write_text(json.dumps({field: name}), encoding="utf-8")
+
+
+def current_name(root: Path, field: str) -> str | None:
+    """The version folder ``root/current.json`` points at, or None before the first switch (or when that folder
+    has lost its manifest: a reader then sees no version rather than a broken one)."""
+    with contextlib.suppress(FileNotFoundError):
+        name = json.loads((root / CURRENT_FILE).read_text(encoding="utf-8"))[field]
+        if (root / name / "manifest.json").exists():
+            return name
+    return None
+
+
+def prune_versions(root: Path, keep_newest: int, keep: set[str]) -> None:
+    """Remove complete version folders (those with a ``manifest.json``) beyond the newest ``keep_newest`` by
+    manifest time, never one named in ``keep``."""
+    versions = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+                       and (p / "manifest.json").exists()),
+                      key=lambda p: (p / "manifest.json").stat().st_mtime_ns, reverse=True)
+    for old in versions[keep_newest:]:
+        if old.name not in keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 class ProjectHome:
     """The layout of ``PAPER_ASSETS_HOME``."""
 
