@@ -9,8 +9,7 @@ from collections.abc import Callable
 from dagster import DagsterInstance, DagsterRunStatus, Definitions, RunsFilter, materialize
 
 from ..engine.errors import UserError
-from ..engine.novelty import stale_months
-from ..engine.paper_index import current_manifest, index_inputs
+from ..engine.novelty import plan_novelty
 from ..engine.planner import plan_release
 from ..engine.snapshot import current_snapshot
 from . import embeddings, novelty, shards, source
@@ -94,20 +93,21 @@ def refresh_novelty(resources: dict, instance: DagsterInstance, tags: dict, publ
                     log: Callable[[str], None]) -> int:
     """paper_index when the checked embeddings changed, then paper_novelty for the stale months only (what
     ``novelty_sensor`` requests), then hub_novelty; returns the months computed."""
-    layout = resources["home"].layout()
+    layout, params = resources["home"].layout(), resources["novelty_config"].params()
     if not resources["novelty_config"].enabled:
         return 0
     try:
-        inputs = index_inputs(layout, verify=False)
+        plan = plan_novelty(layout, params)
     except UserError as err:
         log(f"  novelty skipped: {err}")
         return 0
-    manifest = current_manifest(layout.index_dir)
-    if manifest is None or manifest.inputs != inputs:
+    if plan.manifest is None:
         materialize([novelty.paper_index], resources=resources, instance=instance, run_config=QUIET, tags=tags)
-        manifest = current_manifest(layout.index_dir)
-    months = manifest.month_range()
-    stale = stale_months(layout, manifest, months, resources["novelty_config"].params())
+        plan = plan_novelty(layout, params)
+        if plan.manifest is None:
+            log("  the embeddings changed while paper_index was built: the next update rebuilds it")
+            return 0
+    manifest, months, stale = plan.manifest, plan.months, plan.stale
     for month in stale:
         materialize([novelty.paper_novelty], partition_key=month, resources=resources, instance=instance,
                     run_config=QUIET, tags=tags)

@@ -12,9 +12,6 @@
    hashes of every month up to it, so a change in month M makes M and the later months stale, never earlier ones.
 """
 
-import hashlib
-import json
-
 from dagster import (
     AssetKey,
     AssetSelection,
@@ -28,7 +25,6 @@ from dagster import (
 
 from ..engine import novelty
 from ..engine.errors import UserError
-from ..engine.paper_index import current_manifest, index_inputs
 from ..engine.planner import plan_release
 from ..engine.snapshot import current_snapshot
 from .partitions import CORPUSID_RANGES, PUBLICATION_MONTHS, corpusid_ranges, publication_months
@@ -103,25 +99,21 @@ def s2_release_ranges_sensor(context: SensorEvaluationContext, home: ProjectHome
 def novelty_sensor(context: SensorEvaluationContext, home: ProjectHomeResource, novelty_config: NoveltyResource):
     if not novelty_config.enabled:
         return SkipReason("novelty is switched off (PAPER_ASSETS_NOVELTY=0)")
-    layout = home.layout()
+    params = novelty_config.params()
     try:
-        inputs = index_inputs(layout, verify=False)
+        plan = novelty.plan_novelty(home.layout(), params)
     except UserError as err:
         return SkipReason(f"paper_index cannot be built yet: {err}")
-    manifest = current_manifest(layout.index_dir)
-    if manifest is None or manifest.inputs != inputs:
-        key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-        return SensorResult(run_requests=[RunRequest(run_key=f"paper_index:{key}",
+    if plan.manifest is None:
+        return SensorResult(run_requests=[RunRequest(run_key=f"paper_index:{plan.inputs_key}",
                                                      asset_selection=[AssetKey("paper_index")])])
-    months = manifest.month_range()
-    params = novelty_config.params()
-    stale = novelty.stale_months(layout, manifest, months, params)
-    if not stale:
-        return SkipReason(f"every novelty month is current with index build {manifest.build}")
+    if not plan.stale:
+        return SkipReason(f"every novelty month is current with index build {plan.manifest.build}")
     known = set(context.instance.get_dynamic_partitions(PUBLICATION_MONTHS))
-    new_months = [m for m in months if m not in known]
+    new_months = [m for m in plan.months if m not in known]
     return SensorResult(
-        run_requests=[RunRequest(run_key=f"paper_novelty:{m}:{novelty.month_input_hash(manifest, m, params)}",
-                                 partition_key=m, asset_selection=[AssetKey("paper_novelty")]) for m in stale],
+        run_requests=[RunRequest(run_key=f"paper_novelty:{m}:{novelty.month_input_hash(plan.manifest, m, params)}",
+                                 partition_key=m, asset_selection=[AssetKey("paper_novelty")])
+                      for m in plan.stale],
         dynamic_partitions_requests=[publication_months.build_add_request(new_months)] if new_months else [],
     )

@@ -27,7 +27,15 @@ import numpy as np
 import pyarrow as pa
 
 from .novelty_params import NoveltyParams
-from .paper_index import MAX_EF_SEARCH, IndexManifest, PaperIndex, month_start_day, recall_at_k
+from .paper_index import (
+    MAX_EF_SEARCH,
+    IndexManifest,
+    PaperIndex,
+    current_manifest,
+    index_inputs,
+    month_start_day,
+    recall_at_k,
+)
 from .storage import METADATA_KEY, ProjectHome, atomic_parquet_writer, file_metadata
 
 METRICS = ("novelty_mean", "novelty_max", "novelty_min", "novelty_median", "novelty_harmonic")
@@ -198,3 +206,27 @@ def stale_months(layout: ProjectHome, manifest: IndexManifest, months: list[str]
         if not path.exists() or file_metadata(path).get("input_hash") != month_input_hash(manifest, month, params):
             stale.append(month)
     return stale
+
+
+@dataclass
+class NoveltyPlan:
+    """What keeping the novelty current needs next (shared by ``novelty_sensor`` and `paper-assets update`)."""
+
+    inputs: dict[str, str]  # the checked embeddings files paper_index must be built from
+    manifest: IndexManifest | None  # the current build when it indexes exactly ``inputs``; None: rebuild first
+    months: list[str]
+    stale: list[str]  # months to (re)compute against ``manifest``
+
+    @property
+    def inputs_key(self) -> str:
+        return hashlib.sha256(json.dumps(self.inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def plan_novelty(layout: ProjectHome, params: NoveltyParams) -> NoveltyPlan:
+    """Cheap (gate records and file metadata only). Raises ``IndexError_`` while no index can be built."""
+    inputs = index_inputs(layout, verify=False)
+    manifest = current_manifest(layout.index_dir)
+    if manifest is None or manifest.inputs != inputs:
+        return NoveltyPlan(inputs, None, [], [])
+    months = manifest.month_range()
+    return NoveltyPlan(inputs, manifest, months, stale_months(layout, manifest, months, params))
