@@ -345,16 +345,17 @@ def cmd_similar(args) -> int:
     layout, index = _current_index(load_settings())
     before = _parse_day(args.before) if args.before else None
     pairs = similar_papers(index, args.corpusid, k=args.k, before_day=before)
-    details = _paper_details(layout, [args.corpusid] + [int(index.ids[p]) for p, _ in pairs])
-    neighbours = [{"corpusid": int(index.ids[p]), "score": round(score, 6), "title": details.get(int(index.ids[p]),
-                   (None, None))[0], "publication_date": details.get(int(index.ids[p]), (None, None))[1]}
-                  for p, score in pairs]
+    found = [(int(index.ids[p]), score) for p, score in pairs]
+    details = _paper_details(layout, [args.corpusid] + [corpusid for corpusid, _ in found])
+    neighbours = []
+    for corpusid, score in found:
+        title, date = details.get(corpusid, (None, None))
+        neighbours.append({"corpusid": corpusid, "score": round(score, 6), "title": title, "publication_date": date})
+    title, date = details.get(args.corpusid, (None, None))
     if args.json:
-        title, date = details.get(args.corpusid, (None, None))
         print(json.dumps({"corpusid": args.corpusid, "title": title, "publication_date": date,
                           "before": args.before, "index_build": index.manifest.build, "neighbors": neighbours}))
         return 0
-    title, date = details.get(args.corpusid, (None, None))
     print(f"{args.corpusid} ({date or 'no date'}): {title}")
     for rank, item in enumerate(neighbours, start=1):
         print(f"{rank:>3}. {item['score']:.4f}  {item['corpusid']:>12}  {item['publication_date'] or '':10}  "

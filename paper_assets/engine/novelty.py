@@ -55,7 +55,7 @@ def metrics_from_cosines(cosines: np.ndarray, neighbours: np.ndarray, k: int) ->
     count the missing ones as cosine 0."""
     n = len(cosines)
     padded = np.zeros((n, k), dtype=np.float64)
-    width = min(k, cosines.shape[1]) if cosines.ndim == 2 else 0
+    width = min(k, cosines.shape[1])
     padded[:, :width] = np.clip(cosines[:, :width], 0.0, 1.0)
     valid = np.arange(k)[None, :] < np.asarray(neighbours)[:, None]
     padded[~valid] = 0.0

@@ -209,7 +209,7 @@ def write_index(root: Path, ids: np.ndarray, days: np.ndarray, vectors: np.ndarr
     folder, staging = root / build, root / f".{build}.partial"
     manifest = IndexManifest(build=build, fingerprint=fingerprint, dim=int(vectors.shape[1]), papers=len(ids),
                              dated=dated, params=asdict(params), source_release=source_release, months=months,
-                             skipped=skipped or {}, inputs=inputs or {})
+                             skipped=skipped, inputs=inputs or {})
     if not (folder / "manifest.json").exists():
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
