@@ -138,11 +138,11 @@ def hub_novelty(context: AssetExecutionContext, publisher: ShardPublisherResourc
                 home: ProjectHomeResource) -> MaterializeResult:
     layout = home.layout()
     present = gate.published_novelty(layout)
-    refused = [m for m in novelty.novelty_months(layout) if novelty_path(m) not in present]
+    refused = [m for m in novelty.novelty_months(layout) if m not in present]
     if refused:
         context.log.warning(f"not publishing month(s) whose checks failed: {', '.join(refused)}")
-    files = [Shard(range_key=path, local=layout.root / path, rows=rows, repo_path=path)
-             for path, rows in sorted(present.items())]
+    files = [Shard(range_key=month, local=layout.novelty_file(month), rows=rows, repo_path=novelty_path(month))
+             for month, rows in sorted(present.items())]
     snapshot = current_snapshot(layout.source_dir)
     release = snapshot.version if snapshot else "unknown"
     report = publish_shards(publisher.target(), files, gate.card_builder(layout, release),

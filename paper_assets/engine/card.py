@@ -27,7 +27,7 @@ NOVELTY_SECTION = [
 
 def dataset_card(shards: list[str], rows: Mapping[str, int], model: Mapping[str, str], source_release: str,
                  dim: int, novelty: Mapping[str, int] | None = None) -> str:
-    """``novelty``: month file path -> rows, for the months published beside the shards."""
+    """``novelty``: month (YYYY-MM) -> rows, for the months published beside the shards."""
     total = sum(rows.get(s, 0) for s in shards)
     lines = [
         "---",
@@ -77,7 +77,7 @@ def dataset_card(shards: list[str], rows: Mapping[str, int], model: Mapping[str,
     lines += [f"| `{s}` | {rows[s]:,} |" if s in rows else f"| `{s}` | (published elsewhere) |" for s in shards]
     if novelty:
         lines += NOVELTY_SECTION
-        months = sorted(path.removeprefix("novelty/novelty-").removesuffix(".parquet") for path in novelty)
+        months = sorted(novelty)
         lines += ["", f"{sum(novelty.values()):,} papers in {len(novelty)} month file(s), {months[0]} to {months[-1]}."]
     lines += [
         "",

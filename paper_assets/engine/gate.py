@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from . import quality
 from .card import dataset_card
 from .errors import UserError
-from .publish import Shard, novelty_path, shard_path
+from .publish import Shard, shard_path
 from .ranges import IdRange, parse_range
 from .storage import ProjectHome, atomic_path, file_metadata, sha256_file
 
@@ -118,12 +118,11 @@ def card_builder(layout: ProjectHome, release: str):
 
 
 def published_novelty(layout: ProjectHome) -> dict[str, int]:
-    """Month files that passed their checks (repo path -> rows): what hub_novelty publishes."""
+    """Months whose novelty file passed its checks (month -> rows): what hub_novelty publishes."""
     found = {}
     for path in sorted(layout.novelty_dir.glob("novelty-*.parquet")):
         if file_metadata(path).get("checks_passed"):
-            found[novelty_path(path.name.removeprefix("novelty-").removesuffix(".parquet"))] = \
-                pq.read_metadata(path).num_rows
+            found[path.name.removeprefix("novelty-").removesuffix(".parquet")] = pq.read_metadata(path).num_rows
     return found
 
 
