@@ -81,16 +81,21 @@ def ndcg_at_10(ranked_labels: list[int], all_labels: list[int]) -> float:
     return dcg(ranked_labels) / ideal if ideal > 0 else 0.0
 
 
-def score_queries(queries, query_vector, paper_vector) -> dict[str, float]:
-    """Mean nDCG@10 per task (and the macro mean) when candidates are ranked by cosine."""
+def ndcg_by_task(queries, sort_key) -> dict[str, float]:
+    """Mean nDCG@10 per task and over the tasks, candidates ranked by ``sort_key(query, candidate_id)`` (smaller
+    first); ties rank relevant candidates last, so no score profits from the order of the pairs file."""
     per_task: dict[str, list[float]] = defaultdict(list)
     for (task, query), candidates in queries.items():
-        q = query_vector(query)
-        scored = sorted(candidates, key=lambda c, q=q: (-float(np.dot(q, paper_vector(c[0]))), c[1]))
+        scored = sorted(candidates, key=lambda c, query=query: (sort_key(query, c[0]), c[1]))
         per_task[task].append(ndcg_at_10([label for _, label in scored], [label for _, label in candidates]))
     result = {task: float(np.mean(values)) for task, values in sorted(per_task.items())}
     result["mean"] = float(np.mean(list(result.values())))
     return result
+
+
+def score_queries(queries, query_vector, paper_vector) -> dict[str, float]:
+    """Mean nDCG@10 per task (and the macro mean) when candidates are ranked by cosine."""
+    return ndcg_by_task(queries, lambda query, corpusid: -float(np.dot(query_vector(query), paper_vector(corpusid))))
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:
@@ -170,15 +175,9 @@ def _index_quality(queries, paper_vectors, ids, work: Path, depth: int = 100) ->
     for name, neighbours in found.items():
         rank_of = {q: {int(index.ids[p]): r for r, p in enumerate(neighbours.positions[i]) if p >= 0}
                    for i, q in enumerate(query_ids)}
-        per_task: dict[str, list[float]] = defaultdict(list)
-        for (task, query), candidates in paper_queries.items():
-            ranks = rank_of[int(query)]
-            # Candidates the search did not return tie at the end; ties go against the relevant ones, so the
-            # metric never profits from the order in which the pairs file lists candidates.
-            scored = sorted(candidates, key=lambda c, ranks=ranks: (ranks.get(c[0], depth + 1), c[1]))
-            per_task[task].append(ndcg_at_10([label for _, label in scored], [label for _, label in candidates]))
-        result[name] = {task: float(np.mean(v)) for task, v in sorted(per_task.items())}
-        result[name]["mean"] = float(np.mean(list(result[name].values())))
+        # Candidates the search did not return tie at the end.
+        result[name] = ndcg_by_task(paper_queries, lambda query, corpusid, rank_of=rank_of:
+                                    rank_of[int(query)].get(corpusid, depth + 1))
     overlaps = []
     for row, exact, approx in zip(rows, found["exact"].positions, found["hnsw"].positions, strict=True):
         want = [p for p in exact if p >= 0 and p != row][:10]
