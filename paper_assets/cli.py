@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from .engine.errors import UserError
-from .engine.storage import ProjectHome
+from .engine.storage import ProjectHome, ensure_dir, is_local
 from .settings import DEFAULTS, Settings, load_settings
 
 
@@ -48,7 +48,7 @@ def prepare_demo(settings: Settings, papers_jsonl: str | None, count: int) -> Se
                      conn.execute("SELECT title, abstract FROM papers_with_abstracts").fetchall()]
         build_model(model_dir, texts)
         print(f"built offline stand-in model {model_dir} (random weights, NOT SPECTER2)")
-    config_file = Path(settings.home) / "paper_assets.json"
+    config_file = layout.config_file
     if not config_file.exists():
         demo = Settings(home=settings.home, source=str(source), base_model=str(model_dir / "base"),
                         adapter=str(model_dir / "adapter"), range_width=settings.range_width)
@@ -66,7 +66,7 @@ def _instance(settings: Settings):
 
 def cmd_demo(args) -> int:
     settings = load_settings()
-    Path(settings.home).mkdir(parents=True, exist_ok=True)
+    ProjectHome(settings.home).local.mkdir(parents=True, exist_ok=True)
     settings = prepare_demo(settings, args.papers_jsonl, args.papers)
     print(f"materialising every partition of s2_source -> papers -> paper_embeddings -> hub_shards in {settings.home}")
     from .definitions import build_definitions
@@ -138,13 +138,15 @@ def cmd_embed(args) -> int:
     layout = ProjectHome(settings.home)
     into_home = args.out is None  # the home's own layout, quality gate included: `publish` can take it from there
     out = layout.embeddings_dir if into_home else Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out)
+    layout.local.mkdir(parents=True, exist_ok=True)
     model_meta = loaded.metadata()
     total, gate_failed, started = 0, [], time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=out, prefix=".work-") as work, ThreadPoolExecutor(1) as prefetch:
+    scratch = out if is_local(out) else layout.local
+    with tempfile.TemporaryDirectory(dir=scratch, prefix=".work-") as work, ThreadPoolExecutor(1) as prefetch:
         def papers_of(rng):
             papers_file = layout.papers_file(rng) if into_home else Path(work) / f"papers-{rng.key}.parquet"
-            papers_file.parent.mkdir(parents=True, exist_ok=True)
+            ensure_dir(papers_file.parent)
             return papers_file, build_papers(info, rng, papers_file)
 
         # The next range's papers are read and cleaned while this one embeds, so the device never waits on them.
@@ -307,7 +309,7 @@ def _current_index(settings: Settings):
     from .engine.paper_index import current_index
 
     layout = ProjectHome(settings.home)
-    index = current_index(layout.index_dir)
+    index = current_index(layout.index_dir, layout.index_cache)
     if index is None:
         raise CommandError(f"no paper_index in {layout.root} yet: materialise it (`paper-assets update`, the demo, or "
                            "paper_index in the UI)")
@@ -324,6 +326,7 @@ def _paper_details(layout: ProjectHome, ids: list[int]) -> dict[int, tuple[str |
     if snapshot is None or not ids:
         return {}
     with duckdb.connect() as conn:
+        layout.register_filesystem(conn)
         rows = conn.execute(
             "SELECT corpusid, title, CAST(publication_date AS VARCHAR) FROM read_parquet(?) "
             "WHERE corpusid IN (SELECT unnest(?::BIGINT[]))", [str(snapshot.papers_file), ids]).fetchall()
@@ -381,6 +384,7 @@ def cmd_novelty(args) -> int:
         raise CommandError(f"paper_novelty[{month}] is not materialised yet (corpusid {args.corpusid} was published "
                            f"in {month})")
     with duckdb.connect() as conn:
+        layout.register_filesystem(conn)
         row = conn.execute(f"SELECT CAST(publication_date AS VARCHAR), neighbors, {', '.join(METRICS)} "
                            "FROM read_parquet(?) WHERE corpus_id = ?", [str(path), args.corpusid]).fetchall()
     if not row:

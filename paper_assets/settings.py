@@ -1,6 +1,6 @@
 """Configuration: environment variables ``PAPER_ASSETS_<FIELD>`` (see :class:`Settings` and the README's
-configuration reference), then ``$PAPER_ASSETS_HOME/paper_assets.json`` (written by ``paper-assets demo``), then the
-defaults below. The HF token is never part of it: it is read from ``HF_TOKEN`` at the moment of publishing.
+configuration reference), then ``paper_assets.json`` in the home's local folder (written by ``paper-assets demo``),
+then the defaults below. The HF token is never part of it: it is read from ``HF_TOKEN`` at the moment of publishing.
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ from pathlib import Path
 
 from .engine.novelty_params import IndexParams, NoveltyParams
 from .engine.quality import GatePolicy
-from .engine.storage import DEFAULT_CHUNK_ROWS
-
-CONFIG_FILE = "paper_assets.json"
+from .engine.storage import DEFAULT_CHUNK_ROWS, ProjectHome
 
 
 def default_home() -> Path:
@@ -24,8 +22,10 @@ def default_home() -> Path:
     return Path.cwd() / ".paper_assets"
 
 
-def home_path() -> Path:
-    return Path(os.environ.get("PAPER_ASSETS_HOME") or default_home()).resolve()
+def home_path() -> str:
+    """``PAPER_ASSETS_HOME`` (a folder, resolved; or an ``s3://bucket/prefix`` kept as written), else the default."""
+    raw = os.environ.get("PAPER_ASSETS_HOME") or str(default_home())
+    return raw.rstrip("/") if "://" in raw else str(Path(raw).resolve())
 
 
 @dataclass
@@ -70,7 +70,7 @@ class Settings:
     celery_backend: str = ""
 
     def save(self) -> Path:
-        path = Path(self.home) / CONFIG_FILE
+        path = ProjectHome(self.home).config_file
         path.parent.mkdir(parents=True, exist_ok=True)
         data = {k: v for k, v in asdict(self).items() if k != "home"}
         path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
@@ -93,11 +93,11 @@ def _coerce(kind: type, raw: str | object):
 
 def load_settings() -> Settings:
     home = home_path()
+    layout = ProjectHome(home)
     stored: dict = {}
-    config_file = home / CONFIG_FILE
-    if config_file.exists():
-        stored = json.loads(config_file.read_text(encoding="utf-8"))
-    values: dict = {"home": str(home), "source": str(home / "demo" / "source.duckdb")}
+    if layout.config_file.exists():
+        stored = json.loads(layout.config_file.read_text(encoding="utf-8"))
+    values: dict = {"home": home, "source": str(layout.demo_dir / "source.duckdb")}
     for spec in fields(Settings):
         if spec.name == "home":
             continue

@@ -57,3 +57,45 @@ def home(tmp_path, monkeypatch) -> Path:
 
 def make_source(path: Path, papers: list[dict], id_type: str = "BIGINT") -> Path:
     return sample_source.write_source(path, papers, id_type=id_type)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1 for the whole session (object-storage homes)."""
+    try:
+        import moto  # noqa: F401
+        import upath  # noqa: F401
+    except ImportError as err:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"the s3 extra / moto is not installed here: {err}")
+    from paper_assets.benchkit.services import moto_s3_server
+
+    with moto_s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture()
+def s3_home(tmp_path, monkeypatch, s3_endpoint) -> str:
+    """``PAPER_ASSETS_HOME=s3://<fresh bucket>/home`` with this machine's part in ``tmp_path/local``."""
+    from paper_assets.benchkit.services import S3_TEST_CREDENTIALS, temporary_bucket
+
+    for name, value in {**S3_TEST_CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PAPER_ASSETS_LOCAL_HOME", str(tmp_path / "local"))
+    with temporary_bucket(s3_endpoint) as bucket:
+        uri = f"s3://{bucket}/home"
+        monkeypatch.setenv("PAPER_ASSETS_HOME", uri)
+        yield uri
+
+
+def s3_keys(uri: str) -> list[str]:
+    """Every key under an ``s3://bucket/prefix`` (relative to the prefix), listed with boto3, not with our code."""
+    import boto3
+
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    keys = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+        keys += [item["Key"].removeprefix(prefix + "/") for item in page.get("Contents", [])]
+    return sorted(keys)

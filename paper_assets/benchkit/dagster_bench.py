@@ -78,7 +78,7 @@ def run_dagster_bench(partitions: int, per_partition: int, work: Path, base: str
     Settings(home=str(home), source=str(source), base_model=base, adapter=adapter, device=device,
              precision=precision, range_width=RANGE_WIDTH).save()
     layout = ProjectHome(home)
-    layout.stats_dir.mkdir(parents=True, exist_ok=True)
+    layout.machine_stats_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(ProjectHome(engine_home).calibration_file, layout.calibration_file)
     ranges = [range_for(p * RANGE_WIDTH, RANGE_WIDTH) for p in range(partitions)]
     keys = [rng.key for rng in ranges]

@@ -72,3 +72,50 @@ def temporary_rabbitmq_vhost(host: str = "127.0.0.1", user: str = "guest", passw
         yield f"amqp://{user}:{password}@{host}:5672/{name}"
     finally:
         subprocess.run(["rabbitmqctl", "delete_vhost", name], capture_output=True, timeout=60)
+
+
+S3_TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextmanager
+def moto_s3_server(host: str = "127.0.0.1") -> Iterator[str]:
+    """moto's S3 server on a free local port (a real HTTP S3 endpoint, objects in memory); its endpoint URL."""
+    import socket
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection((host, port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"moto's S3 server did not start on {host}:{port}") from None
+                time.sleep(0.1)
+        yield f"http://{host}:{port}"
+    finally:
+        stop_process_group(server)
+
+
+@contextmanager
+def temporary_bucket(endpoint: str) -> Iterator[str]:
+    """A fresh bucket on the S3 endpoint (standard AWS variables for credentials); its name, emptied and removed
+    afterwards."""
+    import boto3
+
+    s3 = boto3.resource("s3", endpoint_url=endpoint)
+    name = f"paper-assets-{uuid.uuid4().hex[:10]}"
+    bucket = s3.create_bucket(Bucket=name)
+    try:
+        yield name
+    finally:
+        bucket.objects.all().delete()
+        bucket.delete()

@@ -7,7 +7,6 @@ import socket
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
@@ -28,7 +27,7 @@ from ..engine.partition_gate import evaluate_partition
 from ..engine.pipeline import build_papers, embed_papers
 from ..engine.ranges import IdRange, parse_range
 from ..engine.snapshot import current_snapshot
-from ..engine.storage import METADATA_KEY
+from ..engine.storage import METADATA_KEY, parquet_metadata
 from . import catalog as catalog_views
 from .executor import CELERY_QUEUE_TAG, EMBED_QUEUE, K8S_CONFIG_TAG, K8S_GPU_STEP
 from .partitions import corpusid_ranges
@@ -126,7 +125,7 @@ def paper_embeddings(
     papers_file = layout.papers_file(rng)
     if not papers_file.exists():
         raise Failure(f"papers[{rng.key}] is not materialised ({papers_file} missing): materialise papers first")
-    papers_meta = json.loads((pq.read_metadata(papers_file).metadata or {}).get(METADATA_KEY, b"{}"))
+    papers_meta = json.loads((parquet_metadata(papers_file).metadata or {}).get(METADATA_KEY, b"{}"))
     load_started = time.perf_counter()
     model_was_loaded = specter2.is_loaded()
     encoder = specter2.get_encoder()

@@ -88,7 +88,7 @@ def paper_index(context: AssetExecutionContext, home: ProjectHomeResource,
 def paper_novelty(context: AssetExecutionContext, home: ProjectHomeResource, novelty_config: NoveltyResource,
                   catalog: DuckDBResource) -> MaterializeResult:
     layout = home.layout()
-    index = current_index(layout.index_dir)
+    index = current_index(layout.index_dir, layout.index_cache)
     if index is None:
         raise Failure("paper_index is not materialised yet: materialise it first")
     params = novelty_config.params()

@@ -12,14 +12,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-import pyarrow.parquet as pq
-
 from . import quality
 from .card import dataset_card
 from .errors import UserError
 from .publish import Shard, shard_path
 from .ranges import IdRange, parse_range
-from .storage import ProjectHome, atomic_path, file_metadata, sha256_file
+from .storage import ProjectHome, atomic_path, file_metadata, parquet_metadata, parquet_schema, sha256_file
 
 
 class PublishRefused(UserError):
@@ -93,7 +91,7 @@ def collect_shards(layout: ProjectHome, range_keys: list[str]) -> list[Shard]:
         if not gate.passed:
             refused.append(f"{key}: blocking checks failed ({', '.join(gate.failed)})")
             continue
-        rows = pq.read_metadata(path).num_rows
+        rows = parquet_metadata(path).num_rows
         shards.append(Shard(rng.key, path if rows else None, rows, digest if rows else None))
     if refused:
         raise PublishRefused(refused)
@@ -107,11 +105,11 @@ def card_builder(layout: ProjectHome, release: str):
         rows, model, dim = {}, {}, 768
         for key in embedded_ranges(layout):
             path = layout.embeddings_file(parse_range(key))
-            meta = pq.read_metadata(path)
+            meta = parquet_metadata(path)
             if meta.num_rows:
                 rows[shard_path(key)] = meta.num_rows
                 model = file_metadata(path).get("model", model)
-                dim = pq.read_schema(path).field("embedding").type.list_size
+                dim = parquet_schema(path).field("embedding").type.list_size
         return dataset_card(present, rows, model, release, dim, novelty=published_novelty(layout))
 
     return build
@@ -122,7 +120,7 @@ def published_novelty(layout: ProjectHome) -> dict[str, int]:
     found = {}
     for path in sorted(layout.novelty_dir.glob("novelty-*.parquet")):
         if file_metadata(path).get("checks_passed"):
-            found[path.name.removeprefix("novelty-").removesuffix(".parquet")] = pq.read_metadata(path).num_rows
+            found[path.name.removeprefix("novelty-").removesuffix(".parquet")] = parquet_metadata(path).num_rows
     return found
 
 

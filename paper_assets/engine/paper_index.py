@@ -23,7 +23,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +36,20 @@ from .errors import UserError
 from .novelty_params import IndexParams
 from .ranges import parse_range
 from .snapshot import Snapshot
-from .storage import ProjectHome, atomic_path, current_name, file_metadata, prune_versions, switch_current, vectors_of
+from .storage import (
+    HomePath,
+    ProjectHome,
+    atomic_path,
+    current_name,
+    file_metadata,
+    is_local,
+    local_version,
+    prune_versions,
+    read_parquet,
+    staged_version,
+    switch_current,
+    vectors_of,
+)
 
 UNDATED = np.iinfo(np.int32).max  # sort key of papers without a publication date: after every real date
 KEEP_BUILDS = 2
@@ -149,11 +161,11 @@ def _gather(layout: ProjectHome, snapshot: Snapshot) -> tuple[np.ndarray, np.nda
                           "re-embed the odd ranges with the configured model before indexing")
     if not files:
         raise IndexError_("every embeddings partition is empty: nothing to index")
-    tables = [pq.read_table(path, columns=["corpusid", "embedding"]) for path in files]
+    tables = [read_parquet(path, columns=["corpusid", "embedding"]) for path in files]
     table = pa.concat_tables(tables)
     ids = table.column("corpusid").to_numpy()
     vectors = vectors_of(table)
-    source = pq.read_table(snapshot.papers_file, columns=["corpusid", "publication_date"])
+    source = read_parquet(snapshot.papers_file, columns=["corpusid", "publication_date"])
     source_ids = source.column("corpusid").to_numpy()  # the snapshot is sorted by corpusid
     source_days = source.column("publication_date").cast(pa.int32()).fill_null(UNDATED).to_numpy()
     where = np.searchsorted(source_ids, ids)
@@ -173,7 +185,7 @@ def build_index(layout: ProjectHome, snapshot: Snapshot, params: IndexParams = I
                        started, inputs)
 
 
-def write_index(root: Path, ids: np.ndarray, days: np.ndarray, vectors: np.ndarray, fingerprint: str,
+def write_index(root: HomePath, ids: np.ndarray, days: np.ndarray, vectors: np.ndarray, fingerprint: str,
                 source_release: str, params: IndexParams = IndexParams(), skipped: dict | None = None,
                 started: float | None = None, inputs: dict[str, str] | None = None,
                 latest_day: int | None = None) -> IndexManifest:
@@ -206,26 +218,23 @@ def write_index(root: Path, ids: np.ndarray, days: np.ndarray, vectors: np.ndarr
     content.update(days.tobytes())
     content.update(vectors.tobytes())
     build = content.hexdigest()[:16]
-    folder, staging = root / build, root / f".{build}.partial"
+    folder = root / build
     manifest = IndexManifest(build=build, fingerprint=fingerprint, dim=int(vectors.shape[1]), papers=len(ids),
                              dated=dated, params=asdict(params), source_release=source_release, months=months,
                              skipped=skipped, inputs=inputs or {})
     if not (folder / "manifest.json").exists():
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        dates = pa.array(days, pa.int32(), mask=days == UNDATED).cast(pa.date32())
-        pq.write_table(pa.table({"corpusid": pa.array(ids, pa.int64()), "publication_date": dates}),
-                       staging / "papers.parquet", compression="zstd")
-        np.save(staging / "vectors.npy", vectors)
-        if params.builds_graph(len(ids)):
-            graph = faiss.IndexHNSWFlat(manifest.dim, params.hnsw_m)
-            graph.hnsw.efConstruction = params.ef_construction
-            graph.add(vectors)
-            faiss.write_index(graph, str(staging / "hnsw.faiss"))
-        manifest.build_seconds = round(time.perf_counter() - started, 3)
-        (staging / "manifest.json").write_text(manifest.to_json(), encoding="utf-8")
-        shutil.rmtree(folder, ignore_errors=True)
-        staging.rename(folder)
+        with staged_version(root, build) as staging:
+            dates = pa.array(days, pa.int32(), mask=days == UNDATED).cast(pa.date32())
+            pq.write_table(pa.table({"corpusid": pa.array(ids, pa.int64()), "publication_date": dates}),
+                           staging / "papers.parquet", compression="zstd")
+            np.save(staging / "vectors.npy", vectors)
+            if params.builds_graph(len(ids)):
+                graph = faiss.IndexHNSWFlat(manifest.dim, params.hnsw_m)
+                graph.hnsw.efConstruction = params.ef_construction
+                graph.add(vectors)
+                faiss.write_index(graph, str(staging / "hnsw.faiss"))
+            manifest.build_seconds = round(time.perf_counter() - started, 3)
+            (staging / "manifest.json").write_text(manifest.to_json(), encoding="utf-8")
     else:
         # Same papers and vectors as an existing build (e.g. a range re-embedded to identical vectors): reuse it, but
         # record what it was built from now, or the sensor would keep asking for a rebuild.
@@ -337,16 +346,21 @@ class PaperIndex:
         return Neighbours(labels.astype(np.int64), cosines)
 
 
-def current_manifest(root: Path) -> IndexManifest | None:
+def current_manifest(root: HomePath) -> IndexManifest | None:
     """The current build's manifest without loading ids or vectors (cheap enough for a sensor tick)."""
     build = current_name(root, "build")
     return IndexManifest.from_json((root / build / "manifest.json").read_text(encoding="utf-8")) if build else None
 
 
-def current_index(root: Path) -> PaperIndex | None:
-    """The current build under ``root`` (``<home>/index``), or None before the first one."""
+def current_index(root: HomePath, cache: Path | None = None) -> PaperIndex | None:
+    """The current build under ``root`` (``<home>/index``), or None before the first one. On object storage the
+    build is read from a local copy under ``cache`` (ProjectHome.index_cache)."""
     build = current_name(root, "build")
-    return PaperIndex(root / build) if build else None
+    if not build:
+        return None
+    if not is_local(root) and cache is None:
+        raise ValueError("an object-storage index needs a local cache folder")
+    return PaperIndex(local_version(root / build, cache) if not is_local(root) else root / build)
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:

@@ -29,6 +29,8 @@ from .storage import (
     atomic_parquet_writer,
     embeddings_batch,
     embeddings_schema,
+    parquet_file,
+    read_parquet,
     sha256_file,
     vectors_of,
 )
@@ -138,7 +140,7 @@ class PreviousVectors:
         self.ids = np.zeros(0, dtype=np.int64)
         if not path.exists():
             return
-        parquet = pq.ParquetFile(path)
+        parquet = parquet_file(path)
         self.ids = parquet.read(columns=["corpusid"]).column("corpusid").to_numpy()
         meta = json.loads((parquet.schema_arrow.metadata or {}).get(METADATA_KEY, b"{}"))
         model = meta.get("model", {})
@@ -178,7 +180,7 @@ class PreviousVectors:
 
 
 def _papers_chunks(papers_path: Path, chunk_rows: int) -> Iterator[pa.RecordBatch]:
-    parquet = pq.ParquetFile(papers_path)
+    parquet = parquet_file(papers_path)
     yield from parquet.iter_batches(batch_size=chunk_rows, columns=["corpusid", "text", "text_sha256"])
 
 
@@ -198,7 +200,7 @@ def embed_papers(
     dropped (counted in the report)."""
     started = time.perf_counter()
     report = EmbedReport()
-    total = pq.ParquetFile(papers_path).metadata.num_rows
+    total = parquet_file(papers_path).metadata.num_rows
     papers_digest = sha256_file(papers_path)[:16]
     loaded = encoder.loaded
     previous = PreviousVectors(out_path, loaded.fingerprint, loaded.precision)
@@ -237,7 +239,7 @@ def embed_papers(
 
     with atomic_parquet_writer(out_path, embeddings_schema(loaded.hidden_size, file_metadata)) as writer:
         for chunk_file in checkpoints.chunks():
-            table = pq.read_table(chunk_file)
+            table = read_parquet(chunk_file)
             reused = int((table.schema.metadata or {}).get(_REUSED_KEY, b"0"))
             report.rows_reused += reused
             report.rows_embedded += table.num_rows - reused
@@ -246,7 +248,7 @@ def embed_papers(
             report.chunks += 1
         if report.rows != total:  # raised inside the writer: the previous good file stays in place
             raise RuntimeError(f"embedded {report.rows} rows but {papers_path} has {total}; checkpoints inconsistent")
-        report.rows_deleted = previous.deleted(pq.read_table(papers_path, columns=["corpusid"]).column(
+        report.rows_deleted = previous.deleted(read_parquet(papers_path, columns=["corpusid"]).column(
             "corpusid").to_numpy())
     checkpoints.clear()
     report.seconds = time.perf_counter() - started

@@ -18,13 +18,11 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-import pyarrow.parquet as pq
-
 from .gate import embedded_ranges, read_gate, read_published
 from .publish import shard_path
 from .ranges import parse_range
 from .snapshot import Snapshot
-from .storage import METADATA_KEY, ProjectHome
+from .storage import METADATA_KEY, ProjectHome, parquet_metadata
 
 
 @dataclass
@@ -39,7 +37,7 @@ class ReleasePlan:
 
 
 def _footer(path) -> tuple[int, dict]:
-    meta = pq.read_metadata(path)
+    meta = parquet_metadata(path)
     return meta.num_rows, json.loads((meta.metadata or {}).get(METADATA_KEY, b"{}"))
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .errors import UserError
-from .storage import FileLock, atomic_path, sha256_file
+from .storage import FileLock, HomePath, atomic_path, local_copies, sha256_file
 
 SHARD_DIR = "data"
 CARD_PATH = "README.md"
@@ -104,7 +104,7 @@ class Shard:
     """A partition's shard: ``local`` None means the partition has no rows any more (delete remotely)."""
 
     range_key: str
-    local: Path | None
+    local: HomePath | None
     rows: int = 0
     sha256: str | None = None  # of ``local``, when the caller already hashed it (shards are hundreds of MB)
     repo_path: str | None = None  # default: the embeddings shard path of ``range_key``
@@ -214,7 +214,10 @@ def _publish_group(target: PublishTarget, shards: list[Shard], local_sha: dict[s
         if not adds and not deleted:
             return
         try:
-            report.commit_sha, report.commit_url = target.commit(adds, deleted, message, head)
+            with local_copies(adds) as files:  # shards of an object-storage home are uploaded from a local copy
+                report.commit_sha, report.commit_url = target.commit(files, deleted, message, head)
+                added_bytes = sum(len(v) if isinstance(v, bytes) else os.path.getsize(v)
+                                  for k, v in files.items() if k != CARD_PATH)
         except ConflictError:
             report.conflicts += 1
             continue
@@ -227,9 +230,7 @@ def _publish_group(target: PublishTarget, shards: list[Shard], local_sha: dict[s
         report.commits.append(report.commit_sha)
         report.uploaded += uploaded
         report.deleted += deleted
-        report.bytes_uploaded += sum(
-            len(v) if isinstance(v, bytes) else os.path.getsize(v) for k, v in adds.items() if k != CARD_PATH
-        )
+        report.bytes_uploaded += added_bytes
         return
     raise PublishError(f"gave up publishing to {target.description} after {max_attempts} attempts "
                        f"({report.conflicts} conflicts, {report.transient_retries} transient errors)")

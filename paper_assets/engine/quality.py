@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from .ranges import IdRange
-from .storage import vectors_of
+from .storage import parquet_file, vectors_of
 
 CANARY_TEXT = (
     "SPECTER2 canary [SEP] A fixed paper used to verify that the proximity adapter is active and that the "
@@ -47,7 +46,7 @@ class EmbeddingScan:
 
 
 def scan_embeddings(path, rng: IdRange) -> EmbeddingScan:
-    parquet = pq.ParquetFile(path)
+    parquet = parquet_file(path)
     scan = EmbeddingScan(dim=parquet.schema_arrow.field("embedding").type.list_size)
     ids, norms = [], []
     for batch in parquet.iter_batches(batch_size=8192, columns=["corpusid", "embedding"]):

@@ -39,7 +39,14 @@ import pyarrow as pa
 from .errors import UserError
 from .ranges import IdRange, range_for
 from .source import RangeReadStats, SourceInfo, id_expression
-from .storage import current_name, prune_versions, switch_current
+from .storage import (
+    HomePath,
+    current_name,
+    prune_versions,
+    register_home_filesystem,
+    staged_version,
+    switch_current,
+)
 
 SNAPSHOT_ROW_GROUP = 8192
 SNAPSHOT_MEMORY_LIMIT = "2GB"
@@ -117,15 +124,19 @@ def _input_select(conn: duckdb.DuckDBPyConnection, index: int, info: SourceInfo)
                FROM {table}"""
 
 
-def build_snapshot(inputs: list[SourceInfo], root: Path, release: str, range_width: int) -> SnapshotManifest:
+def build_snapshot(inputs: list[SourceInfo], root: HomePath, release: str, range_width: int) -> SnapshotManifest:
     """Snapshot the inputs of one release under ``root/<release>/`` and make it the current release."""
     if not inputs:
         raise SnapshotError("a release needs at least one source database")
     release = _safe_release(release)
-    folder = root / release
-    staging = root / f".{release}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    with staged_version(root, release) as staging:
+        manifest = _snapshot_into(staging, inputs, release, range_width)
+    switch_current(root, "release", release)
+    prune_versions(root, KEEP_RELEASES, keep={release})
+    return manifest
+
+
+def _snapshot_into(staging: Path, inputs: list[SourceInfo], release: str, range_width: int) -> SnapshotManifest:
     names = [info.path for info in inputs]
     with duckdb.connect() as conn:
         conn.execute(f"SET memory_limit = '{SNAPSHOT_MEMORY_LIMIT}'")
@@ -182,17 +193,13 @@ def build_snapshot(inputs: list[SourceInfo], root: Path, release: str, range_wid
     manifest.duplicates_dropped = sum(r.duplicates_dropped for r in reports)
     shutil.rmtree(staging / "tmp", ignore_errors=True)
     (staging / "manifest.json").write_text(manifest.to_json(), encoding="utf-8")
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
-    switch_current(root, "release", release)
-    prune_versions(root, KEEP_RELEASES, keep={release})
     return manifest
 
 
 class Snapshot:
     """A complete snapshot of one release: its manifest and range reads."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: HomePath):
         self.folder = folder
         self.manifest = SnapshotManifest.from_json((folder / "manifest.json").read_text(encoding="utf-8"))
 
@@ -201,17 +208,18 @@ class Snapshot:
         return self.manifest.release
 
     @property
-    def papers_file(self) -> Path:
+    def papers_file(self) -> HomePath:
         return self.folder / "papers.parquet"
 
     @property
-    def quarantine_file(self) -> Path:
+    def quarantine_file(self) -> HomePath:
         return self.folder / "invalid_corpusid.parquet"
 
     def read(self, rng: IdRange, batch_rows: int = 8192) -> tuple[RangeReadStats, Iterator[pa.RecordBatch]]:
         """Rows of one range (one per id, ordered by id) as Arrow batches of corpusid, title, abstract."""
         conn = duckdb.connect()
         conn.execute(f"SET memory_limit = '{SNAPSHOT_MEMORY_LIMIT}'")
+        register_home_filesystem(conn, self.papers_file)
         relation = conn.sql(
             f"SELECT corpusid, title, abstract FROM read_parquet('{self.papers_file}') "
             "WHERE corpusid BETWEEN $lo AND $hi ORDER BY corpusid", params={"lo": rng.lo, "hi": rng.hi})
@@ -227,7 +235,7 @@ class Snapshot:
         return stats, batches()
 
 
-def current_snapshot(root: Path) -> Snapshot | None:
+def current_snapshot(root: HomePath) -> Snapshot | None:
     """The current release's snapshot, or None before the first one."""
     release = current_name(root, "release")
     return Snapshot(root / _safe_release(release)) if release is not None else None
