@@ -69,27 +69,40 @@ def test_bench_command_reports_every_figure(tmp_path, tiny_model, generated_pape
     assert "GEMM on this device" in stdout and result["machine"]["cores"] >= 1
 
 
-def test_embed_per_machine_into_one_home_then_publish_once(tmp_path, tiny_model, generated_papers):
+@pytest.fixture(params=["local", "s3"])
+def shared_home(request, tmp_path):
+    """A home several machines share: a folder, or an S3 prefix (moto) with one local folder per machine."""
+    if request.param == "local":
+        return str(tmp_path / "home"), lambda machine: {}
+    return request.getfixturevalue("s3_home"), lambda machine: {"PAPER_ASSETS_LOCAL_HOME": str(tmp_path / machine)}
+
+
+def test_embed_per_machine_into_one_home_then_publish_once(tmp_path, tiny_model, generated_papers, shared_home):
     """The scale-out path without Dagster: each machine embeds its ranges into the shared home (quality gate
     included), then one `publish` takes them all through the same gate as hub_shards."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from paper_assets.engine.ranges import parse_range
+    from paper_assets.engine.storage import ProjectHome
+
+    home, machine_env = shared_home
     base, adapter = tiny_model
     papers = [dict(p, corpusid=i % 2 * 1_000_000 + i) for i, p in enumerate(generated_papers[:120])]
     src = make_source(tmp_path / "s.duckdb", papers)
-    env = {"PAPER_ASSETS_HOME": str(tmp_path / "home")}
     ranges = ["0-999999", "1000000-1999999"]
     with ThreadPoolExecutor(2) as machines:
-        outputs = list(machines.map(lambda r: cli("embed", "--source", str(src), "--range", r, "--base-model", base,
-                                                 "--adapter", adapter, "--device", "cpu", env=env), ranges))
+        outputs = list(machines.map(
+            lambda r: cli("embed", "--source", str(src), "--range", r, "--base-model", base, "--adapter", adapter,
+                          "--device", "cpu", env={"PAPER_ASSETS_HOME": home, **machine_env(r)}), ranges))
     assert all("quality gate passed" in out for out in outputs)
+    layout = ProjectHome(home, local=machine_env("publisher").get("PAPER_ASSETS_LOCAL_HOME"))
     for key in ("000000000-000999999", "001000000-001999999"):
-        assert (tmp_path / "home" / "embeddings" / f"embeddings-{key}.checks.json").exists()
-    published = json.loads(cli("publish", env=env))
+        assert layout.gate_file(parse_range(key)).exists()
+    published = json.loads(cli("publish", env={"PAPER_ASSETS_HOME": home, **machine_env("publisher")}))
     assert sorted(published["uploaded"]) == ["data/embeddings-000000000-000999999.parquet",
                                              "data/embeddings-001000000-001999999.parquet"]
     assert published["mismatched"] == []
-    hub = tmp_path / "home" / "hub"
+    hub = layout.hub_folder
     shard_ids = pa.concat_tables(pq.read_table(f) for f in hub.rglob("*.parquet")).column("corpusid").to_pylist()
     assert sorted(shard_ids) == sorted(p["corpusid"] for p in papers)
 
