@@ -1,4 +1,5 @@
-"""The Dagster instance paper-assets runs on: ``$PAPER_ASSETS_HOME/dagster/dagster.yaml``, written from the settings.
+"""The Dagster instance paper-assets runs on: ``dagster/dagster.yaml`` in the home's local folder (the home itself
+unless it is on object storage), written from the settings.
 
 Default: SQLite storage in the home, one embedding step at a time per GPU pool slot (offline, one machine). With
 ``PAPER_ASSETS_PG_URL``: run, event-log and schedule storage in PostgreSQL (dagster-postgres), so the webserver,

@@ -80,27 +80,28 @@ def materialize_argv(selection: str, partition: str | None = None) -> list[str]:
 
 
 def test_a_worker_killed_mid_embedding_hands_its_step_to_another(tmp_path, tiny_model, generated_papers, pg_url,
-                                                                 redis_url, amqp_url):
+                                                                 redis_url, amqp_url, s3_home):
+    """Two machines (own local folders) share a PostgreSQL instance, a RabbitMQ broker and an S3 home; the worker
+    embedding a partition is killed with SIGKILL; the step is retried on the other machine's worker, which goes on
+    from the chunk checkpoints on S3: nothing lost, nothing twice."""
     import signal
 
-    import pyarrow.parquet as pq
     from dagster import AssetKey, DagsterInstance
 
     from paper_assets.engine.ranges import parse_range
-    from paper_assets.engine.storage import ProjectHome
+    from paper_assets.engine.storage import ProjectHome, read_parquet
 
     base, adapter = tiny_model
     papers = [dict(generated_papers[i % len(generated_papers)], corpusid=i) for i in range(3000)]
-    home = tmp_path / "home"
     # Small batches and chunks: the embedding step runs long enough to be killed in the middle.
-    Settings(home=str(home), source=str(make_source(tmp_path / "source.duckdb", papers)), base_model=base,
-             adapter=adapter, chunk_rows=50, device="cpu", token_budget=512).save()
-    env = dict(os.environ, PAPER_ASSETS_HOME=str(home), PAPER_ASSETS_PG_URL=pg_url,
-               PAPER_ASSETS_CELERY_BROKER=amqp_url, PAPER_ASSETS_CELERY_BACKEND=redis_url,
-               DAGSTER_HOME=str(home / "dagster"))
+    settings = Settings(home=s3_home, source=str(make_source(tmp_path / "source.duckdb", papers)), base_model=base,
+                        adapter=adapter, chunk_rows=50, device="cpu", token_budget=512, pg_url=pg_url,
+                        celery_broker=amqp_url, celery_backend=redis_url)
+    first_machine, second_machine = tmp_path / "machine-1", tmp_path / "machine-2"
+    env = machine_env(settings, first_machine, DAGSTER_HOME=str(first_machine / "dagster"))
     key = "000000000-000999999"
-    checkpoints = ProjectHome(home).checkpoint_dir(parse_range(key))
-    first = start_worker(env, tmp_path / "first.log")
+    checkpoints = ProjectHome(s3_home, local=first_machine).checkpoint_dir(parse_range(key))
+    first = start_worker(machine_env(settings, first_machine), tmp_path / "first.log")
     second = None
     try:
         done = subprocess.run(materialize_argv("s2_source"), cwd=REPO, env=env, capture_output=True, text=True,
@@ -109,10 +110,10 @@ def test_a_worker_killed_mid_embedding_hands_its_step_to_another(tmp_path, tiny_
         run = subprocess.Popen(materialize_argv("papers,paper_embeddings", key), cwd=REPO, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 300
-        while len(list(checkpoints.glob("*.parquet"))) < 3:
-            assert run.poll() is None and time.time() < deadline, "the embedding step ended before the kill"
-            time.sleep(0.1)
-        second = start_worker(env, tmp_path / "second.log", "--queue", "embed")
+        while len(list(checkpoints.glob("chunk-*.parquet"))) < 3:
+            assert run.poll() is None and time.time() < deadline, run.communicate()[0][-4000:] if run.poll() else ""
+            time.sleep(0.2)
+        second = start_worker(machine_env(settings, second_machine), tmp_path / "second.log", "--queue", "embed")
         assert run.poll() is None, "the embedding step ended before the kill"
         os.killpg(first.pid, signal.SIGKILL)
         output, _ = run.communicate(timeout=600)
@@ -122,12 +123,13 @@ def test_a_worker_killed_mid_embedding_hands_its_step_to_another(tmp_path, tiny_
             if worker is not None:
                 stop_process_group(worker)
 
-    embedded = pq.read_table(ProjectHome(home).embeddings_file(parse_range(key)))
-    ids = embedded.column("corpusid").to_pylist()
+    layout = ProjectHome(s3_home, local=second_machine)
+    ids = read_parquet(layout.embeddings_file(parse_range(key)), columns=["corpusid"]).column("corpusid").to_pylist()
     assert sorted(ids) == list(range(3000))  # nothing lost, nothing twice
+    assert not checkpoints.exists()
     os.environ["PAPER_ASSETS_PG_URL"] = pg_url
     try:
-        instance = DagsterInstance.from_config(str(home / "dagster"))
+        instance = DagsterInstance.from_config(str(first_machine / "dagster"))
         (record,) = instance.fetch_materializations(AssetKey("paper_embeddings"), limit=5).records
         meta = {k: v.value for k, v in record.asset_materialization.metadata.items()}
         assert meta["resumed_rows_from_checkpoint"] >= 150  # the second worker went on from the first's chunks
@@ -244,23 +246,40 @@ def test_worker_refuses_to_start_without_a_broker(tmp_path):
     assert done.returncode == 2 and "PAPER_ASSETS_CELERY_BROKER" in done.stderr
 
 
-def test_ui_backfill_runs_on_two_workers_with_a_postgresql_instance(tmp_path, tiny_model, generated_papers, pg_url,
-                                                                     redis_url):
-    """`paper-assets ui` (webserver + daemon) on a PostgreSQL instance with the Celery executor; `paper-assets
-    backfill --wait` launches 4 partition runs, as the UI's button would; two workers share the embedding steps."""
+def machine_env(settings: Settings, local: Path, **extra: str) -> dict:
+    """One machine of a deployment: every setting from the environment (no config file is shared), its own local
+    folder beside the shared S3 home."""
+    env = dict(os.environ, PAPER_ASSETS_LOCAL_HOME=str(local))
+    env.pop("DAGSTER_HOME", None)
+    for name, value in vars(settings).items():
+        if value not in ("", None) and name != "home":
+            env[f"PAPER_ASSETS_{name.upper()}"] = str(value)
+    return dict(env, PAPER_ASSETS_HOME=settings.home, **extra)
+
+
+def test_ui_backfill_of_8_partitions_on_two_workers_into_an_s3_home(tmp_path, tiny_model, generated_papers, pg_url,
+                                                                     redis_url, s3_home):
+    """The issue's target: `paper-assets ui` (webserver + daemon) on a PostgreSQL instance with the Celery executor,
+    two workers (each its own machine folder), the home on S3 (moto). `paper-assets backfill --wait` launches 8
+    partition runs, as the UI's button would; both workers embed; the S3 home ends with every valid id once."""
     import json
 
+    from dagster import AssetKey, DagsterEventType, DagsterInstance
+
+    from paper_assets.engine.storage import ProjectHome, read_parquet
+
+    from .conftest import s3_keys
     from .test_ui import free_port, wait_for_webserver
 
     base, adapter = tiny_model
-    papers = [dict(p, corpusid=i % 4 * 1_000_000 + i) for i, p in enumerate(generated_papers[:320])]
-    home = tmp_path / "home"
-    Settings(home=str(home), source=str(make_source(tmp_path / "source.duckdb", papers)), base_model=base,
-             adapter=adapter, chunk_rows=40, device="cpu").save()
-    env = dict(os.environ, PAPER_ASSETS_HOME=str(home), PAPER_ASSETS_PG_URL=pg_url,
-               PAPER_ASSETS_CELERY_BROKER=redis_url)
-    env.pop("DAGSTER_HOME", None)
-    workers = [start_worker(env, tmp_path / f"worker{i}.log") for i in range(2)]
+    papers = [dict(p, corpusid=str(i % 8 * 1_000_000 + i)) for i, p in enumerate(generated_papers[:320])]
+    papers += [dict(generated_papers[0], corpusid=bad) for bad in ("n/a", "-5", "12x")]  # quarantined, not embedded
+    settings = Settings(home=s3_home, source=str(make_source(tmp_path / "source.duckdb", papers, "VARCHAR")),
+                        base_model=base, adapter=adapter, chunk_rows=40, device="cpu", pg_url=pg_url,
+                        celery_broker=redis_url)
+    env = machine_env(settings, tmp_path / "ui-machine")
+    workers = [start_worker(machine_env(settings, tmp_path / f"gpu-machine-{i}"), tmp_path / f"worker{i}.log")
+               for i in range(2)]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with open(tmp_path / "ui.log", "w") as log:
@@ -268,7 +287,7 @@ def test_ui_backfill_runs_on_two_workers_with_a_postgresql_instance(tmp_path, ti
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for_webserver(url, ui, tmp_path / "ui.log")
-        dagster_env = dict(env, DAGSTER_HOME=str(home / "dagster"))
+        dagster_env = dict(env, DAGSTER_HOME=str(tmp_path / "ui-machine" / "dagster"))
         done = subprocess.run(materialize_argv("s2_source"), cwd=REPO, env=dagster_env, capture_output=True,
                               text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -280,9 +299,33 @@ def test_ui_backfill_runs_on_two_workers_with_a_postgresql_instance(tmp_path, ti
             stop_process_group(process)
     lines = [json.loads(line) for line in done.stdout.splitlines()]
     partitions, summary = lines[1:-1], lines[-1]
-    assert summary["partitions"] == 4 and summary["failed"] == []
-    assert all(p["status"] == "SUCCESS" and p["rows"] == 80 for p in partitions)
+    assert summary["partitions"] == 8 and summary["failed"] == []
+    assert all(p["status"] == "SUCCESS" and p["rows"] == 40 for p in partitions)
     assert len({p["worker"] for p in partitions}) == 2, partitions  # both workers embedded partitions
+
+    layout = ProjectHome(s3_home, local=tmp_path / "ui-machine")
+    keys = s3_keys(s3_home)
+    embedded = [k for k in keys if k.startswith("embeddings/embeddings-") and k.endswith(".parquet")]
+    assert len(embedded) == 8 and not any("/.checkpoints/" in k for k in keys)
+    ids = []
+    for key in embedded:
+        ids += read_parquet(layout.root / key, columns=["corpusid"]).column("corpusid").to_pylist()
+    assert sorted(ids) == sorted(int(p["corpusid"]) for p in papers[:320])  # every valid id, once
+    gates = [json.loads((layout.root / k).read_text()) for k in keys if k.endswith(".checks.json")]
+    assert len(gates) == 8 and all(g["passed"] for g in gates)
+    os.environ["PAPER_ASSETS_PG_URL"] = pg_url
+    try:
+        instance = DagsterInstance.from_config(str(tmp_path / "ui-machine" / "dagster"))
+        runs = {r.asset_materialization.partition: r.run_id
+                for r in instance.fetch_materializations(AssetKey("paper_embeddings"), limit=100).records}
+        assert len(runs) == 8
+        for run_id in runs.values():
+            checks = instance.get_records_for_run(run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION).records
+            evaluations = [r.event_log_entry.dagster_event.event_specific_data for r in checks]
+            assert len(evaluations) == 5 and all(e.passed for e in evaluations)
+        instance.dispose()
+    finally:
+        os.environ.pop("PAPER_ASSETS_PG_URL", None)
 
 
 def test_one_setting_reaches_the_assets_and_the_cli(tmp_path, monkeypatch):
