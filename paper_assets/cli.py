@@ -183,8 +183,11 @@ def cmd_embed(args) -> int:
 
 
 def cmd_publish(args) -> int:
+    from dagster import DagsterInvalidConfigError, EnvVar
+
     from .definitions import build_resources
     from .defs.shards import mismatches, publish_home
+    from .engine import publish as publish_engine
     from .engine.gate import embedded_ranges
     from .engine.ranges import parse_range
 
@@ -194,6 +197,13 @@ def cmd_publish(args) -> int:
     if args.repo or args.revision:
         publisher = publisher.model_copy(update={k: v for k, v in (("hub_repo", args.repo),
                                                                    ("revision", args.revision)) if v})
+    if publisher.hub_repo and not publisher.token:  # --repo given: the same EnvVar the definitions wire
+        publisher = publisher.model_copy(update={"token": EnvVar("HF_TOKEN")})
+    try:  # resolves EnvVar("HF_TOKEN") as a Dagster step would, before any work
+        publisher = publisher.process_config_and_initialize()
+    except DagsterInvalidConfigError:
+        publish_engine.token_from_env(required=True)  # raises the one-line error that names HF_TOKEN
+        raise
     layout = resources["home"].layout()
     keys = [parse_range(k).key for k in args.ranges] if args.ranges else None
     if not (keys or embedded_ranges(layout)):

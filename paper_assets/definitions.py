@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dagster import Definitions, load_asset_checks_from_modules
+from dagster import Definitions, EnvVar, load_asset_checks_from_modules
 from dagster_duckdb import DuckDBResource
 
 from .defs import embeddings, novelty, shards, source
@@ -30,13 +30,13 @@ def build_resources(settings: Settings) -> dict:
         "specter2": Specter2Resource(
             base_model=settings.base_model, adapter=settings.adapter, device=settings.device,
             precision=settings.precision, token_budget=settings.token_budget, chunk_rows=settings.chunk_rows,
-            compile=settings.compile, device_lock_dir=str(home.root / ".locks" / "devices"),
+            compile=settings.compile, device_lock_dir=str(home.local / ".locks" / "devices"),
             calibration_file=str(home.calibration_file), norm_k=settings.norm_k,
             max_norm_outlier_fraction=settings.max_norm_outlier_fraction,
         ),
         "publisher": ShardPublisherResource(
             hub_repo=settings.hub_repo, revision=settings.hub_revision, private=settings.hub_private,
-            local_folder=str(home.hub_folder),
+            local_folder=str(home.hub_folder), token=EnvVar("HF_TOKEN") if settings.hub_repo else "",
         ),
         "catalog": DuckDBResource(database=str(home.warehouse)),
         "novelty_config": NoveltyResource(

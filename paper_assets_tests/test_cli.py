@@ -151,6 +151,22 @@ def test_expected_errors_are_one_line_and_exit_2(tmp_path, generated_papers):
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
+@pytest.mark.parametrize("repo_from", ["setting", "flag"])
+def test_publish_to_the_hub_without_a_token_is_a_one_line_error(tmp_path, repo_from):
+    env = dict(os.environ, PAPER_ASSETS_HOME=str(tmp_path / "h"))
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        env.pop(name, None)
+    args = ["publish"]
+    if repo_from == "setting":
+        env["PAPER_ASSETS_HUB_REPO"] = "user/embeddings"  # wired as EnvVar("HF_TOKEN") in the resource
+    else:
+        args += ["--repo", "user/embeddings", "0-999999"]
+    out = subprocess.run([sys.executable, "-m", "paper_assets.cli", *args], cwd=tmp_path, capture_output=True,
+                         text=True, env=env, timeout=300)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and "HF_TOKEN is not set" in lines[0], out.stderr[-2000:]
+
+
 def test_every_option_has_help():
     from paper_assets.cli import build_parser
 

@@ -9,7 +9,7 @@ from dagster import instance_for_test, materialize
 from paper_assets.definitions import build_definitions
 from paper_assets.defs import embeddings, shards, source
 from paper_assets.defs.partitions import CORPUSID_RANGES
-from paper_assets.defs.resources import S2SourceResource, ShardPublisherResource
+from paper_assets.defs.resources import S2SourceResource
 from paper_assets.engine.card import dataset_card
 from paper_assets.engine.publish import HubTarget, PublishError, Shard, publish_shards
 from paper_assets.engine.storage import embeddings_batch, embeddings_schema, sha256_file
@@ -185,21 +185,32 @@ def test_source_downloads_at_a_pinned_revision(hub, tmp_path):
     assert latest.current_version() != pinned.current_version()
 
 
-def test_hub_shards_asset_publishes_a_backfill_in_one_commit(hub, tmp_path, home, tiny_model, generated_papers):
+def test_hub_shards_asset_publishes_a_backfill_in_one_commit(hub, tmp_path, home, tiny_model, generated_papers,
+                                                             monkeypatch):
+    from dagster import EnvVar
+
     base, adapter = tiny_model
     papers = generated_papers[:120] + [dict(p, corpusid=p["corpusid"] + 3_000_000) for p in generated_papers[:50]]
     src = make_source(tmp_path / "source.duckdb", papers)
-    defs = build_definitions(Settings(home=str(home), source=str(src), base_model=base, adapter=adapter))
-    resources = dict(defs.resources, publisher=ShardPublisherResource(hub_repo=REPO_ID, endpoint=hub.endpoint))
+    defs = build_definitions(Settings(home=str(home), source=str(src), base_model=base, adapter=adapter,
+                                      hub_repo=REPO_ID))
+    resources = defs.resources  # the Hub endpoint is HF_ENDPOINT (the test server), the token EnvVar("HF_TOKEN")
+    assert resources["publisher"].token == EnvVar("HF_TOKEN")
     quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
     with instance_for_test() as instance:
+        monkeypatch.delenv("HF_TOKEN")  # only the publishing step needs it
         assert materialize([source.s2_source], resources=resources, instance=instance, run_config=quiet).success
         keys = sorted(instance.get_dynamic_partitions(CORPUSID_RANGES))
         assert len(keys) >= 2
         for key in keys:
             assert materialize([embeddings.papers, embeddings.paper_embeddings], partition_key=key,
                                resources=resources, instance=instance, run_config=quiet).success
+        with pytest.raises(Exception, match="HF_TOKEN"):
+            materialize([shards.hub_shards], resources=resources, instance=instance, run_config=quiet)
+        assert REPO_ID not in hub.state.repos  # failed before touching the Hub
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
         result = materialize([shards.hub_shards], resources=resources, instance=instance, run_config=quiet)
+        assert TOKEN not in str(instance.get_run_by_id(result.run_id).run_config)
         assert result.success
         meta = result.asset_materializations_for_node("hub_shards")[0].metadata
         assert meta["files_uploaded"].value == len(keys)

@@ -147,7 +147,11 @@ class Specter2Resource(ConfigurableResource):
 
 
 class ShardPublisherResource(ConfigurableResource):
-    """Where hub_shards go: a Hub dataset repo (HF_TOKEN from the environment) or a local folder."""
+    """Where hub_shards go: a Hub dataset repo or a local folder.
+
+    The token is wired as ``EnvVar("HF_TOKEN")``: the UI and the run records show the variable's name, Dagster
+    resolves it in the step (and fails that step, before any upload, when it is not set), and steps that do not
+    publish never need it. Built in code without a token, the resource reads ``HF_TOKEN`` when it publishes."""
 
     hub_repo: str = Field(default="", description="dataset repo id; empty publishes to local_folder")
     revision: str = DEFAULTS.hub_revision
@@ -155,6 +159,7 @@ class ShardPublisherResource(ConfigurableResource):
     local_folder: str = ""
     endpoint: str = Field(default="", description="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
     max_files_per_commit: int = Field(default=publish.MAX_FILES_PER_COMMIT, description="shards per Hub commit")
+    token: str = Field(default="", description="Hub token with write access: EnvVar('HF_TOKEN'), never a literal")
 
     def description(self) -> str:
         """Names the target without connecting (the release planner compares it with the last publish)."""
@@ -165,7 +170,7 @@ class ShardPublisherResource(ConfigurableResource):
     def target(self) -> publish.PublishTarget:
         if self.hub_repo:
             return publish.HubTarget(self.hub_repo, revision=self.revision, private=self.private,
-                                     endpoint=self.endpoint or None)
+                                     endpoint=self.endpoint or None, token=self.token or None)
         return publish.LocalFolderTarget(Path(self.local_folder))
 
 

@@ -303,13 +303,13 @@ class HubTarget:
     """A Hub dataset repo through ``huggingface_hub.HfApi`` (created if missing)."""
 
     def __init__(self, repo_id: str, revision: str = "main", private: bool = False, endpoint: str | None = None,
-                 max_read_retries: int = 5, backoff_seconds: float = 1.0):
+                 max_read_retries: int = 5, backoff_seconds: float = 1.0, token: str | None = None):
         from huggingface_hub import HfApi
 
         self.repo_id = validate_repo_id(repo_id)
         self.revision = revision
         self.private = private
-        self.api = HfApi(endpoint=endpoint, token=token_from_env(required=True))
+        self.api = HfApi(endpoint=endpoint, token=token or token_from_env(required=True))
         self.description = f"hf://datasets/{repo_id}@{revision}"  # same words as the resource's description()
         self.max_read_retries = max_read_retries
         self.backoff_seconds = backoff_seconds
