@@ -11,14 +11,14 @@ ARG TORCH_INDEX=""
 ENV PYTHONUNBUFFERED=1 \
     HF_HUB_DISABLE_TELEMETRY=1 \
     DAGSTER_DISABLE_TELEMETRY=1 \
-    PAPER_ASSETS_HOME=/data/home
+    PAPER_ASSETS_LOCAL_HOME=/tmp/paper-assets
 
 WORKDIR /opt/paper_assets
 RUN if [ -n "$TORCH_INDEX" ]; then pip install --no-cache-dir "$TORCH_SPEC" --index-url "$TORCH_INDEX"; \
     else pip install --no-cache-dir "$TORCH_SPEC"; fi
 COPY pyproject.toml setup.py README.md workspace.yaml ./
 COPY paper_assets ./paper_assets
-RUN pip install --no-cache-dir ".[k8s]"
+RUN pip install --no-cache-dir ".[k8s,s3]"
 
 EXPOSE 3030
 # The Helm chart passes its own dagsterApiGrpcArgs; this default serves the same module.

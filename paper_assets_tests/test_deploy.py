@@ -25,6 +25,7 @@ from dagster_k8s.models import k8s_model_from_dict, k8s_snake_case_dict
 
 from paper_assets.definitions import build_definitions
 from paper_assets.defs.executor import K8S_CONFIG_TAG, K8S_GPU_STEP
+from paper_assets.engine.storage import LOCAL_HOME_ENV, ProjectHome
 from paper_assets.settings import Settings
 
 from .conftest import REPO
@@ -48,14 +49,15 @@ def test_helm_values_kubernetes_objects_are_valid(values):
     deployment = deployments[0]
     env = [_k8s(kubernetes.client.V1EnvVar, item) for item in deployment["env"]]
     names = {item.name for item in env}
-    assert {"PAPER_ASSETS_HOME", "PAPER_ASSETS_EXECUTOR"} <= names
+    assert {"PAPER_ASSETS_HOME", "PAPER_ASSETS_EXECUTOR", LOCAL_HOME_ENV} <= names
     settings = set(Settings.__dataclass_fields__)
-    assert all(name.removeprefix("PAPER_ASSETS_").lower() in settings for name in names), "every variable is a setting"
+    ours = {name for name in names if name.startswith("PAPER_ASSETS_") and name != LOCAL_HOME_ENV}
+    assert all(name.removeprefix("PAPER_ASSETS_").lower() in settings for name in ours), "every variable is a setting"
+    assert names - ours - {LOCAL_HOME_ENV} <= {"AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL"}  # botocore's own
+    home = ProjectHome(next(e.value for e in env if e.name == "PAPER_ASSETS_HOME"), local="/tmp/x")
+    assert home.remote and home.root.protocol == "s3"  # the shared home is an S3 prefix: no volume to mount
     for place in (deployment, values["runLauncher"]["config"]["k8sRunLauncher"]):
-        volumes = [_k8s(kubernetes.client.V1Volume, v) for v in place["volumes"]]
-        mounts = [_k8s(kubernetes.client.V1VolumeMount, m) for m in place["volumeMounts"]]
-        assert {m.name for m in mounts} <= {v.name for v in volumes}
-        assert [m.mount_path for m in mounts] == [next(e.value for e in env if e.name == "PAPER_ASSETS_HOME")]
+        assert "volumes" not in place and "volumeMounts" not in place
         assert [s["name"] for s in place["envSecrets"]] == ["paper-assets-secrets"]
     _k8s(kubernetes.client.V1ResourceRequirements, deployment["resources"])
     with pytest.raises(Exception, match="Unexpected keys"):  # noqa: B017 - strict: a misspelt key fails
@@ -104,7 +106,8 @@ def test_dockerfile_matches_the_project():
     assert project["requires-python"] == f">={python}"
     makefile_torch = re.search(r"^TORCH \?= (\S+)", (REPO / "Makefile").read_text(), re.M).group(1)
     assert f'TORCH_SPEC="{makefile_torch}"' in dockerfile
-    assert 'pip install --no-cache-dir ".[k8s]"' in dockerfile and "k8s" in project["optional-dependencies"]
+    extras = re.search(r'pip install --no-cache-dir "\.\[([a-z0-9,]+)\]"', dockerfile).group(1).split(",")
+    assert set(extras) == {"k8s", "s3"} <= set(project["optional-dependencies"])
     for copied in re.findall(r"^COPY (.+) \./", dockerfile, re.M):
         for name in copied.split():
             assert (REPO / name).exists(), name
