@@ -20,7 +20,7 @@ demo: setup
 
 # The whole suite, UI browser tier included (needs Debian's chromium; .ci/run installs it).
 test: setup
-	HF_HUB_DISABLE_XET=1 $(BIN)/python -m pytest -q -ra
+	HF_HUB_DISABLE_XET=1 $(BIN)/python -m pytest -q -ra --durations=12
 
 test-fast: setup
 	HF_HUB_DISABLE_XET=1 $(BIN)/python -m pytest -q -ra -m "not browser"

@@ -79,66 +79,6 @@ def materialize_argv(selection: str, partition: str | None = None) -> list[str]:
             "--select", selection] + (["--partition", partition] if partition else [])
 
 
-def test_a_worker_killed_mid_embedding_hands_its_step_to_another(tmp_path, tiny_model, generated_papers, pg_url,
-                                                                 redis_url, amqp_url, s3_home):
-    """Two machines (own local folders) share a PostgreSQL instance, a RabbitMQ broker and an S3 home; the worker
-    embedding a partition is killed with SIGKILL; the step is retried on the other machine's worker, which goes on
-    from the chunk checkpoints on S3: nothing lost, nothing twice."""
-    import signal
-
-    from dagster import AssetKey, DagsterInstance
-
-    from paper_assets.engine.ranges import parse_range
-    from paper_assets.engine.storage import ProjectHome, read_parquet
-
-    base, adapter = tiny_model
-    papers = [dict(generated_papers[i % len(generated_papers)], corpusid=i) for i in range(3000)]
-    # Small batches and chunks: the embedding step runs long enough to be killed in the middle.
-    settings = Settings(home=s3_home, source=str(make_source(tmp_path / "source.duckdb", papers)), base_model=base,
-                        adapter=adapter, chunk_rows=50, device="cpu", token_budget=512, pg_url=pg_url,
-                        celery_broker=amqp_url, celery_backend=redis_url)
-    first_machine, second_machine = tmp_path / "machine-1", tmp_path / "machine-2"
-    env = machine_env(settings, first_machine, DAGSTER_HOME=str(first_machine / "dagster"))
-    key = "000000000-000999999"
-    checkpoints = ProjectHome(s3_home, local=first_machine).checkpoint_dir(parse_range(key))
-    first = start_worker(machine_env(settings, first_machine), tmp_path / "first.log")
-    second = None
-    try:
-        done = subprocess.run(materialize_argv("s2_source"), cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        run = subprocess.Popen(materialize_argv("papers,paper_embeddings", key), cwd=REPO, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 300
-        while len(list(checkpoints.glob("chunk-*.parquet"))) < 3:
-            assert run.poll() is None and time.time() < deadline, run.communicate()[0][-4000:] if run.poll() else ""
-            time.sleep(0.2)
-        second = start_worker(machine_env(settings, second_machine), tmp_path / "second.log", "--queue", "embed")
-        assert run.poll() is None, "the embedding step ended before the kill"
-        os.killpg(first.pid, signal.SIGKILL)
-        output, _ = run.communicate(timeout=600)
-        assert run.returncode == 0, output[-4000:] + (tmp_path / "second.log").read_text()[-3000:]
-    finally:
-        for worker in (first, second):
-            if worker is not None:
-                stop_process_group(worker)
-
-    layout = ProjectHome(s3_home, local=second_machine)
-    ids = read_parquet(layout.embeddings_file(parse_range(key)), columns=["corpusid"]).column("corpusid").to_pylist()
-    assert sorted(ids) == list(range(3000))  # nothing lost, nothing twice
-    assert not checkpoints.exists()
-    os.environ["PAPER_ASSETS_PG_URL"] = pg_url
-    try:
-        instance = DagsterInstance.from_config(str(first_machine / "dagster"))
-        (record,) = instance.fetch_materializations(AssetKey("paper_embeddings"), limit=5).records
-        meta = {k: v.value for k, v in record.asset_materialization.metadata.items()}
-        assert meta["resumed_rows_from_checkpoint"] >= 150  # the second worker went on from the first's chunks
-        assert meta["quality_gate"] == "passed"
-        instance.dispose()
-    finally:
-        os.environ.pop("PAPER_ASSETS_PG_URL", None)
-
-
 def test_embedding_steps_are_routed_to_the_embed_queue():
     from dagster_celery.tags import DAGSTER_CELERY_QUEUE_TAG
 
@@ -257,26 +197,14 @@ def machine_env(settings: Settings, local: Path, **extra: str) -> dict:
     return dict(env, PAPER_ASSETS_HOME=settings.home, **extra)
 
 
-def test_ui_backfill_of_8_partitions_on_two_workers_into_an_s3_home(tmp_path, tiny_model, generated_papers, pg_url,
-                                                                     redis_url, s3_home):
-    """The issue's target: `paper-assets ui` (webserver + daemon) on a PostgreSQL instance with the Celery executor,
-    two workers (each its own machine folder), the home on S3 (moto). `paper-assets backfill --wait` launches 8
-    partition runs, as the UI's button would; both workers embed; the S3 home ends with every valid id once."""
+def backfill_on_two_workers(tmp_path: Path, settings: Settings, while_running=None) -> tuple[list[dict], dict]:
+    """`paper-assets ui` (webserver + daemon) on one machine, a worker on each of two others (own machine folders,
+    settings from the environment); `s2_source`, then `paper-assets backfill --wait` of every partition, as the UI's
+    button would launch it. ``while_running(workers)`` is called once the backfill is under way."""
     import json
 
-    from dagster import AssetKey, DagsterEventType, DagsterInstance
-
-    from paper_assets.engine.storage import ProjectHome, read_parquet
-
-    from .conftest import s3_keys
     from .test_ui import free_port, wait_for_webserver
 
-    base, adapter = tiny_model
-    papers = [dict(p, corpusid=str(i % 8 * 1_000_000 + i)) for i, p in enumerate(generated_papers[:320])]
-    papers += [dict(generated_papers[0], corpusid=bad) for bad in ("n/a", "-5", "12x")]  # quarantined, not embedded
-    settings = Settings(home=s3_home, source=str(make_source(tmp_path / "source.duckdb", papers, "VARCHAR")),
-                        base_model=base, adapter=adapter, chunk_rows=40, device="cpu", pg_url=pg_url,
-                        celery_broker=redis_url)
     env = machine_env(settings, tmp_path / "ui-machine")
     workers = [start_worker(machine_env(settings, tmp_path / f"gpu-machine-{i}"), tmp_path / f"worker{i}.log")
                for i in range(2)]
@@ -291,17 +219,32 @@ def test_ui_backfill_of_8_partitions_on_two_workers_into_an_s3_home(tmp_path, ti
         done = subprocess.run(materialize_argv("s2_source"), cwd=REPO, env=dagster_env, capture_output=True,
                               text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
-        done = subprocess.run([sys.executable, "-m", "paper_assets.cli", "backfill", "--wait", "--url", url,
-                               "--timeout", "500"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout + done.stderr[-3000:] + (tmp_path / "ui.log").read_text()[-3000:]
+        fill = subprocess.Popen([sys.executable, "-m", "paper_assets.cli", "backfill", "--wait", "--url", url,
+                                 "--timeout", "700"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        if while_running is not None:
+            while_running(workers)
+        out, err = fill.communicate(timeout=800)
+        logs = "".join((tmp_path / name).read_text()[-2000:] for name in ("ui.log", "worker0.log", "worker1.log"))
+        assert fill.returncode == 0, out + err[-3000:] + logs
     finally:
         for process in (ui, *workers):
             stop_process_group(process)
-    lines = [json.loads(line) for line in done.stdout.splitlines()]
-    partitions, summary = lines[1:-1], lines[-1]
-    assert summary["partitions"] == 8 and summary["failed"] == []
-    assert all(p["status"] == "SUCCESS" and p["rows"] == 40 for p in partitions)
-    assert len({p["worker"] for p in partitions}) == 2, partitions  # both workers embedded partitions
+    lines = [json.loads(line) for line in out.splitlines()]
+    return lines[1:-1], lines[-1]
+
+
+def assert_every_valid_id_once_and_checks_passed(tmp_path: Path, s3_home: str, papers: list[dict], pg_url: str
+                                                 ) -> dict[str, dict]:
+    """The S3 home holds each valid source id once, every partition's gate passed, and each partition's run
+    recorded its five check results; returns each partition's materialisation metadata."""
+    import json
+
+    from dagster import AssetKey, DagsterEventType, DagsterInstance
+
+    from paper_assets.engine.storage import ProjectHome, read_parquet
+
+    from .conftest import s3_keys
 
     layout = ProjectHome(s3_home, local=tmp_path / "ui-machine")
     keys = s3_keys(s3_home)
@@ -310,22 +253,85 @@ def test_ui_backfill_of_8_partitions_on_two_workers_into_an_s3_home(tmp_path, ti
     ids = []
     for key in embedded:
         ids += read_parquet(layout.root / key, columns=["corpusid"]).column("corpusid").to_pylist()
-    assert sorted(ids) == sorted(int(p["corpusid"]) for p in papers[:320])  # every valid id, once
+    valid = [int(p["corpusid"]) for p in papers if p["corpusid"].isdigit()]
+    assert sorted(ids) == sorted(valid)  # every valid id, once
     gates = [json.loads((layout.root / k).read_text()) for k in keys if k.endswith(".checks.json")]
     assert len(gates) == 8 and all(g["passed"] for g in gates)
     os.environ["PAPER_ASSETS_PG_URL"] = pg_url
     try:
         instance = DagsterInstance.from_config(str(tmp_path / "ui-machine" / "dagster"))
-        runs = {r.asset_materialization.partition: r.run_id
-                for r in instance.fetch_materializations(AssetKey("paper_embeddings"), limit=100).records}
-        assert len(runs) == 8
-        for run_id in runs.values():
-            checks = instance.get_records_for_run(run_id, of_type=DagsterEventType.ASSET_CHECK_EVALUATION).records
+        records = instance.fetch_materializations(AssetKey("paper_embeddings"), limit=100).records
+        metadata = {r.asset_materialization.partition: {k: v.value for k, v in r.asset_materialization.metadata.items()}
+                    for r in records}
+        assert len(metadata) == len(records) == 8  # one materialisation per partition, none twice
+        for record in records:
+            checks = instance.get_records_for_run(record.run_id,
+                                                  of_type=DagsterEventType.ASSET_CHECK_EVALUATION).records
             evaluations = [r.event_log_entry.dagster_event.event_specific_data for r in checks]
             assert len(evaluations) == 5 and all(e.passed for e in evaluations)
         instance.dispose()
     finally:
         os.environ.pop("PAPER_ASSETS_PG_URL", None)
+    return metadata
+
+
+def s3_source_papers(generated_papers: list[dict], per_partition: int) -> list[dict]:
+    """8 ranges of ``per_partition`` papers with VARCHAR ids, plus three rows whose ids are not ids (quarantined)."""
+    papers = [dict(generated_papers[i % len(generated_papers)], corpusid=str(i % 8 * 1_000_000 + i))
+              for i in range(8 * per_partition)]
+    return papers + [dict(generated_papers[0], corpusid=bad) for bad in ("n/a", "-5", "12x")]
+
+
+def test_ui_backfill_of_8_partitions_on_two_workers_into_an_s3_home(tmp_path, tiny_model, generated_papers, pg_url,
+                                                                     redis_url, s3_home):
+    """The issue's target: a PostgreSQL instance, the Celery executor (Redis broker), two workers, the home on S3
+    (moto): a backfill of 8 partitions completes, both workers embed, the S3 home ends with every valid id once."""
+    base, adapter = tiny_model
+    papers = s3_source_papers(generated_papers, 40)
+    settings = Settings(home=s3_home, source=str(make_source(tmp_path / "source.duckdb", papers, "VARCHAR")),
+                        base_model=base, adapter=adapter, chunk_rows=40, device="cpu", pg_url=pg_url,
+                        celery_broker=redis_url)
+    partitions, summary = backfill_on_two_workers(tmp_path, settings)
+    assert summary["partitions"] == 8 and summary["failed"] == []
+    assert all(p["status"] == "SUCCESS" and p["rows"] == 40 for p in partitions)
+    assert len({p["worker"] for p in partitions}) == 2, partitions  # both workers embedded partitions
+    assert_every_valid_id_once_and_checks_passed(tmp_path, s3_home, papers, pg_url)
+
+
+def test_a_worker_killed_mid_backfill_hands_its_step_to_the_other(tmp_path, tiny_model, generated_papers, pg_url,
+                                                                  redis_url, amqp_url, s3_home):
+    """The same backfill (RabbitMQ broker) with one worker killed with SIGKILL while both are embedding: its step is
+    re-delivered to the other machine's worker, which resumes from the chunk checkpoints on S3; the backfill
+    completes with the same result."""
+    import signal
+
+    from .conftest import s3_keys
+
+    base, adapter = tiny_model
+    papers = s3_source_papers(generated_papers, 120)
+    # Small chunks: each embedding step writes many checkpoints, so the kill lands in the middle of one.
+    settings = Settings(home=s3_home, source=str(make_source(tmp_path / "source.duckdb", papers, "VARCHAR")),
+                        base_model=base, adapter=adapter, chunk_rows=10, device="cpu", token_budget=512,
+                        pg_url=pg_url, celery_broker=amqp_url, celery_backend=redis_url)
+
+    def kill_first_worker_mid_embedding(workers):
+        deadline = time.time() + 400
+        while True:  # both workers hold a partition with finished chunks: the first is mid-step
+            in_flight = {k.split("/")[2] for k in s3_keys(s3_home)
+                         if k.startswith("embeddings/.checkpoints/") and "/chunk-" in k}
+            if len(in_flight) >= 2:
+                break
+            assert time.time() < deadline, "the embedding steps never ran side by side"
+            time.sleep(0.2)
+        os.killpg(workers[0].pid, signal.SIGKILL)
+
+    partitions, summary = backfill_on_two_workers(tmp_path, settings, kill_first_worker_mid_embedding)
+    assert summary["partitions"] == 8 and summary["failed"] == []
+    assert all(p["status"] == "SUCCESS" and p["rows"] == 120 for p in partitions)
+    metadata = assert_every_valid_id_once_and_checks_passed(tmp_path, s3_home, papers, pg_url)
+    resumed = [key for key, meta in metadata.items() if meta["resumed_rows_from_checkpoint"] > 0]
+    assert resumed, metadata  # the interrupted partition went on from the killed worker's chunks
+    assert all(metadata[key]["quality_gate"] == "passed" for key in metadata)
 
 
 def test_one_setting_reaches_the_assets_and_the_cli(tmp_path, monkeypatch):
