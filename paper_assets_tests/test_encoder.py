@@ -227,6 +227,22 @@ def test_tokenize_gives_the_same_ids_as_the_tokenizer_call(fp32, texts):
     assert_same_ids_as_the_tokenizer_call(fp32, texts + [long_text, "x", "[SEP]", "tabs\tand\u00a0spaces"])
 
 
+def test_the_ascii_fast_path_gives_the_same_ids_as_the_full_normaliser(fp32):
+    """ASCII texts skip BERT's normaliser (lower-cased in Python, special tokens kept as written); every other text
+    takes the full tokenizer. Both must give the tokenizer call's ids, whatever the mix of rows."""
+    fast_path = Encoder(fp32)._ascii  # the stand-in's tokenizer is BERT's: the fast path is on
+    assert fast_path is not None and fast_path.applies_to("Title [SEP] Abstract") and not fast_path.applies_to("é")
+    crafted = ["Title [SEP] Abstract", "[Sep] [sep] [SEP][SEP] [CLS]x[MASK]y [PAD] [UNK]", "UPPER lower MiXeD",
+               "tabs\tnew\nlines\rreturns", "bell\x07 and del\x7f", "\x0b vertical \x0c feed", "", " ", "[",
+               "ACCENTÉ non-ascii", "e.g., (CO2) 3.5% -- F1=0.91; [SEP]-linked", "a" * 3000,
+               "Word " * 700 + "[SEP] tail"]
+    rng = np.random.default_rng(7)
+    alphabet = list("SEPCLMAKUNDsepclmakund[] ,.-\t\nxyzXYZ019") + ["[SEP]", "[CLS]", "[MASK]", "\x01", "é"]
+    fuzz = ["".join(rng.choice(alphabet, size=rng.integers(0, 60))) for _ in range(500)]
+    assert_same_ids_as_the_tokenizer_call(fp32, crafted + fuzz)
+    assert_same_ids_as_the_tokenizer_call(fp32, [t for t in crafted + fuzz if t.isascii()])  # all-fast batches
+
+
 def test_tokenize_gives_the_same_ids_as_the_tokenizer_call_on_real_abstracts(fp32, shared_papers):
     assert_same_ids_as_the_tokenizer_call(fp32, [f"{p['title']} [SEP] {p['abstract'] or ''}" for p in shared_papers])
 

@@ -217,8 +217,11 @@ def run_pair(source: Path, base: str, adapter: str, papers: int, precision: str,
     }
 
 
-def _pipeline_child(n: int, work: str, queue) -> None:
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+def _pipeline_child(n: int, work: str, queue, cores: int = 0, data_path_only: bool = False) -> None:
+    if cores:  # before the first tokenisation: the tokenizer's thread pool sizes itself from the affinity mask
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
+        os.environ["RAYON_NUM_THREADS"] = str(cores)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     work_dir = Path(work)
     source = work_dir / f"pipeline-{n}.duckdb"
     if not source.exists():
@@ -235,9 +238,14 @@ def _pipeline_child(n: int, work: str, queue) -> None:
         for batch in pq.ParquetFile(papers.with_suffix(".parquet")).iter_batches(DEFAULT_CHUNK_ROWS, columns=["text"]):
             tokens += int(encoder.tokenize(batch.column("text").to_pylist()).offsets[-1])
         t2 = time.perf_counter()
+        if data_path_only:
+            queue.put({"papers": n, "cores": len(os.sched_getaffinity(0)), "data_path_papers_per_second": n / (t2 - t0),
+                       "read_clean_write_papers_per_second": n / (t1 - t0),
+                       "tokenise_papers_per_second": n / (t2 - t1)})
+            return
         report = embed_papers(papers.with_suffix(".parquet"), out.with_suffix(".parquet"), encoder, checkpoints)
         t3 = time.perf_counter()
-    queue.put({"papers": n, "read_clean_write_papers_per_second": n / (t1 - t0),
+    queue.put({"papers": n, "cores": len(os.sched_getaffinity(0)), "read_clean_write_papers_per_second": n / (t1 - t0),
                "tokenise_papers_per_second": n / (t2 - t1), "tokenise_tokens_per_second": tokens / (t2 - t1),
                "data_path_papers_per_second": n / (t2 - t0),
                "embed_stage_papers_per_second": report.rows / (t3 - t2), "forward_seconds":
@@ -250,15 +258,23 @@ def run_pipeline(n: int, work: Path) -> dict:
     if not (model_dir / "adapter" / "adapter_config.json").exists():
         build_model(model_dir, [p["title"] + " " + (p["abstract"] or "") for p in sample_source.generate_papers(500)],
                     shape=PIPELINE)
-    results = []
     ctx = multiprocessing.get_context("spawn")
-    for count in (n, 10 * n):
+
+    def child_run(*args) -> dict:
         queue = ctx.Queue()
-        child = ctx.Process(target=_pipeline_child, args=(count, str(work), queue))
+        child = ctx.Process(target=_pipeline_child, args=args[:1] + (str(work), queue) + args[1:])
         child.start()
-        results.append(queue.get())
+        result = queue.get()
         child.join()
+        return result
+
+    results = [child_run(count) for count in (n, 10 * n)]
+    available = len(os.sched_getaffinity(0))
+    by_cores = [child_run(n, cores, True) for cores in sorted({1, available})]
     return {"runs": results, "rss_ratio_10x": results[1]["peak_rss_mb"] / results[0]["peak_rss_mb"],
+            "data_path_by_cores": by_cores,
+            "data_path_papers_per_second_per_core": {str(r["cores"]): r["data_path_papers_per_second"] / r["cores"]
+                                                     for r in by_cores},
             "model": f"pipeline {PIPELINE}"}
 
 
@@ -294,6 +310,12 @@ def _print(result: dict) -> None:
                   f"with the model: {run['end_to_end_papers_per_second']:8.1f} papers/s end to end; "
                   f"peak RSS {run['peak_rss_mb']:.0f} MB")
         print(f"peak RSS ratio 10x papers: {result['pipeline']['rss_ratio_10x']:.3f}")
+        for run in result["pipeline"]["data_path_by_cores"]:
+            print(f"data path on {run['cores']} core(s), {run['papers']:,} papers: "
+                  f"{run['data_path_papers_per_second']:8.1f} papers/s = "
+                  f"{run['data_path_papers_per_second'] / run['cores']:8.1f} per core (read+clean+write "
+                  f"{run['read_clean_write_papers_per_second']:8.1f}/s, "
+                  f"tokenise {run['tokenise_papers_per_second']:8.1f}/s)")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ Failure rules (counted in :class:`EncodeStats`):
 from __future__ import annotations
 
 import queue
+import re
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -119,6 +120,57 @@ def _truncating_backend(tokenizer, max_length: int):
     return copy
 
 
+# What BERT's normaliser deletes from ASCII text (clean_text: C0 controls but tab/newline/return, and DEL).
+_ASCII_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+class _AsciiFastPath:
+    """Tokenises ASCII texts without running BERT's normaliser, to the same ids.
+
+    On ASCII text free of control characters, ``BertNormalizer`` (clean text, CJK spacing, accent stripping via
+    NFD, lowercase) changes nothing but the case of letters, and it costs ~40% of tokenisation: here the text is
+    lowercased in Python (special tokens such as ``[SEP]`` kept as written, since the tokenizer matches them in the
+    raw text before normalising) and given to a copy of the tokenizer without a normaliser. Other texts go through
+    the full tokenizer. Used only when the tokenizer's normaliser is a ``BertNormalizer`` and every special token
+    contains an upper-case letter (so lower-cased text can never form one that the raw text did not)."""
+
+    def __init__(self, backend_json: str):
+        import json
+
+        from tokenizers import Tokenizer
+
+        spec = json.loads(backend_json)
+        normalizer = spec.get("normalizer") or {}
+        raw_matched = [t["content"] for t in spec.get("added_tokens", []) if not t.get("normalized", True)]
+        self.usable = normalizer.get("type") == "BertNormalizer" and all(
+            any(c.isupper() for c in token) for token in raw_matched)
+        self.lowercase = bool(normalizer.get("lowercase"))
+        self._specials = (re.compile("(" + "|".join(re.escape(t) for t in sorted(raw_matched, key=len, reverse=True))
+                                     + ")") if raw_matched else None)
+        self.tokenizer = Tokenizer.from_str(backend_json)
+        self.tokenizer.normalizer = None
+
+    def applies_to(self, text: str) -> bool:
+        return text.isascii() and _ASCII_CONTROLS.search(text) is None
+
+    def normalise(self, text: str) -> str:
+        if not self.lowercase:
+            return text
+        if self._specials is None:
+            return text.lower()
+        parts = self._specials.split(text)
+        parts[::2] = [part.lower() for part in parts[::2]]
+        return "".join(parts)
+
+
+def _encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we never read: ~20% faster.
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    return [encoding.ids for encoding in encode(texts)]
+
+
 def _is_oom(err: BaseException) -> bool:
     if isinstance(err, torch.cuda.OutOfMemoryError | MemoryError):
         return True
@@ -138,6 +190,10 @@ class Encoder:
         self.pad_multiple = pad_multiple or loaded.config.pad_multiple or default_pad_multiple(self.device)
         self.pad_id = int(self.tokenizer.pad_token_id)
         self._fast_tokenizer = _truncating_backend(self.tokenizer, self.max_length)
+        self._ascii = None
+        if self._fast_tokenizer is not None:
+            fast_path = _AsciiFastPath(self._fast_tokenizer.to_str())
+            self._ascii = fast_path if fast_path.usable else None
         self._positions = torch.arange(max(self.max_length, 1), device=self.device)
         self._forward_fn = self.model
         if loaded.config.compile:
@@ -168,9 +224,21 @@ class Encoder:
         if self._fast_tokenizer is None:
             return self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False,
                                   return_attention_mask=False, return_token_type_ids=False)["input_ids"]
-        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we never read: ~20% faster.
-        encode = getattr(self._fast_tokenizer, "encode_batch_fast", self._fast_tokenizer.encode_batch)
-        return [encoding.ids for encoding in encode(texts)]
+        if self._ascii is None:
+            return _encode_batch(self._fast_tokenizer, texts)
+        ascii_rows = [row for row, text in enumerate(texts) if self._ascii.applies_to(text)]
+        if len(ascii_rows) == len(texts):
+            return _encode_batch(self._ascii.tokenizer, [self._ascii.normalise(text) for text in texts])
+        ids: list[list[int]] = [[] for _ in texts]
+        fast = _encode_batch(self._ascii.tokenizer, [self._ascii.normalise(texts[row]) for row in ascii_rows])
+        for row, row_ids in zip(ascii_rows, fast, strict=True):
+            ids[row] = row_ids
+        chosen = set(ascii_rows)
+        others = [row for row in range(len(texts)) if row not in chosen]
+        for row, row_ids in zip(others, _encode_batch(self._fast_tokenizer, [texts[row] for row in others]),
+                                strict=True):
+            ids[row] = row_ids
+        return ids
 
     def tokenize(self, texts: list[str], payload: Payload = None) -> TokenizedChunk[Payload]:
         lengths = np.zeros(len(texts), dtype=np.int64)
