@@ -245,6 +245,12 @@ def dagster_executable() -> str:
 def cmd_ui(args) -> int:
     settings = load_settings()
     home = _dagster_home(settings)
+    if settings.pg_url:
+        from .instance import migrate_instance
+
+        # Before the webserver and the daemon start: both would otherwise create a fresh PostgreSQL instance's
+        # tables at once, and race with workers starting on other machines (they all take the same lock).
+        migrate_instance(settings)
     workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
     if not workspace.exists():
         raise CommandError(f"{workspace} not found: `paper-assets ui` runs from a checkout of paper_assets")

@@ -278,7 +278,8 @@ def staged_version(root: HomePath, name: str) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix=f"paper_assets-{name}-") as scratch:
         yield Path(scratch)
         final = root / name
-        remove_tree(final)
+        # Written over, not removed first: a version's name stands for its content (a release id, an index build
+        # hash), so readers of the current version keep a complete one throughout.
         files = sorted((p for p in Path(scratch).rglob("*") if p.is_file()), key=lambda p: p.name == "manifest.json")
         for file in files:
             target = final / file.relative_to(scratch).as_posix()
