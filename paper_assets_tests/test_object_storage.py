@@ -58,6 +58,7 @@ def test_the_demo_runs_on_an_s3_home(tmp_path, s3_home):
 
     with duckdb.connect(str(layout.warehouse)) as conn:  # the catalog's views read the Parquet on S3
         layout.register_filesystem(conn)
+        layout.register_filesystem(conn)  # idempotent: refresh_catalog registers on connections it is given
         assert conn.execute("SELECT count(*), count(DISTINCT corpusid) FROM embeddings").fetchall() == [
             (len(ids), len(ids))]
         assert conn.execute("SELECT count(*) FROM paper_novelty").fetchall()[0][0] > 0

@@ -120,7 +120,10 @@ def ensure_dir(path: HomePath) -> None:
 def register_home_filesystem(conn, path: HomePath) -> None:
     """Let a DuckDB connection read ``s3://`` paths of the home through the same fsspec filesystem (the httpfs
     extension would need a download DuckDB cannot make offline)."""
-    if not is_local(path) and not conn.filesystem_is_registered(type(path.fs).__name__):
+    if is_local(path):
+        return
+    protocol = path.fs.protocol
+    if not conn.filesystem_is_registered(protocol if isinstance(protocol, str) else protocol[0]):
         conn.register_filesystem(path.fs)
 
 
