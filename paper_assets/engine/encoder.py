@@ -226,18 +226,14 @@ class Encoder:
                                   return_attention_mask=False, return_token_type_ids=False)["input_ids"]
         if self._ascii is None:
             return _encode_batch(self._fast_tokenizer, texts)
-        ascii_rows = [row for row, text in enumerate(texts) if self._ascii.applies_to(text)]
-        if len(ascii_rows) == len(texts):
-            return _encode_batch(self._ascii.tokenizer, [self._ascii.normalise(text) for text in texts])
+        ascii_rows, other_rows = [], []
+        for row, text in enumerate(texts):
+            (ascii_rows if self._ascii.applies_to(text) else other_rows).append(row)
         ids: list[list[int]] = [[] for _ in texts]
-        fast = _encode_batch(self._ascii.tokenizer, [self._ascii.normalise(texts[row]) for row in ascii_rows])
-        for row, row_ids in zip(ascii_rows, fast, strict=True):
-            ids[row] = row_ids
-        chosen = set(ascii_rows)
-        others = [row for row in range(len(texts)) if row not in chosen]
-        for row, row_ids in zip(others, _encode_batch(self._fast_tokenizer, [texts[row] for row in others]),
-                                strict=True):
-            ids[row] = row_ids
+        for rows, tokenizer, prepare in ((ascii_rows, self._ascii.tokenizer, self._ascii.normalise),
+                                         (other_rows, self._fast_tokenizer, str)):
+            for row, row_ids in zip(rows, _encode_batch(tokenizer, [prepare(texts[r]) for r in rows]), strict=True):
+                ids[row] = row_ids
         return ids
 
     def tokenize(self, texts: list[str], payload: Payload = None) -> TokenizedChunk[Payload]:

@@ -360,7 +360,7 @@ def current_index(root: HomePath, cache: Path | None = None) -> PaperIndex | Non
         return None
     if not is_local(root) and cache is None:
         raise ValueError("an object-storage index needs a local cache folder")
-    return PaperIndex(local_version(root / build, cache) if not is_local(root) else root / build)
+    return PaperIndex(local_version(root / build, cache))
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:

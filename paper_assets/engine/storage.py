@@ -289,7 +289,7 @@ def staged_version(root: HomePath, name: str) -> Iterator[Path]:
             final.fs.put_file(str(file), target.path)
 
 
-def local_version(folder: HomePath, cache: Path) -> Path:
+def local_version(folder: HomePath, cache: Path | None) -> Path:
     """A local copy of the version folder ``folder`` (itself when local): readers that memory-map or hand paths to
     native libraries need one. Version folders are named by content, so a cached copy stays valid; its
     ``manifest.json`` is fetched again each time (it records what the version was last confirmed against)."""
