@@ -107,7 +107,7 @@ def cmd_embed(args) -> int:
     from .engine.encoder import Encoder
     from .engine.model import ModelConfig, load_model
     from .engine.partition_gate import evaluate_partition
-    from .engine.pipeline import build_papers, embed_papers
+    from .engine.pipeline import EmbedJob, build_papers, embed_partitions
     from .engine.quality import GatePolicy
     from .engine.ranges import parse_range, range_for
     from .engine.source import inspect_source, range_stats
@@ -127,7 +127,8 @@ def cmd_embed(args) -> int:
             print(f"warning: {invalid} row(s) have no valid corpusid and are not embedded", file=sys.stderr)
     config = ModelConfig(base_model=args.base_model or settings.base_model, adapter=args.adapter or settings.adapter,
                          device=args.device or settings.device, precision=args.precision or settings.precision,
-                         token_budget=args.token_budget or settings.token_budget, compile=args.compile,
+                         token_budget=args.token_budget or settings.token_budget,
+                         compile=settings.compile if args.compile is None else args.compile,
                          pad_multiple=args.pad_multiple or 0,
                          calibration_file=str(ProjectHome(settings.home).calibration_file))
     flags = {"base model": "--base-model" if args.base_model else "PAPER_ASSETS_BASE_MODEL",
@@ -149,22 +150,26 @@ def cmd_embed(args) -> int:
             ensure_dir(papers_file.parent)
             return papers_file, build_papers(info, rng, papers_file)
 
-        # The next range's papers are read and cleaned while this one embeds, so the device never waits on them.
-        upcoming = prefetch.submit(papers_of, ranges[0]) if ranges else None
-        for index, rng in enumerate(ranges):
-            papers_file, papers = upcoming.result()
-            if index + 1 < len(ranges):
-                upcoming = prefetch.submit(papers_of, ranges[index + 1])
-            meta = {"model": model_meta, "range": rng.key, "papers_content_hash": papers.content_hash,
-                    "source_release": info.version}
-            out_file = layout.embeddings_file(rng) if into_home else out / f"embeddings-{rng.key}.parquet"
-            checkpoints = layout.checkpoint_dir(rng) if into_home else Path(work) / "checkpoints" / rng.key
-            report = embed_papers(papers_file, out_file, encoder, checkpoints, chunk_rows=settings.chunk_rows,
-                                  file_metadata=meta)
+        def jobs():
+            # The next range's papers are read and cleaned while this one embeds, so the device never waits on them.
+            upcoming = prefetch.submit(papers_of, ranges[0]) if ranges else None
+            for index, rng in enumerate(ranges):
+                papers_file, papers = upcoming.result()
+                if index + 1 < len(ranges):
+                    upcoming = prefetch.submit(papers_of, ranges[index + 1])
+                meta = {"model": model_meta, "range": rng.key, "papers_content_hash": papers.content_hash,
+                        "source_release": info.version}
+                out_file = layout.embeddings_file(rng) if into_home else out / f"embeddings-{rng.key}.parquet"
+                checkpoints = layout.checkpoint_dir(rng) if into_home else Path(work) / "checkpoints" / rng.key
+                yield EmbedJob(papers_file, out_file, checkpoints, meta, context=(rng, papers))
+
+        # One encoder stream over every range: the device goes on with the next range while one is written.
+        for job, report in embed_partitions(jobs(), encoder, chunk_rows=settings.chunk_rows):
+            rng, papers = job.context
             total += report.rows
             verdict = ""
             if into_home:
-                decision = evaluate_partition(layout, rng, out_file, encoder, papers.as_metadata(), model_meta,
+                decision = evaluate_partition(layout, rng, job.out_path, encoder, papers.as_metadata(), model_meta,
                                               GatePolicy(norm_k=settings.norm_k,
                                                          max_norm_outlier_fraction=settings.max_norm_outlier_fraction),
                                               ).gate
@@ -221,7 +226,8 @@ def cmd_bench(args) -> int:
 
     return run_benchmark(BenchOptions(
         source=args.source, base_model=args.base_model, adapter=args.adapter, papers=args.papers,
-        precision=args.precision, compile=args.compile, token_budget=args.token_budget, device=args.device,
+        precision=args.precision, compile="auto" if args.compile is None else args.compile,
+        token_budget=args.token_budget, device=args.device,
         json=args.json, pipeline_papers=args.pipeline_papers, release_rows=args.release_rows,
         dagster_partitions=args.dagster_partitions, dagster_papers_per_partition=args.dagster_papers_per_partition,
         retrieval=args.retrieval, novelty_papers=args.novelty, novelty_months=args.novelty_months))
@@ -445,7 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--token-budget", type=int, help="padded tokens per forward batch (default: by device)")
     embed.add_argument("--pad-multiple", type=int, help="batch widths are multiples of this (default: 64 on GPU, "
                        "8 on CPU)")
-    embed.add_argument("--compile", action="store_true", help="torch.compile the model")
+    embed.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                       help="torch.compile the model (default PAPER_ASSETS_COMPILE / auto: on CUDA)")
     embed.set_defaults(func=cmd_embed)
 
     bench = sub.add_parser("bench", help="engine vs a faithful re-implementation of the notebook, same data+model")
@@ -455,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--papers", type=int, default=256, help="papers embedded by both sides (default %(default)s)")
     bench.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                        help="engine precision (default %(default)s, as in production)")
-    bench.add_argument("--compile", action="store_true", help="torch.compile the engine's model")
+    bench.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                       help="torch.compile the engine's model (default: auto, on CUDA)")
     bench.add_argument("--token-budget", type=int, default=0, help="padded tokens per batch (0: by device)")
     bench.add_argument("--dagster-partitions", type=int, default=0,
                        help="also embed N partitions through Dagster runs on a Celery worker (PostgreSQL and Redis "

@@ -43,7 +43,7 @@ class Settings:
     precision: str = "auto"
     token_budget: int = 0  # 0: by device
     chunk_rows: int = DEFAULT_CHUNK_ROWS
-    compile: bool = False
+    compile: str = "auto"  # auto: torch.compile on CUDA; on / off
     hub_repo: str = ""
     hub_revision: str = "main"
     hub_private: bool = False

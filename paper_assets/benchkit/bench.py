@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ..engine.calibrate import matmul_gflops
-from ..engine.device import NATIVE_BF16_FLAGS, cpu_info
+from ..engine.device import NATIVE_BF16_FLAGS, compile_wanted, cpu_info
 from ..engine.encoder import Encoder
 from ..engine.errors import UserError
 from ..engine.model import ModelConfig, load_model
@@ -114,7 +114,7 @@ def _cpu_description() -> dict:
             "native_bf16": sorted(NATIVE_BF16_FLAGS & flags), "avx512": "avx512f" in flags}
 
 
-def run_pair(source: Path, base: str, adapter: str, papers: int, precision: str, compile_model: bool,
+def run_pair(source: Path, base: str, adapter: str, papers: int, precision: str, compile_model: str | bool,
              token_budget: int, work: Path, device: str = "auto") -> dict:
     torch.manual_seed(0)
     info = inspect_source(source)
@@ -122,7 +122,8 @@ def run_pair(source: Path, base: str, adapter: str, papers: int, precision: str,
         raise SystemExit("bench needs an integer corpusid source (the notebook orders by corpusid as text otherwise)")
     last_id = _first_ids(source, papers)
     reference_model = load_model(ModelConfig(base_model=base, adapter=adapter, precision="fp32", device=device))
-    engine_model = (reference_model if precision == "fp32" and not compile_model else
+    same_model = precision == "fp32" and not compile_wanted(compile_model, reference_model.device)
+    engine_model = (reference_model if same_model else
                     load_model(ModelConfig(base_model=base, adapter=adapter, precision=precision, device=device,
                                            compile=compile_model, token_budget=token_budget,
                                            calibration_file=str(work / "calibration.json"))))
@@ -194,7 +195,8 @@ def run_pair(source: Path, base: str, adapter: str, papers: int, precision: str,
         "engine": {"papers_per_second": eng_rate, "seconds": eng_seconds,
                    "tokens_per_second": report.encode.real_tokens / eng_seconds,
                    "token_efficiency": report.encode.token_efficiency, "peak_rss_mb": eng_rss.peak / 2**20,
-                   "precision": engine_model.precision, "compile": compile_model, "token_budget": encoder.token_budget,
+                   "precision": engine_model.precision, "compile": encoder.compiled,
+                   "token_budget": encoder.token_budget,
                    "rows": report.rows, "skipped_no_text": sum(papers_report.skipped.values()),
                    "cpu_calibration": (json.loads((work / "calibration.json").read_text())
                                                 if (work / "calibration.json").exists() else None)},
@@ -327,7 +329,7 @@ class BenchOptions:
     adapter: str | None = None
     papers: int = 256  # engine vs the notebook's loop on this many papers (0: skip)
     precision: str = "auto"
-    compile: bool = False
+    compile: str | bool = "auto"  # auto: on CUDA
     token_budget: int = 0
     device: str = "auto"  # as in production: the GPU where there is one
     json: str | None = None

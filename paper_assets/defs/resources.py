@@ -106,7 +106,7 @@ class Specter2Resource(ConfigurableResource):
     max_batch_rows: int = 512
     pad_multiple: int = Field(default=0, description="padded batch widths are multiples of this (0: 64 on GPU, 8 "
                               "on CPU)")
-    compile: bool = DEFAULTS.compile
+    compile: str = Field(default=DEFAULTS.compile, description="torch.compile the model: auto (on CUDA), on, off")
     chunk_rows: int = Field(default=DEFAULTS.chunk_rows, description="rows per checkpointed chunk of a partition")
     sep_token: str = "[SEP]"
     device_lock_dir: str = Field(default="", description="GPU claims for device=auto on multi-GPU machines")

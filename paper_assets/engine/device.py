@@ -14,6 +14,7 @@ from .errors import UserError
 _CLAIMED: dict[str, int] = {}  # lock file -> open descriptor, held for the life of the process
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+COMPILE_CHOICES = ("auto", "on", "off")
 
 
 class DeviceError(UserError, ValueError):
@@ -102,6 +103,22 @@ def default_pad_multiple(device: torch.device) -> int:
     """Batch widths are rounded up to this: on GPUs few distinct shapes (kernel choice and allocator blocks are
     made per shape) matter more than the padding; on CPUs padding costs compute, so only a small multiple."""
     return 64 if device.type == "cuda" else 8
+
+
+def compile_wanted(setting: str | bool, device: torch.device) -> bool:
+    """Whether to ``torch.compile`` the model. ``auto``: on CUDA, where fusing the elementwise work around the
+    matmuls (autocast casts, residual adds, LayerNorm, GELU) is most of the gain (BENCHMARKS.md, GPU section) and a
+    run embeds enough papers to repay the compilation; off on CPUs and MPS."""
+    if isinstance(setting, bool):
+        return setting
+    value = str(setting).strip().lower()
+    if value in {"on", "1", "true", "yes"}:
+        return True
+    if value in {"off", "0", "false", "no"}:
+        return False
+    if value in {"auto", ""}:
+        return device.type == "cuda"
+    raise DeviceError(f"compile must be one of {COMPILE_CHOICES}, got {setting!r}")
 
 
 def resolve_precision(requested: str, device: torch.device) -> torch.dtype:

@@ -33,7 +33,7 @@ import torch
 
 from . import calibrate
 from .batching import pad_on_device, padded_width, plan_batches
-from .device import default_pad_multiple, default_token_budget
+from .device import compile_wanted, default_pad_multiple, default_token_budget
 from .model import LoadedModel
 
 Payload = TypeVar("Payload")
@@ -196,11 +196,33 @@ class Encoder:
             self._ascii = fast_path if fast_path.usable else None
         self._positions = torch.arange(max(self.max_length, 1), device=self.device)
         self._forward_fn = self.model
-        if loaded.config.compile:
+        self.compiled = compile_wanted(loaded.config.compile, self.device)
+        if self.compiled:
             # Freezing (CPU): weights become constants, so their bf16 casts and oneDNN packing happen once.
             options = {"freezing": True} if self.device.type == "cpu" else None
             self._forward_fn = torch.compile(self.model, dynamic=True, options=options)
         self.token_budget = token_budget or loaded.config.token_budget or self._default_token_budget()
+        if self.compiled or self.device.type == "cuda":
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """Run one full batch of every padded width before the first chunk, so that compilation, kernel selection
+        per shape and the allocator's largest blocks are paid here, once, and not by the first range (on a GPU the
+        first 20k-paper range ran 27% below the rest without this; BENCHMARKS.md)."""
+        widths = sorted({padded_width(width, self.pad_multiple, self.max_length)
+                         for width in range(self.pad_multiple, self.max_length + self.pad_multiple,
+                                            self.pad_multiple)}, reverse=True)
+        if self.device.type != "cuda":
+            widths = widths[-1:]  # a compiled CPU model: one call compiles the dynamic-shape graph
+        generator = torch.Generator().manual_seed(0)
+        vocab = int(self.model.config.vocab_size)
+        with torch.inference_mode(), self._autocast():
+            for width in widths:
+                rows = max(2, min(self.max_batch_rows, self.token_budget // width))
+                ids = torch.randint(vocab, (rows, width), generator=generator).to(self.device)
+                self.forward(ids, torch.ones_like(ids))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _default_token_budget(self) -> int:
         """By device; on a CPU with a calibration file, measured once per CPU kind and model (``calibrate``)."""
@@ -274,6 +296,10 @@ class Encoder:
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """CLS vectors (float32, on the device) of one padded batch already on the device; may contain NaN
         (checked per chunk). Runs inside the ``inference_mode`` + autocast context held for a whole chunk."""
+        if self.compiled and input_ids.shape[0] == 1:
+            # A compiled graph specialises on a batch of one (a new multi-second compilation); a row's vector
+            # does not depend on the other rows of its batch, so the row is run as a batch of two.
+            return self.forward(input_ids.repeat(2, 1), attention_mask.repeat(2, 1))[:1]
         out = self._forward_fn(input_ids=input_ids, attention_mask=attention_mask)
         return out.last_hidden_state[:, 0, :].float()
 

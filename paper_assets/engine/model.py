@@ -52,7 +52,7 @@ class ModelConfig:
     device: str = "auto"
     precision: str = "auto"
     max_length: int = 512
-    compile: bool = False
+    compile: str | bool = "auto"  # auto: on CUDA (device.compile_wanted)
     # Seq-len-sorted batches are cut so that rows * longest row <= token_budget (padded tokens); 0: by device.
     token_budget: int = 0
     max_batch_rows: int = 512

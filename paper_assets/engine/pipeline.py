@@ -6,7 +6,7 @@ import hashlib
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -184,6 +184,34 @@ def _papers_chunks(papers_path: Path, chunk_rows: int) -> Iterator[pa.RecordBatc
     yield from parquet.iter_batches(batch_size=chunk_rows, columns=["corpusid", "text", "text_sha256"])
 
 
+@dataclass
+class EmbedJob:
+    """One partition to embed: its papers file, where its vectors go, and where its chunk checkpoints live.
+    ``context`` is the caller's, handed back with the report (e.g. the range and its papers report)."""
+
+    papers_path: Path
+    out_path: Path
+    checkpoint_dir: Path
+    file_metadata: dict | None = None
+    context: object = None
+
+
+@dataclass
+class _JobState:
+    job: EmbedJob
+    report: EmbedReport
+    checkpoints: ChunkCheckpoints
+    previous: PreviousVectors
+    total: int
+    schema: pa.Schema
+    done: int = 0
+
+
+@dataclass
+class _JobEnd:
+    state: _JobState
+
+
 def embed_papers(
     papers_path: Path,
     out_path: Path,
@@ -198,47 +226,82 @@ def embed_papers(
     Rows whose (corpusid, text_sha256) already have a vector from the same model in the current ``out_path``
     reuse it bit for bit; only new or changed rows go through the model, and rows that left the papers file are
     dropped (counted in the report)."""
-    started = time.perf_counter()
-    report = EmbedReport()
-    total = parquet_file(papers_path).metadata.num_rows
-    papers_digest = sha256_file(papers_path)[:16]
-    loaded = encoder.loaded
-    previous = PreviousVectors(out_path, loaded.fingerprint, loaded.precision)
-    checkpoints = ChunkCheckpoints(
-        checkpoint_dir,
-        {"papers_sha256": papers_digest, "model": loaded.fingerprint, "chunk_rows": chunk_rows,
-         "precision": loaded.precision},
-    )
-    schema = embeddings_schema(loaded.hidden_size)
-    done = 0
+    [(_, report)] = embed_partitions([EmbedJob(papers_path, out_path, checkpoint_dir, file_metadata)], encoder,
+                                     chunk_rows, progress)
+    return report
 
-    def todo() -> Iterator[tuple[tuple[int, pa.RecordBatch], list[str]]]:
-        nonlocal done
-        for index, chunk in enumerate(_papers_chunks(papers_path, chunk_rows)):
-            if checkpoints.has(index):
-                report.resumed_chunks += 1
-                report.resumed_rows += chunk.num_rows
-                done += chunk.num_rows
-                continue
-            reuse, reused = previous.lookup(chunk.column("corpusid").to_numpy(), chunk.column("text_sha256"))
-            texts = chunk.column("text").filter(pa.array(~reuse)).to_pylist()
-            # The payload waits in the tokenizer queue: keep only the columns written back, not the texts.
-            yield (index, chunk.select(["corpusid", "text_sha256"]), reuse, reused), texts
 
-    for (index, chunk, reuse, reused), embedded, stats in encoder.encode_stream(todo()):
-        vectors = np.empty((chunk.num_rows, loaded.hidden_size), dtype=np.float32)
+def embed_partitions(
+    jobs: Iterable[EmbedJob], encoder: Encoder, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    progress: Progress | None = None,
+) -> Iterator[tuple[EmbedJob, EmbedReport]]:
+    """:func:`embed_papers` for several partitions through one encoder stream, yielding each partition's report
+    as soon as its file is written.
+
+    The stream does not drain between partitions: the next partition's first chunks are read and tokenised, and
+    queued on the device, while this one's last chunk is collected and its file assembled, so a device that embeds
+    a partition in seconds does not idle at every partition boundary. ``jobs`` is consumed lazily from the
+    tokenizer thread (a job may wait there for its papers file to be built)."""
+    stream_started = time.perf_counter()
+    last_finished = stream_started
+
+    def todo() -> Iterator[tuple[object, list[str]]]:
+        for job in jobs:
+            state = _open_job(job, encoder, chunk_rows)
+            for index, chunk in enumerate(_papers_chunks(job.papers_path, chunk_rows)):
+                if state.checkpoints.has(index):
+                    state.report.resumed_chunks += 1
+                    state.report.resumed_rows += chunk.num_rows
+                    state.done += chunk.num_rows
+                    continue
+                reuse, reused = state.previous.lookup(chunk.column("corpusid").to_numpy(),
+                                                      chunk.column("text_sha256"))
+                texts = chunk.column("text").filter(pa.array(~reuse)).to_pylist()
+                # The payload waits in the tokenizer queue: keep only the columns written back, not the texts.
+                yield (state, index, chunk.select(["corpusid", "text_sha256"]), reuse, reused), texts
+            yield _JobEnd(state), []
+
+    for payload, embedded, stats in encoder.encode_stream(todo()):
+        if isinstance(payload, _JobEnd):
+            state = payload.state
+            _assemble(state)
+            finished = time.perf_counter()
+            state.report.seconds = finished - last_finished  # consecutive partitions: their times add up
+            last_finished = finished
+            yield state.job, state.report
+            continue
+        state, index, chunk, reuse, reused = payload
+        vectors = np.empty((chunk.num_rows, encoder.loaded.hidden_size), dtype=np.float32)
         vectors[~reuse] = embedded
         if reused is not None:
             vectors[reuse] = reused
-        batch = embeddings_batch(chunk.column("corpusid").to_numpy(), vectors, chunk.column("text_sha256"), schema)
-        checkpoints.write(index, batch.replace_schema_metadata({_REUSED_KEY: str(int(reuse.sum())).encode()}))
-        report.encode.add(stats)
-        done += chunk.num_rows
+        batch = embeddings_batch(chunk.column("corpusid").to_numpy(), vectors, chunk.column("text_sha256"),
+                                 state.schema)
+        state.checkpoints.write(index, batch.replace_schema_metadata({_REUSED_KEY: str(int(reuse.sum())).encode()}))
+        state.report.encode.add(stats)
+        state.done += chunk.num_rows
         if progress:
-            progress(done, total, time.perf_counter() - started)
+            progress(state.done, state.total, time.perf_counter() - last_finished)
 
-    with atomic_parquet_writer(out_path, embeddings_schema(loaded.hidden_size, file_metadata)) as writer:
-        for chunk_file in checkpoints.chunks():
+
+def _open_job(job: EmbedJob, encoder: Encoder, chunk_rows: int) -> _JobState:
+    loaded = encoder.loaded
+    checkpoints = ChunkCheckpoints(
+        job.checkpoint_dir,
+        {"papers_sha256": sha256_file(job.papers_path)[:16], "model": loaded.fingerprint, "chunk_rows": chunk_rows,
+         "precision": loaded.precision},
+    )
+    return _JobState(job, EmbedReport(), checkpoints, PreviousVectors(job.out_path, loaded.fingerprint,
+                                                                      loaded.precision),
+                     parquet_file(job.papers_path).metadata.num_rows, embeddings_schema(loaded.hidden_size))
+
+
+def _assemble(state: _JobState) -> None:
+    """Write the partition's file from its chunk checkpoints (atomically), then drop the checkpoints."""
+    job, report = state.job, state.report
+    schema = embeddings_schema(state.schema.field("embedding").type.list_size, job.file_metadata)
+    with atomic_parquet_writer(job.out_path, schema) as writer:
+        for chunk_file in state.checkpoints.chunks():
             table = read_parquet(chunk_file)
             reused = int((table.schema.metadata or {}).get(_REUSED_KEY, b"0"))
             report.rows_reused += reused
@@ -246,10 +309,9 @@ def embed_papers(
             writer.write_table(table.cast(writer.schema), row_group_size=EMBEDDING_ROW_GROUP)
             report.rows += table.num_rows
             report.chunks += 1
-        if report.rows != total:  # raised inside the writer: the previous good file stays in place
-            raise RuntimeError(f"embedded {report.rows} rows but {papers_path} has {total}; checkpoints inconsistent")
-        report.rows_deleted = previous.deleted(read_parquet(papers_path, columns=["corpusid"]).column(
+        if report.rows != state.total:  # raised inside the writer: the previous good file stays in place
+            raise RuntimeError(f"embedded {report.rows} rows but {job.papers_path} has {state.total}; "
+                               "checkpoints inconsistent")
+        report.rows_deleted = state.previous.deleted(read_parquet(job.papers_path, columns=["corpusid"]).column(
             "corpusid").to_numpy())
-    checkpoints.clear()
-    report.seconds = time.perf_counter() - started
-    return report
+    state.checkpoints.clear()
