@@ -101,8 +101,9 @@ def cmd_update(args) -> int:
 
 
 def cmd_embed(args) -> int:
+    import multiprocessing
     import tempfile
-    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor
 
     from .engine.encoder import Encoder
     from .engine.model import ModelConfig, load_model
@@ -129,34 +130,42 @@ def cmd_embed(args) -> int:
                          device=args.device or settings.device, precision=args.precision or settings.precision,
                          token_budget=args.token_budget or settings.token_budget,
                          compile=settings.compile if args.compile is None else args.compile,
+                         tokenizer_workers=(settings.tokenizer_workers if args.tokenizer_workers is None
+                                            else args.tokenizer_workers),
                          pad_multiple=args.pad_multiple or 0,
                          calibration_file=str(ProjectHome(settings.home).calibration_file))
     flags = {"base model": "--base-model" if args.base_model else "PAPER_ASSETS_BASE_MODEL",
              "adapter": "--adapter" if args.adapter else "PAPER_ASSETS_ADAPTER"}
-    encoder = Encoder(load_model(config, setting_names=flags))
-    loaded = encoder.loaded
-    print(f"adapter {config.adapter_name} active ({loaded.precision} on {loaded.device})")
     layout = ProjectHome(settings.home)
     into_home = args.out is None  # the home's own layout, quality gate included: `publish` can take it from there
     out = layout.embeddings_dir if into_home else Path(args.out)
     ensure_dir(out)
     layout.local.mkdir(parents=True, exist_ok=True)
-    model_meta = loaded.metadata()
-    total, gate_failed, started = 0, [], time.perf_counter()
     scratch = out if is_local(out) else layout.local
-    with tempfile.TemporaryDirectory(dir=scratch, prefix=".work-") as work, ThreadPoolExecutor(1) as prefetch:
-        def papers_of(rng):
+    total, gate_failed = 0, []
+    # Papers files are built in a child process, one range ahead: reading and cleaning is Python work that would
+    # otherwise hold the GIL beside the threads that tokenise and launch kernels (on a GPU the range embedded
+    # without a build beside it ran ~20% faster; BENCHMARKS.md). The first build overlaps the model load.
+    with tempfile.TemporaryDirectory(dir=scratch, prefix=".work-") as work, \
+            ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as prefetch:
+        def submit_papers(rng):
             papers_file = layout.papers_file(rng) if into_home else Path(work) / f"papers-{rng.key}.parquet"
             ensure_dir(papers_file.parent)
-            return papers_file, build_papers(info, rng, papers_file)
+            return papers_file, prefetch.submit(build_papers, info, rng, papers_file)
+
+        upcoming = submit_papers(ranges[0]) if ranges else None
+        encoder = Encoder(load_model(config, setting_names=flags))
+        loaded = encoder.loaded
+        print(f"adapter {config.adapter_name} active ({loaded.precision} on {loaded.device})")
+        model_meta = loaded.metadata()
+        started = time.perf_counter()
 
         def jobs():
-            # The next range's papers are read and cleaned while this one embeds, so the device never waits on them.
-            upcoming = prefetch.submit(papers_of, ranges[0]) if ranges else None
+            nonlocal upcoming
             for index, rng in enumerate(ranges):
-                papers_file, papers = upcoming.result()
+                papers_file, papers = upcoming[0], upcoming[1].result()
                 if index + 1 < len(ranges):
-                    upcoming = prefetch.submit(papers_of, ranges[index + 1])
+                    upcoming = submit_papers(ranges[index + 1])
                 meta = {"model": model_meta, "range": rng.key, "papers_content_hash": papers.content_hash,
                         "source_release": info.version}
                 out_file = layout.embeddings_file(rng) if into_home else out / f"embeddings-{rng.key}.parquet"
@@ -453,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "8 on CPU)")
     embed.add_argument("--compile", action=argparse.BooleanOptionalAction,
                        help="torch.compile the model (default PAPER_ASSETS_COMPILE / auto: on CUDA)")
+    embed.add_argument("--tokenizer-workers", type=int, help="processes that tokenise (default "
+                       "PAPER_ASSETS_TOKENIZER_WORKERS / -1: one per 4 cores on GPU hosts, none on CPUs)")
     embed.set_defaults(func=cmd_embed)
 
     bench = sub.add_parser("bench", help="engine vs a faithful re-implementation of the notebook, same data+model")

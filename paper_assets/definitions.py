@@ -30,7 +30,8 @@ def build_resources(settings: Settings) -> dict:
         "specter2": Specter2Resource(
             base_model=settings.base_model, adapter=settings.adapter, device=settings.device,
             precision=settings.precision, token_budget=settings.token_budget, chunk_rows=settings.chunk_rows,
-            compile=settings.compile, device_lock_dir=str(home.local / ".locks" / "devices"),
+            compile=settings.compile, tokenizer_workers=settings.tokenizer_workers,
+            device_lock_dir=str(home.local / ".locks" / "devices"),
             calibration_file=str(home.calibration_file), norm_k=settings.norm_k,
             max_norm_outlier_fraction=settings.max_norm_outlier_fraction,
         ),

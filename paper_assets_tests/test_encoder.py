@@ -305,3 +305,54 @@ def test_auto_precision_takes_bf16_on_a_cpu_only_where_it_is_measured_faster(tin
     assert precision("fast-bf16.json") == "bf16"
     stored = json.loads((tmp_path / "fast-bf16.json").read_text())
     assert next(iter(stored.values())) == {"fp32_gflops": 171.0, "bf16_gflops": 428.0, "bf16": True}
+
+
+def test_compile_is_on_by_default_only_on_cuda():
+    from paper_assets.engine.device import DeviceError, compile_wanted
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert compile_wanted("auto", cuda) and not compile_wanted("auto", cpu)
+    assert compile_wanted("on", cpu) and compile_wanted(True, cpu) and compile_wanted("1", cpu)
+    assert not compile_wanted("off", cuda) and not compile_wanted(False, cuda) and not compile_wanted("0", cuda)
+    with pytest.raises(DeviceError, match="compile must be one of"):
+        compile_wanted("sometimes", cpu)
+
+
+def test_compiled_model_is_compiled_once_at_load_and_gives_the_same_vectors(tiny_model, fp32, texts):
+    from torch._dynamo.utils import counters
+
+    base, adapter = tiny_model
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = Encoder(load_model(ModelConfig(base_model=base, adapter=adapter, precision="fp32", device="cpu",
+                                              compile="on")), token_budget=2048)
+    assert compiled.compiled and counters["stats"]["unique_graphs"] == 1  # the warm-up compiled it, at load
+    eager = Encoder(fp32, token_budget=2048)
+    out, one = compiled.encode(texts), compiled.encode(texts[:1])  # many widths, then a batch of one row
+    assert counters["stats"]["unique_graphs"] == 1  # no recompilation for other shapes or for a single row
+    assert cosines(out, eager.encode(texts)).min() >= 0.99999
+    assert cosines(one, eager.encode(texts[:1])).min() >= 0.99999
+
+
+def test_worker_process_tokenisation_equals_in_process_tokenisation(tiny_model, fp32, texts, shared_papers):
+    from paper_assets.engine.tokenization import default_workers
+
+    assert default_workers("cuda", cores=16) == 4 and default_workers("cpu", cores=16) == 0
+    base, adapter = tiny_model
+    pooled = Encoder(load_model(ModelConfig(base_model=base, adapter=adapter, precision="fp32", device="cpu",
+                                            tokenizer_workers=2)), token_budget=2048)
+    in_process = Encoder(fp32, token_budget=2048)
+    assert pooled._pool is not None and pooled._pool.workers == 2 and in_process._pool is None
+    try:
+        real = [f"{p['title']} [SEP] {p['abstract'] or ''}" for p in shared_papers[:1500]]
+        mixed = texts + ["Ünïcödé [SEP] " + "ligature ﬁ and CJK 漢字 " * 300, "", "x", "bell\x07 [SEP] del\x7f"] + real
+        for batch in (mixed, mixed[:1], []):
+            got, want = pooled.tokenize(batch), in_process.tokenize(batch)
+            assert got.flat_ids.dtype == want.flat_ids.dtype == np.int32
+            np.testing.assert_array_equal(got.flat_ids, want.flat_ids)
+            np.testing.assert_array_equal(got.offsets, want.offsets)
+            assert got.truncated == want.truncated
+        streamed = list(pooled.encode_stream([("a", texts[:70]), ("b", texts[70:])]))
+        np.testing.assert_allclose(np.concatenate([v for _, v, _ in streamed]), in_process.encode(texts), atol=1e-5)
+    finally:
+        pooled.close()

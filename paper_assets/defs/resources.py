@@ -107,6 +107,8 @@ class Specter2Resource(ConfigurableResource):
     pad_multiple: int = Field(default=0, description="padded batch widths are multiples of this (0: 64 on GPU, 8 "
                               "on CPU)")
     compile: str = Field(default=DEFAULTS.compile, description="torch.compile the model: auto (on CUDA), on, off")
+    tokenizer_workers: int = Field(default=DEFAULTS.tokenizer_workers, description="processes that tokenise (-1: "
+                                   "by device, one per 4 cores on GPU hosts; 0: in the step's process)")
     chunk_rows: int = Field(default=DEFAULTS.chunk_rows, description="rows per checkpointed chunk of a partition")
     sep_token: str = "[SEP]"
     device_lock_dir: str = Field(default="", description="GPU claims for device=auto on multi-GPU machines")
@@ -121,6 +123,7 @@ class Specter2Resource(ConfigurableResource):
         return ModelConfig(
             base_model=self.base_model, adapter=self.adapter, adapter_name=self.adapter_name, device=self.device,
             precision=self.precision, max_length=self.max_length, compile=self.compile,
+            tokenizer_workers=self.tokenizer_workers,
             token_budget=self.token_budget, max_batch_rows=self.max_batch_rows, pad_multiple=self.pad_multiple,
             device_lock_dir=self.device_lock_dir or None, calibration_file=self.calibration_file or None,
         )

@@ -6,9 +6,11 @@ batch gather the padded ids and mask there, run the model under ``torch.inferenc
 the device. The chunk's vectors come back in one copy, after the next chunk's batches are queued: the launching
 thread never waits for the GPU between batches, and the GPU never waits for the host between chunks. Tokenising
 the next chunks overlaps all of it (a background thread feeding a bounded queue; the Rust tokenizer releases the
-GIL). CPU and CUDA run this same algorithm; on the CPU the copies are no-ops. Reduced precision (bf16/fp16) is
-autocast on every device: weights stay fp32, matmuls run in the low precision, LayerNorm/softmax/residual sums stay
-fp32. One autocast context spans a chunk, so each weight is cast once per chunk (autocast's cache), not per batch.
+GIL, and on GPU hosts the tokenisation runs in worker processes, ``tokenization.TokenizerPool``). CPU and CUDA
+run this same algorithm; on the CPU the copies are no-ops. Reduced precision (bf16/fp16) is autocast on every
+device: weights stay fp32, matmuls run in the low precision, LayerNorm/softmax/residual sums stay fp32. One
+autocast context spans a chunk, so each weight is cast once per chunk (autocast's cache), not per batch. On CUDA
+the model is ``torch.compile``d by default (``device.compile_wanted``), which fuses those casts and sums.
 
 Failure rules (counted in :class:`EncodeStats`):
 - a batch whose output has NaN/Inf is recomputed one row at a time (no padding, the known trigger); a row that
@@ -19,7 +21,6 @@ Failure rules (counted in :class:`EncodeStats`):
 from __future__ import annotations
 
 import queue
-import re
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -35,9 +36,9 @@ from . import calibrate
 from .batching import pad_on_device, padded_width, plan_batches
 from .device import compile_wanted, default_pad_multiple, default_token_budget
 from .model import LoadedModel
+from .tokenization import TextTokenizer, TokenArrays, TokenizerPool, default_workers
 
 Payload = TypeVar("Payload")
-TOKENIZE_ROWS = 2048
 
 
 class NonFiniteEmbeddingError(RuntimeError):
@@ -105,72 +106,6 @@ class _LaunchedChunk:
     copied: torch.cuda.Event | None = None
 
 
-def _truncating_backend(tokenizer, max_length: int):
-    """A private copy of a fast tokenizer's Rust backend that truncates like ``tokenizer(texts, truncation=True,
-    max_length=...)`` and does not pad. Calling it directly skips transformers' per-row Python conversions (~1.5x
-    faster tokenisation); ``None`` for a slow (Python) tokenizer, which is then called as usual."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    from tokenizers import Tokenizer
-
-    copy = Tokenizer.from_str(backend.to_str())
-    copy.no_padding()
-    copy.enable_truncation(max_length, stride=0, strategy="longest_first", direction="right")
-    return copy
-
-
-# What BERT's normaliser deletes from ASCII text (clean_text: C0 controls but tab/newline/return, and DEL).
-_ASCII_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-
-
-class _AsciiFastPath:
-    """Tokenises ASCII texts without running BERT's normaliser, to the same ids.
-
-    On ASCII text free of control characters, ``BertNormalizer`` (clean text, CJK spacing, accent stripping via
-    NFD, lowercase) changes nothing but the case of letters, and it costs ~40% of tokenisation: here the text is
-    lowercased in Python (special tokens such as ``[SEP]`` kept as written, since the tokenizer matches them in the
-    raw text before normalising) and given to a copy of the tokenizer without a normaliser. Other texts go through
-    the full tokenizer. Used only when the tokenizer's normaliser is a ``BertNormalizer`` and every special token
-    contains an upper-case letter (so lower-cased text can never form one that the raw text did not)."""
-
-    def __init__(self, backend_json: str):
-        import json
-
-        from tokenizers import Tokenizer
-
-        spec = json.loads(backend_json)
-        normalizer = spec.get("normalizer") or {}
-        raw_matched = [t["content"] for t in spec.get("added_tokens", []) if not t.get("normalized", True)]
-        self.usable = normalizer.get("type") == "BertNormalizer" and all(
-            any(c.isupper() for c in token) for token in raw_matched)
-        self.lowercase = bool(normalizer.get("lowercase"))
-        self._specials = (re.compile("(" + "|".join(re.escape(t) for t in sorted(raw_matched, key=len, reverse=True))
-                                     + ")") if raw_matched else None)
-        self.tokenizer = Tokenizer.from_str(backend_json)
-        self.tokenizer.normalizer = None
-
-    def applies_to(self, text: str) -> bool:
-        return text.isascii() and _ASCII_CONTROLS.search(text) is None
-
-    def normalise(self, text: str) -> str:
-        if not self.lowercase:
-            return text
-        if self._specials is None:
-            return text.lower()
-        parts = self._specials.split(text)
-        parts[::2] = [part.lower() for part in parts[::2]]
-        return "".join(parts)
-
-
-def _encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
-    if not texts:
-        return []
-    # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we never read: ~20% faster.
-    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-    return [encoding.ids for encoding in encode(texts)]
-
-
 def _is_oom(err: BaseException) -> bool:
     if isinstance(err, torch.cuda.OutOfMemoryError | MemoryError):
         return True
@@ -189,11 +124,13 @@ class Encoder:
         self.max_batch_rows = max_batch_rows or loaded.config.max_batch_rows
         self.pad_multiple = pad_multiple or loaded.config.pad_multiple or default_pad_multiple(self.device)
         self.pad_id = int(self.tokenizer.pad_token_id)
-        self._fast_tokenizer = _truncating_backend(self.tokenizer, self.max_length)
-        self._ascii = None
-        if self._fast_tokenizer is not None:
-            fast_path = _AsciiFastPath(self._fast_tokenizer.to_str())
-            self._ascii = fast_path if fast_path.usable else None
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)  # None: a slow (Python) tokenizer
+        self.text_tokenizer = TextTokenizer(backend.to_str(), self.max_length) if backend is not None else None
+        self._ascii = self.text_tokenizer.ascii if self.text_tokenizer is not None else None
+        workers = loaded.config.tokenizer_workers
+        if workers < 0:
+            workers = default_workers(self.device.type)
+        self._pool = TokenizerPool(self.text_tokenizer, workers) if workers and self.text_tokenizer else None
         self._positions = torch.arange(max(self.max_length, 1), device=self.device)
         self._forward_fn = self.model
         self.compiled = compile_wanted(loaded.config.compile, self.device)
@@ -242,34 +179,28 @@ class Encoder:
         return calibrate.calibrated_budget(Path(loaded.config.calibration_file), key, measure)
 
     # -- tokenisation ---------------------------------------------------------------------------------------------
-    def _encode_ids(self, texts: list[str]) -> list[list[int]]:
-        if self._fast_tokenizer is None:
-            return self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False,
-                                  return_attention_mask=False, return_token_type_ids=False)["input_ids"]
-        if self._ascii is None:
-            return _encode_batch(self._fast_tokenizer, texts)
-        ascii_rows, other_rows = [], []
-        for row, text in enumerate(texts):
-            (ascii_rows if self._ascii.applies_to(text) else other_rows).append(row)
-        ids: list[list[int]] = [[] for _ in texts]
-        for rows, tokenizer, prepare in ((ascii_rows, self._ascii.tokenizer, self._ascii.normalise),
-                                         (other_rows, self._fast_tokenizer, str)):
-            for row, row_ids in zip(rows, _encode_batch(tokenizer, [prepare(texts[r]) for r in rows]), strict=True):
-                ids[row] = row_ids
-        return ids
+    def _token_arrays(self, texts: list[str]) -> TokenArrays:
+        if self._pool is not None:
+            return self._pool.encode(texts)
+        if self.text_tokenizer is not None:
+            return self.text_tokenizer.encode(texts)
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=False,
+                             return_attention_mask=False, return_token_type_ids=False)["input_ids"] if texts else []
+        return TokenArrays.concat([TokenArrays(np.asarray(row, dtype=np.int32), np.array([len(row)]))
+                                   for row in ids])
 
     def tokenize(self, texts: list[str], payload: Payload = None) -> TokenizedChunk[Payload]:
-        lengths = np.zeros(len(texts), dtype=np.int64)
-        pieces: list[np.ndarray] = []
-        # Sub-batches bound the tokenizer's per-token Python objects to a few thousand rows at a time.
-        for start in range(0, len(texts), TOKENIZE_ROWS):
-            encoded = self._encode_ids(texts[start : start + TOKENIZE_ROWS])
-            lengths[start : start + len(encoded)] = [len(ids) for ids in encoded]
-            pieces.extend(np.asarray(ids, dtype=np.int32) for ids in encoded)
+        arrays = self._token_arrays(texts)
         offsets = np.zeros(len(texts) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int32)
-        return self.plan(TokenizedChunk(payload, flat, offsets, int(np.count_nonzero(lengths >= self.max_length))))
+        np.cumsum(arrays.lengths, out=offsets[1:])
+        truncated = int(np.count_nonzero(arrays.lengths >= self.max_length))
+        return self.plan(TokenizedChunk(payload, arrays.flat, offsets, truncated))
+
+    def close(self) -> None:
+        """Stop the tokenizer worker processes, if any (they also stop when this process exits)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     def plan(self, chunk: TokenizedChunk) -> TokenizedChunk:
         """Cut a tokenised chunk into this encoder's batches (sets ``order``, ``bounds`` and ``widths``)."""

@@ -53,6 +53,8 @@ class ModelConfig:
     precision: str = "auto"
     max_length: int = 512
     compile: str | bool = "auto"  # auto: on CUDA (device.compile_wanted)
+    # Processes that tokenise (-1: by device, tokenization.default_workers; 0: in this process).
+    tokenizer_workers: int = -1
     # Seq-len-sorted batches are cut so that rows * longest row <= token_budget (padded tokens); 0: by device.
     token_budget: int = 0
     max_batch_rows: int = 512

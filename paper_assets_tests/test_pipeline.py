@@ -1,0 +1,91 @@
+"""Several partitions through one encoder stream (`embed_partitions`, what `paper-assets embed` runs) give each
+partition the file, report and resume behaviour that embedding it alone gives."""
+
+import numpy as np
+import pytest
+
+from paper_assets.engine.encoder import Encoder
+from paper_assets.engine.model import ModelConfig, load_model
+from paper_assets.engine.pipeline import EmbedJob, build_papers, embed_papers, embed_partitions
+from paper_assets.engine.ranges import range_for
+from paper_assets.engine.source import inspect_source, range_stats
+from paper_assets.engine.storage import read_parquet, vectors_of
+
+from .conftest import make_source
+
+WIDTH = 300_000
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_model):
+    base, adapter = tiny_model
+    return Encoder(load_model(ModelConfig(base_model=base, adapter=adapter, precision="fp32", device="cpu")),
+                   token_budget=2048)
+
+
+@pytest.fixture()
+def papers_files(tmp_path, generated_papers):
+    info = inspect_source(make_source(tmp_path / "source.duckdb", generated_papers[:300]))
+    stats, _ = range_stats(info, WIDTH)
+    files = []
+    for lo in sorted(stats):
+        path = tmp_path / "papers" / f"papers-{lo}.parquet"
+        build_papers(info, range_for(lo, WIDTH), path)
+        files.append(path)
+    assert len(files) >= 3
+    return files
+
+
+def jobs_for(files, out_dir, checkpoints_dir, encoder):
+    return [EmbedJob(f, out_dir / f.name.replace("papers", "embeddings"), checkpoints_dir / f.stem,
+                     {"model": encoder.loaded.metadata(), "range": f.stem}, context=f.stem) for f in files]
+
+
+def test_one_stream_over_partitions_equals_each_partition_alone(encoder, papers_files, tmp_path):
+    alone = {}
+    for job in jobs_for(papers_files, tmp_path / "alone", tmp_path / "ck-alone", encoder):
+        report = embed_papers(job.papers_path, job.out_path, encoder, job.checkpoint_dir, chunk_rows=32,
+                              file_metadata=job.file_metadata)
+        alone[job.context] = (read_parquet(job.out_path), report)
+
+    streamed = list(embed_partitions(jobs_for(papers_files, tmp_path / "one", tmp_path / "ck-one", encoder), encoder,
+                                     chunk_rows=32))
+    assert [job.context for job, _ in streamed] == [f.stem for f in papers_files]  # in order, each once
+    for job, report in streamed:
+        table, single = read_parquet(job.out_path), alone[job.context][1]
+        expected = alone[job.context][0]
+        assert table.column("corpusid").to_pylist() == expected.column("corpusid").to_pylist()
+        assert table.column("text_sha256").to_pylist() == expected.column("text_sha256").to_pylist()
+        np.testing.assert_allclose(vectors_of(table), vectors_of(expected), rtol=0, atol=1e-5)
+        assert (report.rows, report.chunks, report.rows_embedded) == (single.rows, single.chunks, single.rows)
+        assert report.encode.rows == single.rows and report.seconds > 0
+        assert b"range" in table.schema.metadata[b"paper_assets"]  # the job's own file metadata
+        assert not job.checkpoint_dir.exists()  # assembled, then the checkpoints are gone
+
+
+def test_an_interrupted_stream_resumes_each_partition_where_it_stopped(encoder, papers_files, tmp_path):
+    jobs = jobs_for(papers_files, tmp_path / "out", tmp_path / "ck", encoder)
+    chunks_written = []
+
+    def stop_in_the_second_partition(done, total, seconds):
+        chunks_written.append(done)
+        if len(chunks_written) == len(_chunks(papers_files[0])) + 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        for _ in embed_partitions(jobs, encoder, chunk_rows=32, progress=stop_in_the_second_partition):
+            pass
+    assert jobs[0].out_path.exists() and not jobs[1].out_path.exists()
+    assert len(list(jobs[1].checkpoint_dir.glob("chunk-*.parquet"))) == 1
+
+    reports = dict((job.context, report) for job, report in embed_partitions(jobs, encoder, chunk_rows=32))
+    first, second, third = (reports[f.stem] for f in papers_files[:3])
+    assert first.rows_reused == first.rows and first.rows_embedded == 0  # finished before: reused bit for bit
+    assert second.resumed_chunks == 1 and second.encode.rows == second.rows - 32
+    assert third.resumed_chunks == 0 and third.rows_embedded == third.rows
+    for job in jobs:
+        assert read_parquet(job.out_path).num_rows == read_parquet(job.papers_path).num_rows
+
+
+def _chunks(papers_file, chunk_rows=32):
+    return range(0, read_parquet(papers_file).num_rows, chunk_rows)
