@@ -187,6 +187,7 @@ def cmd_embed(args) -> int:
                     gate_failed.append(rng.key)
             print(f"{rng.key}: {report.rows:,} embedded, {sum(papers.skipped.values())} skipped (no text), "
                   f"{papers.duplicate_corpusid} duplicate ids, {report.papers_per_second:,.1f} papers/s{verdict}")
+        encoder.close()
     elapsed = time.perf_counter() - started
     print(f"{total:,} papers in {elapsed:.1f} s ({total / elapsed if elapsed else 0:,.1f} papers/s) -> {out}")
     if gate_failed:
