@@ -356,3 +356,18 @@ def test_worker_process_tokenisation_equals_in_process_tokenisation(tiny_model, 
         np.testing.assert_allclose(np.concatenate([v for _, v, _ in streamed]), in_process.encode(texts), atol=1e-5)
     finally:
         pooled.close()
+
+
+def test_on_a_cpu_a_chunk_runs_when_it_is_collected(fp32, texts):
+    """The stream launches chunk i + 1 before it collects chunk i. A CPU has no queue, so its batches run at
+    collection: each chunk's time in the stream is its own compute, and per-partition rates do not shift by a chunk."""
+    encoder = Encoder(fp32, token_budget=2048)
+    calls = []
+    hook = fp32.model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        launched = encoder._launch(encoder.tokenize(texts[:20]))
+        assert calls == []
+        vectors, stats = encoder._finish(launched)
+        assert len(calls) == stats.batches >= 1 and vectors.shape == (20, fp32.hidden_size)
+    finally:
+        hook.remove()

@@ -258,12 +258,22 @@ class Encoder:
         return vectors
 
     def _launch(self, chunk: TokenizedChunk) -> _LaunchedChunk:
-        """Queue every batch of ``chunk`` on the device and the copy of its vectors back; does not wait."""
+        """Queue every batch of ``chunk`` on the device and the copy of its vectors back; does not wait.
+
+        A CPU has no queue to put work on: there the batches run when the chunk is collected (:meth:`_finish`),
+        in the same order, so a stream's clock charges each chunk with its own compute on either device."""
         launched = _LaunchedChunk(chunk, EncodeStats(rows=chunk.rows, truncated_rows=chunk.truncated),
                                   time.perf_counter(), chunk.lengths[chunk.order])
+        if self.device.type == "cuda":
+            self._run_batches(launched)
+        return launched
+
+    def _run_batches(self, launched: _LaunchedChunk) -> None:
+        chunk = launched.chunk
+        launched.started = time.perf_counter()
         if not chunk.rows:
             launched.vectors = torch.empty((0, self.loaded.hidden_size), dtype=torch.float32)
-            return launched
+            return
         with torch.inference_mode(), self._autocast():
             launched.flat_ids = self._upload(chunk.flat_ids).long()
             launched.starts = self._upload(chunk.offsets[:-1][chunk.order])
@@ -279,10 +289,11 @@ class Encoder:
                 launched.copied.record()
             else:
                 launched.vectors = vectors.to("cpu")
-        return launched
 
     def _finish(self, launched: _LaunchedChunk) -> tuple[np.ndarray, EncodeStats]:
         """Wait for a launched chunk, apply the NaN rule, and return its vectors in the chunk's row order."""
+        if launched.vectors is None:
+            self._run_batches(launched)
         if launched.copied is not None:
             launched.copied.synchronize()
         chunk, stats, sorted_lengths = launched.chunk, launched.stats, launched.sorted_lengths
