@@ -76,13 +76,17 @@ class _AsciiFastPath:
         return "".join(parts)
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers(device_type: str, cores: int | None = None) -> int:
     """Tokenizer worker processes when the setting is ``-1`` (auto): on a GPU host one per four cores (at most 8),
     each with the cores' share of Rust threads; on a CPU 0 (tokenise in process: the model is the bottleneck
     there and every core is already busy with it)."""
     if device_type != "cuda":
         return 0
-    cores = cores or len(os.sched_getaffinity(0))
+    cores = cores or usable_cores()
     return max(1, min(8, cores // 4))
 
 
@@ -161,7 +165,7 @@ class TokenizerPool:
         if workers < 1:
             raise ValueError(f"a tokenizer pool needs at least one worker, got {workers}")
         self.workers = workers
-        cores = cores or len(os.sched_getaffinity(0))
+        cores = cores or usable_cores()
         self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=_start_worker,
                                          initargs=(tokenizer, max(1, cores // workers)))
