@@ -1,7 +1,9 @@
 #!/bin/bash
-# One lent-GPU call for the compile-by-default engine: cold vs cached compile cost, check.sh (bf16) with the
-# default (compiled on CUDA) and with --no-compile in the same lease, fp32 fidelity on the seed loop's 5k papers,
-# then the compiled stream's profile and a budget sweep. Results and logs in $OUT.
+# One lent-GPU call for the default engine (compiled on CUDA, one stream across ranges, papers built in a child
+# process, tokenising in worker processes): cold compile first (so check.sh's two runs both find a warm inductor
+# cache), check.sh bf16 with the defaults, the compiled stream's profile, then check.sh with --tokenizer-workers 0
+# (in-process tokenising) for the same-lease comparison. Session 8's lease also ran --no-compile and fp32 (see
+# BENCHMARKS.md); add them with EXTRA_RUNS=1. Results and logs in $OUT.
 ROOT=$(pwd); G=$ROOT/.gpu; export OUT=${OUT:-/tmp/gpuout}; mkdir -p $OUT; W=/tmp/gw; mkdir -p $W
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 [[ -d /tmp/site/adapters ]] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -14,17 +16,19 @@ t() { date +%s.%N; }
 echo "== cold compile ($(date +%T))"
 a=$(t); timeout 170 $PA embed --source $W/s16.db --out $W/cold $M --device cuda --precision bf16 > $OUT/cold16.log 2>&1
 echo "rc=$? 16 papers, cold inductor cache: $(python3 -c "print(round($(t)-$a,1))") s"; tail -2 $OUT/cold16.log
-echo "== check.sh bf16, default (compiled) ($(date +%T))"
-PRECISIONS=bf16 bash $G/check.sh; cp $OUT/embed_bf16.log $OUT/embed_bf16_compiled.log; cat $OUT/embed_bf16.log | grep -v -i warn
-echo "== check.sh bf16 --no-compile ($(date +%T))"
-PRECISIONS=bf16 EXTRA=--no-compile bash $G/check.sh; cp $OUT/embed_bf16.log $OUT/embed_bf16_eager.log
-grep -v -i warn $OUT/embed_bf16.log
-echo "== fp32 compiled on the seed loop's papers ($(date +%T))"
-rm -rf $W/f32; a=$(t)
-timeout 150 $PA embed --source $W/seed.db --out $W/f32 $M --device cuda --precision fp32 > $OUT/fp32.log 2>&1
-echo "rc=$? $(python3 -c "print(round($(t)-$a,1))") s"; grep -v -i warn $OUT/fp32.log | tail -3
-python3 $G/compare.py $W/seed_out.db $W/f32
+echo "== check.sh bf16, defaults ($(date +%T))"
+PRECISIONS=bf16 bash $G/check.sh; cp $OUT/embed_bf16.log $OUT/embed_bf16_default.log; grep -v -i warn $OUT/embed_bf16.log
 echo "== profile, compiled bf16 ($(date +%T))"
 BUDGETS="65536 131072" PADS="64" timeout 150 python3 $G/gpu_profile.py $W/m $J > $OUT/profile.txt 2>&1
 echo "rc=$?"; grep -v -i warn $OUT/profile.txt | head -50
+echo "== check.sh bf16 --tokenizer-workers 0 ($(date +%T))"
+PRECISIONS=bf16 EXTRA="--tokenizer-workers 0" bash $G/check.sh; cp $OUT/embed_bf16.log $OUT/embed_bf16_inproc.log
+grep -v -i warn $OUT/embed_bf16.log
+if [[ -n "$EXTRA_RUNS" ]]; then
+  echo "== check.sh bf16 --no-compile ($(date +%T))"
+  PRECISIONS=bf16 EXTRA=--no-compile bash $G/check.sh; cp $OUT/embed_bf16.log $OUT/embed_bf16_eager.log
+  echo "== fp32 compiled on the seed loop's papers ($(date +%T))"
+  rm -rf $W/f32; timeout 150 $PA embed --source $W/seed.db --out $W/f32 $M --device cuda --precision fp32 > $OUT/fp32.log 2>&1
+  python3 $G/compare.py $W/seed_out.db $W/f32
+fi
 echo "done $(date +%T)"
