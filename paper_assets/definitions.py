@@ -6,7 +6,7 @@ from dagster import Definitions, EnvVar, load_asset_checks_from_modules
 from dagster_duckdb import DuckDBResource
 
 from .defs import embeddings, novelty, shards, source
-from .defs.executor import executor_for
+from .defs.executor import executor_for, steps_share_a_process
 from .defs.resources import (
     NoveltyResource,
     ProjectHomeResource,
@@ -21,6 +21,11 @@ from .settings import Settings, load_settings
 
 def build_resources(settings: Settings) -> dict:
     home = ProjectHome(settings.home)
+    # compile=auto compiles on CUDA where the compiled model outlives the step: on long-lived Celery workers. With a
+    # process per step, 24-57 s of compilation (BENCHMARKS.md) would dwarf a partition's seconds of embedding.
+    compile_model = settings.compile
+    if compile_model == "auto" and not steps_share_a_process(settings):
+        compile_model = "off"
     return {
         "home": ProjectHomeResource(root=str(home.root)),
         "source": S2SourceResource(
@@ -30,7 +35,7 @@ def build_resources(settings: Settings) -> dict:
         "specter2": Specter2Resource(
             base_model=settings.base_model, adapter=settings.adapter, device=settings.device,
             precision=settings.precision, token_budget=settings.token_budget, chunk_rows=settings.chunk_rows,
-            compile=settings.compile, tokenizer_workers=settings.tokenizer_workers,
+            compile=compile_model, tokenizer_workers=settings.tokenizer_workers,
             device_lock_dir=str(home.local / ".locks" / "devices"),
             calibration_file=str(home.calibration_file), norm_k=settings.norm_k,
             max_norm_outlier_fraction=settings.max_norm_outlier_fraction,

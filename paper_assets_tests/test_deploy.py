@@ -137,3 +137,18 @@ def test_resources_and_cli_take_their_defaults_from_the_settings():
         assert resource.model_fields[field].default == getattr(DEFAULTS, setting), (resource.__name__, field)
     embed = build_parser()._subparsers._group_actions[0].choices["embed"]
     assert embed.get_default("table") == DEFAULTS.source_table
+
+
+def test_dagster_steps_compile_the_model_only_on_long_lived_workers(tmp_path):
+    """compile=auto: a step per process (multiprocess, k8s) would pay the compilation for every partition; Celery
+    workers keep the compiled model across steps. An explicit setting is taken as given."""
+    from paper_assets.definitions import build_resources
+    from paper_assets.settings import Settings
+
+    def compile_of(**kw):
+        return build_resources(Settings(home=str(tmp_path), source="", **kw))["specter2"].compile
+
+    assert compile_of() == "off" and compile_of(executor="k8s") == "off"
+    assert compile_of(celery_broker="redis://127.0.0.1:6379/0") == "auto"
+    assert compile_of(executor="celery", celery_broker="redis://127.0.0.1:6379/0") == "auto"
+    assert compile_of(compile="on") == "on" and compile_of(compile="off", celery_broker="redis://x:6379/0") == "off"

@@ -46,6 +46,12 @@ def celery_config(settings: Settings) -> dict:
     }
 
 
+def steps_share_a_process(settings: Settings) -> bool:
+    """Whether consecutive steps run in one long-lived process (Celery workers), so a model loaded, and compiled, by
+    one step serves the next; the multiprocess and k8s executors start a process (or pod) per step."""
+    return settings.executor == "celery" or (settings.executor == "auto" and bool(settings.celery_broker))
+
+
 def executor_for(settings: Settings):
     """``auto``: Celery when a broker is configured, else ``None`` (Dagster's default multiprocess executor)."""
     kind = settings.executor
