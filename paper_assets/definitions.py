@@ -15,6 +15,7 @@ from .defs.resources import (
     Specter2Resource,
 )
 from .defs.sensors import novelty_sensor, s2_release_ranges_sensor, s2_source_release_sensor
+from .engine.device import compile_choice
 from .engine.storage import ProjectHome
 from .settings import Settings, load_settings
 
@@ -24,7 +25,7 @@ def build_resources(settings: Settings) -> dict:
     # compile=auto compiles on CUDA where the compiled model outlives the step: on long-lived Celery workers. With a
     # process per step, 24-57 s of compilation (BENCHMARKS.md) would dwarf a partition's seconds of embedding.
     compile_model = settings.compile
-    if compile_model == "auto" and not steps_share_a_process(settings):
+    if compile_choice(compile_model) == "auto" and not steps_share_a_process(settings):
         compile_model = "off"
     return {
         "home": ProjectHomeResource(root=str(home.root)),

@@ -230,7 +230,7 @@ def test_tokenize_gives_the_same_ids_as_the_tokenizer_call(fp32, texts):
 def test_the_ascii_fast_path_gives_the_same_ids_as_the_full_normaliser(fp32):
     """ASCII texts skip BERT's normaliser (lower-cased in Python, special tokens kept as written); every other text
     takes the full tokenizer. Both must give the tokenizer call's ids, whatever the mix of rows."""
-    fast_path = Encoder(fp32)._ascii  # the stand-in's tokenizer is BERT's: the fast path is on
+    fast_path = Encoder(fp32).text_tokenizer.ascii  # the stand-in's tokenizer is BERT's: the fast path is on
     assert fast_path is not None and fast_path.applies_to("Title [SEP] Abstract") and not fast_path.applies_to("é")
     crafted = ["Title [SEP] Abstract", "[Sep] [sep] [SEP][SEP] [CLS]x[MASK]y [PAD] [UNK]", "UPPER lower MiXeD",
                "tabs\tnew\nlines\rreturns", "bell\x07 and del\x7f", "\x0b vertical \x0c feed", "", " ", "[",

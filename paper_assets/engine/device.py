@@ -105,20 +105,26 @@ def default_pad_multiple(device: torch.device) -> int:
     return 64 if device.type == "cuda" else 8
 
 
+def compile_choice(setting: str | bool) -> str:
+    """The compile setting as one of ``COMPILE_CHOICES`` (booleans and 1/0, true/false, yes/no accepted)."""
+    if isinstance(setting, bool):
+        return "on" if setting else "off"
+    value = str(setting).strip().lower()
+    if value in {"on", "1", "true", "yes"}:
+        return "on"
+    if value in {"off", "0", "false", "no"}:
+        return "off"
+    if value in {"auto", ""}:
+        return "auto"
+    raise DeviceError(f"compile must be one of {COMPILE_CHOICES}, got {setting!r}")
+
+
 def compile_wanted(setting: str | bool, device: torch.device) -> bool:
     """Whether to ``torch.compile`` the model. ``auto``: on CUDA, where fusing the elementwise work around the
     matmuls (autocast casts, residual adds, LayerNorm, GELU) is most of the gain (BENCHMARKS.md, GPU section) and a
     run embeds enough papers to repay the compilation; off on CPUs and MPS."""
-    if isinstance(setting, bool):
-        return setting
-    value = str(setting).strip().lower()
-    if value in {"on", "1", "true", "yes"}:
-        return True
-    if value in {"off", "0", "false", "no"}:
-        return False
-    if value in {"auto", ""}:
-        return device.type == "cuda"
-    raise DeviceError(f"compile must be one of {COMPILE_CHOICES}, got {setting!r}")
+    choice = compile_choice(setting)
+    return device.type == "cuda" if choice == "auto" else choice == "on"
 
 
 def resolve_precision(requested: str, device: torch.device) -> torch.dtype:

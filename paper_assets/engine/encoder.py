@@ -97,8 +97,8 @@ class _LaunchedChunk:
 
     chunk: TokenizedChunk
     stats: EncodeStats
-    started: float
     sorted_lengths: np.ndarray  # row lengths in batch order (host)
+    started: float = 0.0  # when its batches began to run (or to be queued)
     flat_ids: torch.Tensor | None = None  # the chunk's ids, starts and lengths (sorted order) on the device
     starts: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
@@ -126,7 +126,6 @@ class Encoder:
         self.pad_id = int(self.tokenizer.pad_token_id)
         backend = getattr(self.tokenizer, "backend_tokenizer", None)  # None: a slow (Python) tokenizer
         self.text_tokenizer = TextTokenizer(backend.to_str(), self.max_length) if backend is not None else None
-        self._ascii = self.text_tokenizer.ascii if self.text_tokenizer is not None else None
         workers = loaded.config.tokenizer_workers
         if workers < 0:
             workers = default_workers(self.device.type)
@@ -263,7 +262,7 @@ class Encoder:
         A CPU has no queue to put work on: there the batches run when the chunk is collected (:meth:`_finish`),
         in the same order, so a stream's clock charges each chunk with its own compute on either device."""
         launched = _LaunchedChunk(chunk, EncodeStats(rows=chunk.rows, truncated_rows=chunk.truncated),
-                                  time.perf_counter(), chunk.lengths[chunk.order])
+                                  chunk.lengths[chunk.order])
         if self.device.type == "cuda":
             self._run_batches(launched)
         return launched

@@ -203,7 +203,6 @@ class _JobState:
     checkpoints: ChunkCheckpoints
     previous: PreviousVectors
     total: int
-    schema: pa.Schema
     done: int = 0
 
 
@@ -242,8 +241,9 @@ def embed_partitions(
     queued on the device, while this one's last chunk is collected and its file assembled, so a device that embeds
     a partition in seconds does not idle at every partition boundary. ``jobs`` is consumed lazily from the
     tokenizer thread (a job may wait there for its papers file to be built)."""
-    stream_started = time.perf_counter()
-    last_finished = stream_started
+    hidden_size = encoder.loaded.hidden_size
+    chunk_schema = embeddings_schema(hidden_size)
+    last_finished = time.perf_counter()
 
     def todo() -> Iterator[tuple[object, list[str]]]:
         for job in jobs:
@@ -264,19 +264,19 @@ def embed_partitions(
     for payload, embedded, stats in encoder.encode_stream(todo()):
         if isinstance(payload, _JobEnd):
             state = payload.state
-            _assemble(state)
+            _assemble(state, hidden_size)
             finished = time.perf_counter()
             state.report.seconds = finished - last_finished  # consecutive partitions: their times add up
             last_finished = finished
             yield state.job, state.report
             continue
         state, index, chunk, reuse, reused = payload
-        vectors = np.empty((chunk.num_rows, encoder.loaded.hidden_size), dtype=np.float32)
+        vectors = np.empty((chunk.num_rows, hidden_size), dtype=np.float32)
         vectors[~reuse] = embedded
         if reused is not None:
             vectors[reuse] = reused
         batch = embeddings_batch(chunk.column("corpusid").to_numpy(), vectors, chunk.column("text_sha256"),
-                                 state.schema)
+                                 chunk_schema)
         state.checkpoints.write(index, batch.replace_schema_metadata({_REUSED_KEY: str(int(reuse.sum())).encode()}))
         state.report.encode.add(stats)
         state.done += chunk.num_rows
@@ -293,14 +293,13 @@ def _open_job(job: EmbedJob, encoder: Encoder, chunk_rows: int) -> _JobState:
     )
     return _JobState(job, EmbedReport(), checkpoints, PreviousVectors(job.out_path, loaded.fingerprint,
                                                                       loaded.precision),
-                     parquet_file(job.papers_path).metadata.num_rows, embeddings_schema(loaded.hidden_size))
+                     parquet_file(job.papers_path).metadata.num_rows)
 
 
-def _assemble(state: _JobState) -> None:
+def _assemble(state: _JobState, hidden_size: int) -> None:
     """Write the partition's file from its chunk checkpoints (atomically), then drop the checkpoints."""
     job, report = state.job, state.report
-    schema = embeddings_schema(state.schema.field("embedding").type.list_size, job.file_metadata)
-    with atomic_parquet_writer(job.out_path, schema) as writer:
+    with atomic_parquet_writer(job.out_path, embeddings_schema(hidden_size, job.file_metadata)) as writer:
         for chunk_file in state.checkpoints.chunks():
             table = read_parquet(chunk_file)
             reused = int((table.schema.metadata or {}).get(_REUSED_KEY, b"0"))
