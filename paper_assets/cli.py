@@ -111,7 +111,7 @@ def cmd_embed(args) -> int:
     from .engine.pipeline import EmbedJob, build_papers, embed_partitions
     from .engine.quality import GatePolicy
     from .engine.ranges import parse_range, range_for
-    from .engine.source import inspect_source, range_stats
+    from .engine.source import inspect_source, range_rows, range_stats
 
     settings = load_settings()
     requested_range = parse_range(args.range) if args.range else None
@@ -121,9 +121,11 @@ def cmd_embed(args) -> int:
         raise CommandError(f"--range-width must be positive, got {width}")
     if requested_range is not None:
         ranges = [requested_range]
+        expected_rows = range_rows(info, requested_range)
     else:
         stats, invalid = range_stats(info, width)
         ranges = [range_for(lo, width) for lo in stats]
+        expected_rows = sum(stat.rows for stat in stats.values())
         if invalid:
             print(f"warning: {invalid} row(s) have no valid corpusid and are not embedded", file=sys.stderr)
     config = ModelConfig(base_model=args.base_model or settings.base_model, adapter=args.adapter or settings.adapter,
@@ -154,7 +156,7 @@ def cmd_embed(args) -> int:
             return papers_file, prefetch.submit(build_papers, info, rng, papers_file)
 
         upcoming = submit_papers(ranges[0]) if ranges else None
-        encoder = Encoder(load_model(config, setting_names=flags))
+        encoder = Encoder(load_model(config, setting_names=flags), expected_rows=expected_rows)
         loaded = encoder.loaded
         print(f"adapter {config.adapter_name} active ({loaded.precision} on {loaded.device})")
         model_meta = loaded.metadata()

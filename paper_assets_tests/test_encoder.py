@@ -252,7 +252,7 @@ def test_cpu_token_budget_is_measured_once_and_cached_per_machine(tiny_model, tm
 
     base, adapter = tiny_model
     cache = tmp_path / "stats" / "calibration.json"
-    config = ModelConfig(base_model=base, adapter=adapter, device="cpu", precision="fp32",
+    config = ModelConfig(base_model=base, adapter=adapter, device="cpu", precision="fp32", compile="off",
                          calibration_file=str(cache))
     loaded = load_model(config)
     encoder = Encoder(loaded)
@@ -332,6 +332,50 @@ def test_compiled_model_is_compiled_once_at_load_and_gives_the_same_vectors(tiny
     assert counters["stats"]["unique_graphs"] == 1  # no recompilation for other shapes or for a single row
     assert cosines(out, eager.encode(texts)).min() >= 0.99999
     assert cosines(one, eager.encode(texts[:1])).min() >= 0.99999
+
+
+def test_compile_pays_off_only_when_faster_and_repaid_by_the_run():
+    from paper_assets.engine.calibrate import compile_pays_off
+
+    measured = {"eager_tokens_per_second": 1000.0, "compiled_tokens_per_second": 2000.0, "compile_seconds": 30.0}
+    assert compile_pays_off(measured)  # a long-lived encoder (a Celery worker, a GPU host's embed)
+    assert compile_pays_off(measured, expected_tokens=100_000)  # saves 50 s
+    assert not compile_pays_off(measured, expected_tokens=50_000)  # saves 25 s < 30 s of compilation
+    assert not compile_pays_off({**measured, "compiled_tokens_per_second": 1100.0})  # under COMPILE_MIN_GAIN
+
+
+def test_cpu_compile_auto_is_measured_once_per_machine_and_compiles_with_frozen_packed_weights(
+        tiny_model, fp32, texts, tmp_path, monkeypatch):
+    from torch._dynamo.utils import counters
+
+    from paper_assets.engine import calibrate
+
+    base, adapter = tiny_model
+    cache = tmp_path / "calibration.json"
+    loaded = load_model(ModelConfig(base_model=base, adapter=adapter, device="cpu", precision="fp32",
+                                    token_budget=2048, calibration_file=str(cache)))
+    key = calibrate.machine_key(loaded.hidden_size, loaded.num_layers, "fp32") + "|compile"
+    # A run too short to repay any compilation neither measures nor compiles.
+    assert not Encoder(loaded, expected_rows=10).compiled
+    assert not cache.exists() or key not in json.loads(cache.read_text())
+
+    monkeypatch.setattr(calibrate, "COMPILE_MIN_GAIN", 0.0)  # whatever this CPU measures, compile is taken
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = Encoder(loaded)  # no expected size: a long-lived encoder measures, then compiles
+    measured = json.loads(cache.read_text())[key]
+    assert compiled.compiled and measured["compile_seconds"] > 0
+    assert measured["eager_tokens_per_second"] > 0 and measured["compiled_tokens_per_second"] > 0
+    # Freezing really applied: the linear layers' weights were folded and packed for oneDNN / MKL at compile time.
+    assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] > 0
+    assert cosines(compiled.encode(texts), Encoder(fp32, token_budget=2048).encode(texts)).min() >= 0.99999
+
+    def no_second_measurement(*args, **kwargs):
+        raise AssertionError("the cached compile measurement must be reused")
+
+    monkeypatch.setattr(calibrate, "compile_measurement", no_second_measurement)
+    monkeypatch.setattr(calibrate, "COMPILE_MIN_GAIN", 10.0**6)
+    assert not Encoder(loaded).compiled  # the cached rates decide (here: the gain is under the bar)
 
 
 def test_worker_process_tokenisation_equals_in_process_tokenisation(tiny_model, fp32, texts, shared_papers):

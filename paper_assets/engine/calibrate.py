@@ -30,6 +30,9 @@ from .storage import FileLock, atomic_path
 
 CANDIDATE_BUDGETS = (1024, 2048, 4096, 8192)
 BF16_MIN_GAIN = 1.15
+COMPILE_MIN_GAIN = 1.15
+# A run whose eager forward passes take less than this is not worth a compilation (~40 s for BERT-base on 2 vCPUs).
+COMPILE_WORTH_MEASURING_SECONDS = 120.0
 ROW_TOKENS = 256  # a typical title [SEP] abstract is ~210-230 tokens
 WITHIN = 0.97
 
@@ -57,18 +60,22 @@ def _cached(cache_file: Path, key: str, compute: Callable[[], dict]) -> dict:
 
 
 def measure_budget(forward: Callable[[np.ndarray, np.ndarray], object], vocab: int,
-                   candidates: tuple[int, ...] = CANDIDATE_BUDGETS) -> dict[int, float]:
-    """Tokens per second of one timed forward pass (after one warm-up) per candidate budget."""
+                   candidates: tuple[int, ...] = CANDIDATE_BUDGETS, repeats: int = 1) -> dict[int, float]:
+    """Tokens per second per candidate budget: the best of ``repeats`` timed forward passes after one warm-up
+    (``repeats=0``: the warm-up only, rates 0)."""
     rng = np.random.default_rng(0)
     rates = {}
     for budget in candidates:
-        rows = max(1, budget // ROW_TOKENS)
+        rows = max(2, budget // ROW_TOKENS)  # >= 2: a compiled graph would specialise on a batch of one
         ids = rng.integers(1000, max(vocab, 1001), size=(rows, ROW_TOKENS), dtype=np.int64)
         mask = np.ones_like(ids)
         forward(ids, mask)
-        started = time.perf_counter()
-        forward(ids, mask)
-        rates[budget] = rows * ROW_TOKENS / (time.perf_counter() - started)
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            forward(ids, mask)
+            best = min(best, time.perf_counter() - started)
+        rates[budget] = rows * ROW_TOKENS / best if repeats else 0.0
     return rates
 
 
@@ -85,6 +92,34 @@ def calibrated_budget(cache_file: Path, key: str, measure: Callable[[], dict[int
         return {"token_budget": choose(rates), "tokens_per_second": {str(k): round(v, 1) for k, v in rates.items()}}
 
     return int(_cached(cache_file, key, compute)["token_budget"])
+
+
+def cached_compile_measurement(cache_file: Path, key: str) -> dict | None:
+    if not cache_file.exists():
+        return None
+    return json.loads(cache_file.read_text(encoding="utf-8")).get(f"{key}|compile")
+
+
+def compile_measurement(cache_file: Path, key: str, measure: Callable[[], tuple[float, float, float]]) -> dict:
+    """Eager and compiled (inductor, freezing) forward rates on this CPU and the compile seconds: ``measure``
+    returns them, once per key; later runs read them from the cache."""
+
+    def compute() -> dict:
+        eager, compiled, seconds = measure()
+        return {"eager_tokens_per_second": round(eager, 1), "compiled_tokens_per_second": round(compiled, 1),
+                "compile_seconds": round(seconds, 1)}
+
+    return _cached(cache_file, f"{key}|compile", compute)
+
+
+def compile_pays_off(measured: dict, expected_tokens: int | None = None) -> bool:
+    """Whether to compile: the compiled forward is ``COMPILE_MIN_GAIN`` times faster and, where the run's size is
+    known, the time it saves on ``expected_tokens`` exceeds the compilation (a process compiles again every run;
+    on a 2-vCPU Sapphire Rapids, BERT-base bf16 paid back its ~40 s after ~3,000 papers; BENCHMARKS.md)."""
+    eager, compiled = measured["eager_tokens_per_second"], measured["compiled_tokens_per_second"]
+    if compiled < COMPILE_MIN_GAIN * eager:
+        return False
+    return expected_tokens is None or expected_tokens * (1 / eager - 1 / compiled) > measured["compile_seconds"]
 
 
 def matmul_gflops(dtype: torch.dtype, device: torch.device, seconds: float = 2.0) -> float:

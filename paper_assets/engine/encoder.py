@@ -34,7 +34,7 @@ import torch
 
 from . import calibrate
 from .batching import pad_on_device, padded_width, plan_batches
-from .device import compile_wanted, default_pad_multiple, default_token_budget
+from .device import compile_choice, compile_wanted, default_pad_multiple, default_token_budget
 from .model import LoadedModel
 from .tokenization import TextTokenizer, TokenArrays, TokenizerPool, default_workers
 
@@ -115,7 +115,9 @@ def _is_oom(err: BaseException) -> bool:
 
 class Encoder:
     def __init__(self, loaded: LoadedModel, token_budget: int | None = None, max_batch_rows: int | None = None,
-                 pad_multiple: int | None = None):
+                 pad_multiple: int | None = None, expected_rows: int | None = None):
+        """``expected_rows``: how many rows this encoder will embed, where the caller knows (``compile=auto`` on a
+        CPU then compiles only if the run is long enough to repay the compilation); None: a long-lived encoder."""
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -131,12 +133,8 @@ class Encoder:
             workers = default_workers(self.device.type)
         self._pool = TokenizerPool(self.text_tokenizer, workers) if workers and self.text_tokenizer else None
         self._positions = torch.arange(max(self.max_length, 1), device=self.device)
-        self._forward_fn = self.model
-        self.compiled = compile_wanted(loaded.config.compile, self.device)
-        if self.compiled:
-            # Freezing (CPU): weights become constants, so their bf16 casts and oneDNN packing happen once.
-            options = {"freezing": True} if self.device.type == "cpu" else None
-            self._forward_fn = torch.compile(self.model, dynamic=True, options=options)
+        self._compiled_fn: torch.nn.Module | None = None
+        self.compiled = self._should_compile(expected_rows)
         self.token_budget = token_budget or loaded.config.token_budget or self._default_token_budget()
         if self.compiled or self.device.type == "cuda":
             self.warm_up()
@@ -160,22 +158,81 @@ class Encoder:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _default_token_budget(self) -> int:
-        """By device; on a CPU with a calibration file, measured once per CPU kind and model (``calibrate``)."""
-        if self.device.type != "cpu" or not self.loaded.config.calibration_file:
-            return default_token_budget(self.device)
+    def _compiled_model(self):
+        """The model under ``torch.compile`` (dynamic shapes: one graph for every batch shape). On the CPU it is
+        compiled with inductor's freezing, which folds the weights' bf16 casts and packs them for oneDNN once
+        (AMX / AVX-512 kernels with the bias, GELU and residual adds fused), instead of casting and re-laying out
+        every weight in every batch. Freezing must be on in inductor's config while the graph compiles:
+        ``torch.compile(options={"freezing": True})`` is silently not applied (torch 2.13), so every call of the
+        compiled model runs inside ``_compile_config``, recompilations included."""
+        if self._compiled_fn is None:
+            self._compiled_fn = torch.compile(self.model, dynamic=True)
+        return self._compiled_fn
+
+    def _compile_config(self):
+        if self.device.type == "cpu":
+            import torch._inductor.config as inductor_config
+
+            return inductor_config.patch(freezing=True)
+        return nullcontext()
+
+    def _calibration(self) -> tuple[Path, str] | None:
+        """The calibration file and this machine's key in it (CPU only; None: fixed defaults)."""
         loaded = self.loaded
-        key = calibrate.machine_key(loaded.hidden_size, loaded.num_layers, loaded.precision)
+        if self.device.type != "cpu" or not loaded.config.calibration_file:
+            return None
+        return (Path(loaded.config.calibration_file),
+                calibrate.machine_key(loaded.hidden_size, loaded.num_layers, loaded.precision))
+
+    def _forward_rates(self, forward_fn, budgets: tuple[int, ...], repeats: int = 1) -> dict[int, float]:
+        """Tokens per second of ``forward_fn`` on batches of paper-length rows, per token budget."""
+
+        def forward(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            with torch.inference_mode(), self._autocast(), self._compile_config():
+                out = forward_fn(input_ids=torch.from_numpy(ids).to(self.device),
+                                 attention_mask=torch.from_numpy(mask).to(self.device))
+                return out.last_hidden_state[:, 0, :].float().cpu().numpy()
+
+        return calibrate.measure_budget(forward, int(self.model.config.vocab_size), budgets, repeats)
+
+    def _should_compile(self, expected_rows: int | None) -> bool:
+        """``compile`` on/off as given; ``auto``: on CUDA, and on a CPU with a calibration file where a compiled
+        forward pass, measured once per CPU kind and model, beats the eager one by enough to repay the compilation
+        in this run (``calibrate.compile_pays_off``). A run too short to repay any compilation (its eager forward
+        time under ``calibrate.COMPILE_WORTH_MEASURING_SECONDS``) neither measures nor compiles."""
+        config, calibration = self.loaded.config, self._calibration()
+        if compile_choice(config.compile) != "auto" or calibration is None:
+            return compile_wanted(config.compile, self.device)
+        budget = default_token_budget(self.device)
+        expected_tokens = None if expected_rows is None else expected_rows * calibrate.ROW_TOKENS
+        measured = calibrate.cached_compile_measurement(*calibration)
+        if measured is None:
+            eager = self._forward_rates(self.model, (budget,), repeats=3)[budget]
+            if expected_tokens is not None and expected_tokens / eager < calibrate.COMPILE_WORTH_MEASURING_SECONDS:
+                return False
+
+            def measure() -> tuple[float, float, float]:
+                started = time.perf_counter()
+                self._forward_rates(self._compiled_model(), (budget,), repeats=0)  # compiles
+                seconds = time.perf_counter() - started
+                return eager, self._forward_rates(self._compiled_model(), (budget,), repeats=3)[budget], seconds
+
+            measured = calibrate.compile_measurement(*calibration, measure)
+        return calibrate.compile_pays_off(measured, expected_tokens)
+
+    def _default_token_budget(self) -> int:
+        """By device; on a CPU with a calibration file, measured once per CPU kind, model and compile choice."""
+        calibration = self._calibration()
+        if calibration is None:
+            return default_token_budget(self.device)
+        cache_file, key = calibration
+        key += "|compiled" if self.compiled else ""
 
         def measure() -> dict[int, float]:
-            def forward(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-                with torch.inference_mode(), self._autocast():
-                    out = self.forward(torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device))
-                    return out.cpu().numpy()
+            model = self._compiled_model() if self.compiled else self.model
+            return self._forward_rates(model, calibrate.CANDIDATE_BUDGETS)
 
-            return calibrate.measure_budget(forward, int(loaded.model.config.vocab_size))
-
-        return calibrate.calibrated_budget(Path(loaded.config.calibration_file), key, measure)
+        return calibrate.calibrated_budget(cache_file, key, measure)
 
     # -- tokenisation ---------------------------------------------------------------------------------------------
     def _token_arrays(self, texts: list[str]) -> TokenArrays:
@@ -230,7 +287,11 @@ class Encoder:
             # A compiled graph specialises on a batch of one (a new multi-second compilation); a row's vector
             # does not depend on the other rows of its batch, so the row is run as a batch of two.
             return self.forward(input_ids.repeat(2, 1), attention_mask.repeat(2, 1))[:1]
-        out = self._forward_fn(input_ids=input_ids, attention_mask=attention_mask)
+        if self.compiled:
+            with self._compile_config():
+                out = self._compiled_model()(input_ids=input_ids, attention_mask=attention_mask)
+        else:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
         return out.last_hidden_state[:, 0, :].float()
 
     def _encode_slice(self, launched: _LaunchedChunk, first: int, end: int, width: int) -> torch.Tensor:

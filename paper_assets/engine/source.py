@@ -171,6 +171,13 @@ class RangeReadStats:
     duplicate_corpusid: int = 0
 
 
+def range_rows(info: SourceInfo, rng: IdRange) -> int:
+    """Source rows whose id falls in ``rng`` (duplicates included)."""
+    with _connect(info.path) as conn:
+        return int(conn.execute(f"SELECT count(*) FROM {_quoted(info.table)} WHERE {_range_filter(info)}",
+                                [rng.lo, rng.hi]).fetchall()[0][0])
+
+
 def _id_windows(conn, info: SourceInfo, rng: IdRange, rows: int, window_rows: int) -> list[tuple[int, int]]:
     """Split ``rng`` at id quantiles into windows of about ``window_rows`` rows (all copies of an id share one)."""
     pieces = -(-rows // window_rows)
