@@ -464,7 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--pad-multiple", type=int, help="batch widths are multiples of this (default: 64 on GPU, "
                        "8 on CPU)")
     embed.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                       help="torch.compile the model (default PAPER_ASSETS_COMPILE / auto: on CUDA)")
+                       help="torch.compile the model (default PAPER_ASSETS_COMPILE / auto: on CUDA, and on CPUs "
+                            "where it measured faster by enough to repay its compilation in this run)")
     embed.add_argument("--tokenizer-workers", type=int, help="processes that tokenise (default "
                        "PAPER_ASSETS_TOKENIZER_WORKERS / -1: one per 4 cores on GPU hosts, none on CPUs)")
     embed.set_defaults(func=cmd_embed)
@@ -477,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                        help="engine precision (default %(default)s, as in production)")
     bench.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                       help="torch.compile the engine's model (default: auto, on CUDA)")
+                       help="torch.compile the engine's model (default: auto, on CUDA and on CPUs where "
+                            "it measured faster)")
     bench.add_argument("--token-budget", type=int, default=0, help="padded tokens per batch (0: by device)")
     bench.add_argument("--dagster-partitions", type=int, default=0,
                        help="also embed N partitions through Dagster runs on a Celery worker (PostgreSQL and Redis "

@@ -22,8 +22,9 @@ from .settings import Settings, load_settings
 
 def build_resources(settings: Settings) -> dict:
     home = ProjectHome(settings.home)
-    # compile=auto compiles on CUDA where the compiled model outlives the step: on long-lived Celery workers. With a
-    # process per step, 24-57 s of compilation (BENCHMARKS.md) would dwarf a partition's seconds of embedding.
+    # compile=auto compiles (on CUDA; on CPUs where it measured faster) only where the compiled model outlives the
+    # step: on long-lived Celery workers. With a process per step, 24-57 s of compilation (BENCHMARKS.md) would
+    # dwarf a partition's seconds of embedding.
     compile_model = settings.compile
     if compile_choice(compile_model) == "auto" and not steps_share_a_process(settings):
         compile_model = "off"

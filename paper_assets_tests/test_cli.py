@@ -67,6 +67,8 @@ def test_bench_command_reports_every_figure(tmp_path, tiny_model, generated_pape
     assert flops["speedup_ceiling_at_matmul_peak"] == pytest.approx(
         flops["matmul_peak_gflops_fp32"] / flops["reference_gflops_per_second"])
     assert "GEMM on this device" in stdout and result["machine"]["cores"] >= 1
+    assert result["engine"]["second_pass_papers_per_second"] > 0 and "second pass" in stdout
+    assert result["engine"]["second_pass_utilisation_of_matmul_peak"] > 0
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -106,13 +106,15 @@ class Specter2Resource(ConfigurableResource):
     max_batch_rows: int = 512
     pad_multiple: int = Field(default=0, description="padded batch widths are multiples of this (0: 64 on GPU, 8 "
                               "on CPU)")
-    compile: str = Field(default=DEFAULTS.compile, description="torch.compile the model: auto (on CUDA), on, off")
+    compile: str = Field(default=DEFAULTS.compile, description="torch.compile the model: auto (on "
+                         "CUDA; on a CPU where it measured faster, cached in calibration_file), on, off")
     tokenizer_workers: int = Field(default=DEFAULTS.tokenizer_workers, description="processes that tokenise (-1: "
                                    "by device, one per 4 cores on GPU hosts; 0: in the step's process)")
     chunk_rows: int = Field(default=DEFAULTS.chunk_rows, description="rows per checkpointed chunk of a partition")
     sep_token: str = "[SEP]"
     device_lock_dir: str = Field(default="", description="GPU claims for device=auto on multi-GPU machines")
-    calibration_file: str = Field(default="", description="cache of the CPU token budget measured on first use")
+    calibration_file: str = Field(default="", description="cache of the CPU measurements made on "
+                                  "first use: bf16 vs fp32, compiled vs eager, the token budget")
     norm_k: float = Field(default=DEFAULTS.norm_k, description="norm band: median ± k·MAD across partitions")
     norm_band: list[float] = Field(default_factory=list, description="fixed [low, high] norm band instead")
     max_norm_outlier_fraction: float = DEFAULTS.max_norm_outlier_fraction

@@ -1,5 +1,5 @@
 """What depends on the CPU, measured on first use and cached per machine kind instead of constants tuned on one CPU:
-whether bf16 pays (``precision=auto``) and the token budget.
+whether bf16 pays (``precision=auto``), whether ``torch.compile`` pays (``compile=auto``) and the token budget.
 
 bf16: a CPU flag (AVX512-BF16, AMX) says bf16 *can* run natively, not that it is faster: on a 2-vCPU Intel Xeon
 (model 207, AVX512-BF16, no AMX exposed) the bf16 GEMM measured 99 GFLOP/s against 171 in fp32. So ``auto`` times an
@@ -12,6 +12,12 @@ the precision. On first use we time one forward pass per candidate budget on bat
 (``stats/calibration.json``) under a key naming the CPU model, its native-bf16 flags, the core count, the model
 shape and the precision, so each machine kind measures once (~10–30 s for BERT-base) and every later run reuses it.
 GPUs keep their fixed default (measured there when a GPU is lent).
+
+Compile: inductor with freezing folds the weights' bf16 casts and packs them for oneDNN once, with bias, GELU and
+residual adds fused into the matmuls; where oneDNN has native bf16 kernels (AMX) that is most of the forward time
+saved, elsewhere it may not repay a compilation that every run pays again (~40 s for BERT-base on 2 vCPUs). So
+``auto`` times the eager and the compiled forward once per machine kind and model (``compile_measurement``) and
+compiles where the gain repays the compilation within the run (``compile_pays_off``).
 """
 
 from __future__ import annotations

@@ -122,7 +122,8 @@ def compile_choice(setting: str | bool) -> str:
 def compile_wanted(setting: str | bool, device: torch.device) -> bool:
     """Whether to ``torch.compile`` the model. ``auto``: on CUDA, where fusing the elementwise work around the
     matmuls (autocast casts, residual adds, LayerNorm, GELU) is most of the gain (BENCHMARKS.md, GPU section) and a
-    run embeds enough papers to repay the compilation; off on CPUs and MPS."""
+    run embeds enough papers to repay the compilation; off on CPUs and MPS, unless the encoder measured (once per
+    CPU kind, in the calibration file) that compiling pays on this CPU (``Encoder._should_compile``)."""
     choice = compile_choice(setting)
     return device.type == "cuda" if choice == "auto" else choice == "on"
 
