@@ -378,6 +378,31 @@ def test_cpu_compile_auto_is_measured_once_per_machine_and_compiles_with_frozen_
     assert not Encoder(loaded).compiled  # the cached rates decide (here: the gain is under the bar)
 
 
+def test_canary_of_a_compiled_encoder_runs_without_recompiling_and_its_adapter_less_pass_once(
+        tiny_model, tmp_path, monkeypatch):
+    from torch._dynamo.utils import counters
+
+    from paper_assets.engine import quality
+    from paper_assets.engine.partition_gate import canary_vectors
+    from paper_assets.engine.storage import ProjectHome
+
+    base, adapter = tiny_model
+    torch._dynamo.reset()
+    counters.clear()
+    encoder = Encoder(load_model(ModelConfig(base_model=base, adapter=adapter, precision="fp32", device="cpu",
+                                             compile="on")), token_budget=2048)
+    passes = []  # compiled or not, per encode call
+    encode = encoder.encode
+    monkeypatch.setattr(encoder, "encode", lambda texts: passes.append(encoder.compiled) or encode(texts))
+    layout = ProjectHome(str(tmp_path / "home"))
+    first, second = canary_vectors(encoder, layout), canary_vectors(encoder, layout)
+    assert counters["stats"]["unique_graphs"] == 1  # the adapter-less pass did not recompile the graph
+    assert passes == [True, False, True]  # current (compiled), adapter-less once (eager), current again
+    assert encoder.compiled and str(encoder.model.active_adapters) == "Stack[proximity]"
+    outcome = quality.check_canary(second["current"], second["reference"], second["without_adapter"], "fp32")
+    assert outcome.passed and np.array_equal(first["without_adapter"], second["without_adapter"])
+
+
 def test_worker_process_tokenisation_equals_in_process_tokenisation(tiny_model, fp32, texts, shared_papers):
     from paper_assets.engine.tokenization import default_workers
 

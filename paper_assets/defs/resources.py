@@ -6,7 +6,7 @@ import threading
 from pathlib import Path
 
 from dagster import ConfigurableResource
-from pydantic import Field, PrivateAttr
+from pydantic import Field
 
 from ..engine import publish
 from ..engine.encoder import Encoder
@@ -118,8 +118,6 @@ class Specter2Resource(ConfigurableResource):
     norm_k: float = Field(default=DEFAULTS.norm_k, description="norm band: median ± k·MAD across partitions")
     norm_band: list[float] = Field(default_factory=list, description="fixed [low, high] norm band instead")
     max_norm_outlier_fraction: float = DEFAULTS.max_norm_outlier_fraction
-
-    _canary: dict = PrivateAttr(default_factory=dict)
 
     def model_config_key(self) -> ModelConfig:
         return ModelConfig(

@@ -20,6 +20,7 @@ Failure rules (counted in :class:`EncodeStats`):
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -233,6 +234,16 @@ class Encoder:
             return self._forward_rates(model, calibrate.CANDIDATE_BUDGETS)
 
         return calibrate.calibrated_budget(cache_file, key, measure)
+
+    @contextlib.contextmanager
+    def eager(self) -> Iterator[Encoder]:
+        """Inside the block the uncompiled model runs: for one-off passes through a changed model (the canary with
+        the adapter switched off), which a compiled graph would recompile for."""
+        compiled, self.compiled = self.compiled, False
+        try:
+            yield self
+        finally:
+            self.compiled = compiled
 
     # -- tokenisation ---------------------------------------------------------------------------------------------
     def _token_arrays(self, texts: list[str]) -> TokenArrays:

@@ -4,6 +4,7 @@ what the assets made and what `paper-assets embed` made into a home alike."""
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +26,14 @@ class PartitionVerdict:
     norm_stats: dict
 
 
+# The canary's adapter-less vector per encoder: a property of the base model, which a process never changes, so it
+# is computed once per encoder instead of once per partition (on a CPU, a BERT-base pass of its own per range).
+_WITHOUT_ADAPTER: weakref.WeakKeyDictionary[Encoder, np.ndarray] = weakref.WeakKeyDictionary()
+
+
 def canary_vectors(encoder: Encoder, layout: ProjectHome) -> dict[str, np.ndarray]:
-    """The canary text's vector now, its stored reference for this fingerprint + precision (stored on first use),
-    and with the adapter switched off."""
+    """The canary text's vector now (through the same forward as the partitions: compiled where they were), its
+    stored reference for this fingerprint + precision (stored on first use), and with the adapter switched off."""
     loaded = encoder.loaded
     current = encoder.encode([quality.CANARY_TEXT])[0]
     reference_file = layout.canary_file(loaded.fingerprint, loaded.precision)
@@ -35,14 +41,16 @@ def canary_vectors(encoder: Encoder, layout: ProjectHome) -> dict[str, np.ndarra
         with atomic_path(reference_file) as tmp, open(tmp, "wb") as handle:
             np.save(handle, current)
     reference = np.load(reference_file)
-    active = loaded.model.active_adapters
-    with adapter_warning_silenced():
-        loaded.model.set_active_adapters(None)
-        try:
-            without = encoder.encode([quality.CANARY_TEXT])[0]
-        finally:
-            loaded.model.set_active_adapters(active)
-    return {"current": current, "reference": reference, "without_adapter": without}
+    if encoder not in _WITHOUT_ADAPTER:
+        active = loaded.model.active_adapters
+        # Eager: a compiled graph would recompile for the switched-off adapter (~40 s on a CPU with freezing).
+        with adapter_warning_silenced(), encoder.eager():
+            loaded.model.set_active_adapters(None)
+            try:
+                _WITHOUT_ADAPTER[encoder] = encoder.encode([quality.CANARY_TEXT])[0]
+            finally:
+                loaded.model.set_active_adapters(active)
+    return {"current": current, "reference": reference, "without_adapter": _WITHOUT_ADAPTER[encoder]}
 
 
 def evaluate_partition(layout: ProjectHome, rng: IdRange, embeddings_file: Path, encoder: Encoder,
