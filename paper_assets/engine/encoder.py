@@ -9,8 +9,10 @@ the next chunks overlaps all of it (a background thread feeding a bounded queue;
 GIL, and on GPU hosts the tokenisation runs in worker processes, ``tokenization.TokenizerPool``). CPU and CUDA
 run this same algorithm; on the CPU the copies are no-ops. Reduced precision (bf16/fp16) is autocast on every
 device: weights stay fp32, matmuls run in the low precision, LayerNorm/softmax/residual sums stay fp32. One
-autocast context spans a chunk, so each weight is cast once per chunk (autocast's cache), not per batch. On CUDA
-the model is ``torch.compile``d by default (``device.compile_wanted``), which fuses those casts and sums.
+autocast context spans a chunk, but autocast's weight cache does not work under ``inference_mode``, so an eager
+model casts every weight in every batch. On CUDA the model is ``torch.compile``d by default (``device.compile_wanted``),
+which fuses those casts and sums; on a CPU, where compiling is measured to pay (``_should_compile``), inductor's
+freezing folds the casts and packs the weights for oneDNN once.
 
 Failure rules (counted in :class:`EncodeStats`):
 - a batch whose output has NaN/Inf is recomputed one row at a time (no padding, the known trigger); a row that
