@@ -53,11 +53,16 @@ def machine_key(hidden: int, layers: int, precision: str) -> str:
     return f"{_cpu_key()}|{layers}x{hidden}|{precision}"
 
 
+def _read(cache_file: Path) -> dict:
+    """The calibration file's entries (written atomically, so readable without the lock)."""
+    return json.loads(cache_file.read_text(encoding="utf-8")) if cache_file.exists() else {}
+
+
 def _cached(cache_file: Path, key: str, compute: Callable[[], dict]) -> dict:
     """The entry ``key`` of the calibration file, computed and stored on first use (one process measures, the
     others wait for it on the lock)."""
     with FileLock(cache_file.with_suffix(".lock")):
-        cache = json.loads(cache_file.read_text(encoding="utf-8")) if cache_file.exists() else {}
+        cache = _read(cache_file)
         if key not in cache:
             cache[key] = compute()
             with atomic_path(cache_file) as tmp:
@@ -100,10 +105,13 @@ def calibrated_budget(cache_file: Path, key: str, measure: Callable[[], dict[int
     return int(_cached(cache_file, key, compute)["token_budget"])
 
 
+def _compile_key(key: str) -> str:
+    return f"{key}|compile"
+
+
 def cached_compile_measurement(cache_file: Path, key: str) -> dict | None:
-    if not cache_file.exists():
-        return None
-    return json.loads(cache_file.read_text(encoding="utf-8")).get(f"{key}|compile")
+    """The stored compile measurement for ``key`` (``machine_key``), None before the first one."""
+    return _read(cache_file).get(_compile_key(key))
 
 
 def compile_measurement(cache_file: Path, key: str, measure: Callable[[], tuple[float, float, float]]) -> dict:
@@ -115,7 +123,7 @@ def compile_measurement(cache_file: Path, key: str, measure: Callable[[], tuple[
         return {"eager_tokens_per_second": round(eager, 1), "compiled_tokens_per_second": round(compiled, 1),
                 "compile_seconds": round(seconds, 1)}
 
-    return _cached(cache_file, f"{key}|compile", compute)
+    return _cached(cache_file, _compile_key(key), compute)
 
 
 def compile_pays_off(measured: dict, expected_tokens: int | None = None) -> bool:
