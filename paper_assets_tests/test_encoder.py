@@ -100,6 +100,18 @@ def test_padded_width_buckets_do_not_change_vectors(fp32, texts):
     assert cosines(bucketed, exact, centre=exact.mean(0)).min() >= 0.9999
 
 
+def test_bucketed_batch_rows_do_not_change_vectors(fp32, texts):
+    encoder = Encoder(fp32, token_budget=4096, pad_multiple=64)
+    chunk = encoder.plan(encoder.tokenize(texts[:37]))
+    real_rows = np.diff(chunk.bounds).tolist()
+    assert chunk.run_rows[:-1] == real_rows[:-1] and chunk.run_rows[-1] > real_rows[-1], (real_rows, chunk.run_rows)
+    bucketed, stats = encoder.encode_tokenized(chunk)
+    assert stats.padded_tokens == sum(r * w for r, w in zip(chunk.run_rows, chunk.widths, strict=True))
+    alone = np.stack([encoder.encode([t])[0] for t in texts[:37]])
+    assert cosines(bucketed, alone).min() >= 0.99999
+    assert cosines(bucketed, alone, centre=alone.mean(0)).min() >= 0.9999
+
+
 def test_streamed_chunks_equal_one_shot_encoding_in_order(fp32, texts):
     encoder = Encoder(fp32, token_budget=2048)
     pieces = [(i, texts[i * 40 : (i + 1) * 40]) for i in range(4)]

@@ -1,6 +1,6 @@
 import pytest
 
-from paper_assets.engine.batching import pad_on_device, padded_width, plan_batches
+from paper_assets.engine.batching import bucket_rows, full_rows, pad_on_device, padded_width, plan_batches
 from paper_assets.engine.ranges import IdRange, InvalidRangeKey, parse_range, range_for
 from paper_assets.engine.text import clean_field, paper_text, text_sha256
 
@@ -78,6 +78,27 @@ def test_widths_are_rounded_to_the_pad_multiple_within_the_budget():
     assert widths <= {64, 128, 192, 256, 320, 384, 448, 512}
     assert all(len(b) * padded_width(int(lengths[b].max()), 64, 512) <= 16384 for b in batches)
     assert sorted(np.concatenate(batches).tolist()) == list(range(2000))
+
+
+def test_a_run_of_many_chunks_uses_a_bounded_set_of_batch_shapes():
+    import numpy as np
+
+    assert [bucket_rows(n, 100) for n in (1, 2, 3, 5, 64, 65, 99, 100)] == [1, 2, 4, 8, 64, 100, 100, 100]
+    rng = np.random.default_rng(2)
+    shapes, unbucketed = set(), set()
+    for _ in range(300):  # 300 chunks of real-looking lengths: every chunk's last batch has its own row count
+        lengths = rng.integers(20, 513, size=int(rng.integers(50, 4096)))
+        batches = plan_batches(lengths, token_budget=65536, max_rows=4096, pad_multiple=64)
+        widths = [padded_width(int(lengths[b].max()), 64, 512) for b in batches]
+        for index, (batch, width) in enumerate(zip(batches, widths, strict=True)):
+            full = full_rows(width, 65536, 4096)
+            assert len(batch) == full or index == len(batches) - 1  # only a chunk's last batch is partial
+            run = bucket_rows(len(batch), full)
+            assert len(batch) <= run <= full and (run == full or run & (run - 1) == 0)
+            shapes.add((run, width))
+            unbucketed.add((len(batch), width))
+    # 8 widths x (one full shape + at most log2(1024) + 1 powers of two), against one new shape per chunk before
+    assert len(shapes) <= 8 * 12 and len(unbucketed) > 2 * len(shapes)
 
 
 def np_rows(values):

@@ -4,7 +4,11 @@ Sorting makes rows of a batch nearly the same length, so little compute goes to 
 activation size (rows x padded width) roughly constant, so memory stays flat; starting with the longest batch makes
 the allocator reach its peak at once instead of growing through the run. Widths are rounded up to a multiple
 (``pad_multiple``: 64 on GPUs, where every distinct shape costs kernel selection and allocator warm-up, 8 on CPUs),
-so a whole run uses a handful of shapes. Padding is masked, so it changes no vector beyond float rounding.
+and every batch but a chunk's last holds exactly ``full_rows(width)`` rows. The last batch's rows are rounded up
+to a power of two (:func:`bucket_rows`, with copies of its last row that are computed and dropped), so a whole run
+uses a few dozen shapes instead of one new shape per chunk: each new shape costs kernel selection (a cuDNN attention
+plan is built per shape, ~60-400 ms; oneDNN creates primitives per shape on a CPU). Padding is masked and padding
+rows are separate rows, so neither changes a vector beyond float rounding.
 """
 
 from __future__ import annotations
@@ -19,6 +23,20 @@ def padded_width(longest: int, pad_multiple: int, max_length: int) -> int:
     return max(longest, min(rounded, max_length))
 
 
+def full_rows(width: int, token_budget: int, max_rows: int) -> int:
+    """Rows of a full batch of ``width``: as many as the token budget holds, at least one, at most ``max_rows``."""
+    return max(1, min(max_rows, token_budget // max(width, 1)))
+
+
+def bucket_rows(rows: int, full: int) -> int:
+    """The rows a batch of ``rows`` real rows runs with: the next power of two, but never more than ``full`` (a
+    full batch's rows, a shape every chunk already uses). At most ~log2(full) shapes per width, however many
+    chunks a run has; the added rows cost under half of one partial batch per chunk."""
+    if rows >= full:
+        return rows
+    return min(full, 1 << (rows - 1).bit_length())
+
+
 def plan_batches(lengths: np.ndarray, token_budget: int, max_rows: int, pad_multiple: int = 1,
                  max_length: int = 512) -> list[np.ndarray]:
     """Indices into ``lengths`` for each batch, longest batch first; every row appears exactly once and
@@ -31,7 +49,7 @@ def plan_batches(lengths: np.ndarray, token_budget: int, max_rows: int, pad_mult
     start = 0
     while start < len(order):
         width = padded_width(int(lengths[order[start]]), pad_multiple, max_length)
-        rows = max(1, min(max_rows, token_budget // max(width, 1)))
+        rows = full_rows(width, token_budget, max_rows)
         batches.append(order[start : start + rows])
         start += rows
     return batches

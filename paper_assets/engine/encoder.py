@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from . import calibrate
-from .batching import pad_on_device, padded_width, plan_batches
+from .batching import bucket_rows, full_rows, pad_on_device, padded_width, plan_batches
 from .device import compile_choice, compile_wanted, default_pad_multiple, default_token_budget
 from .model import LoadedModel
 from .tokenization import TextTokenizer, TokenArrays, TokenizerPool, default_workers
@@ -71,7 +71,8 @@ class EncodeStats:
 @dataclass
 class TokenizedChunk(Generic[Payload]):
     """A chunk's token ids, flat: row ``i`` is ``flat_ids[offsets[i]:offsets[i + 1]]``. Batch ``b`` is the rows
-    ``order[bounds[b]:bounds[b + 1]]`` (``order`` sorts the rows longest first), padded to ``widths[b]``."""
+    ``order[bounds[b]:bounds[b + 1]]`` (``order`` sorts the rows longest first), padded to ``widths[b]`` and run as
+    ``run_rows[b]`` rows (its rows, then copies of its last row up to a bucketed row count)."""
 
     payload: Payload
     flat_ids: np.ndarray
@@ -80,6 +81,7 @@ class TokenizedChunk(Generic[Payload]):
     order: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     bounds: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
     widths: list[int] = field(default_factory=list)
+    run_rows: list[int] = field(default_factory=list)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -155,7 +157,7 @@ class Encoder:
         vocab = int(self.model.config.vocab_size)
         with torch.inference_mode(), self._autocast():
             for width in widths:
-                rows = max(2, min(self.max_batch_rows, self.token_budget // width))
+                rows = max(2, full_rows(width, self.token_budget, self.max_batch_rows))
                 ids = torch.randint(vocab, (rows, width), generator=generator).to(self.device)
                 self.forward(ids, torch.ones_like(ids))
         if self.device.type == "cuda":
@@ -279,6 +281,8 @@ class Encoder:
         chunk.bounds = np.zeros(len(batches) + 1, dtype=np.int64)
         np.cumsum([len(batch) for batch in batches], out=chunk.bounds[1:])
         chunk.widths = [padded_width(int(lengths[b].max()), self.pad_multiple, self.max_length) for b in batches]
+        chunk.run_rows = [bucket_rows(len(batch), full_rows(width, self.token_budget, self.max_batch_rows))
+                          for batch, width in zip(batches, chunk.widths, strict=True)]
         return chunk
 
     # -- forward --------------------------------------------------------------------------------------------------
@@ -307,13 +311,20 @@ class Encoder:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask)
         return out.last_hidden_state[:, 0, :].float()
 
-    def _encode_slice(self, launched: _LaunchedChunk, first: int, end: int, width: int) -> torch.Tensor:
-        """Vectors of the sorted rows ``first:end`` padded to ``width``; out of memory: halves, down to one row."""
+    def _encode_slice(self, launched: _LaunchedChunk, first: int, end: int, width: int,
+                      run_rows: int | None = None) -> torch.Tensor:
+        """Vectors of the sorted rows ``first:end`` padded to ``width`` and run as ``run_rows`` rows (copies of the
+        last row fill the batch; their vectors are dropped); out of memory: halves, down to one row."""
         stats = launched.stats
-        ids, mask = pad_on_device(launched.flat_ids, launched.starts[first:end], launched.lengths[first:end],
-                                  width, self.pad_id, self._positions)
+        starts, lengths = launched.starts[first:end], launched.lengths[first:end]
+        run_rows = max(run_rows or 0, end - first)
+        if run_rows > end - first:
+            extra = run_rows - (end - first)
+            starts, lengths = torch.cat([starts, starts[-1:].expand(extra)]), torch.cat([lengths,
+                                                                                        lengths[-1:].expand(extra)])
+        ids, mask = pad_on_device(launched.flat_ids, starts, lengths, width, self.pad_id, self._positions)
         try:
-            vectors = self.forward(ids, mask)
+            vectors = self.forward(ids, mask)[: end - first]
         except Exception as err:  # noqa: BLE001 - only out-of-memory is handled, everything else re-raised
             if not _is_oom(err) or end - first == 1:
                 raise
@@ -327,7 +338,7 @@ class Encoder:
                               self._encode_slice(launched, middle, end, middle_width)])
         stats.batches += 1
         stats.real_tokens += int(launched.sorted_lengths[first:end].sum())
-        stats.padded_tokens += (end - first) * width
+        stats.padded_tokens += run_rows * width
         return vectors
 
     def _launch(self, chunk: TokenizedChunk) -> _LaunchedChunk:
@@ -352,9 +363,9 @@ class Encoder:
             launched.starts = self._upload(chunk.offsets[:-1][chunk.order])
             launched.lengths = self._upload(launched.sorted_lengths)
             vectors = torch.empty((chunk.rows, self.loaded.hidden_size), dtype=torch.float32, device=self.device)
-            for first, end, width in zip(chunk.bounds[:-1].tolist(), chunk.bounds[1:].tolist(), chunk.widths,
-                                         strict=True):
-                vectors[first:end] = self._encode_slice(launched, first, end, width)
+            for first, end, width, run_rows in zip(chunk.bounds[:-1].tolist(), chunk.bounds[1:].tolist(),
+                                                   chunk.widths, chunk.run_rows, strict=True):
+                vectors[first:end] = self._encode_slice(launched, first, end, width, run_rows)
             if self.device.type == "cuda":
                 launched.vectors = torch.empty(vectors.shape, dtype=torch.float32, pin_memory=True)
                 launched.vectors.copy_(vectors, non_blocking=True)
