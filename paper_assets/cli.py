@@ -100,10 +100,22 @@ def cmd_update(args) -> int:
     return 0
 
 
-def cmd_embed(args) -> int:
+def papers_prefetcher():
+    """One spawned process that builds papers files ahead of the embedding, at a lower scheduling priority: its
+    work is due a whole range later, while the embedding process's threads (tokenising, launching kernels) must
+    not wait for a core."""
     import multiprocessing
-    import tempfile
     from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=os.nice,
+                               initargs=(PREFETCH_NICENESS,))
+
+
+PREFETCH_NICENESS = 10
+
+
+def cmd_embed(args) -> int:
+    import tempfile
 
     from .engine.encoder import Encoder
     from .engine.model import ModelConfig, load_model
@@ -148,8 +160,7 @@ def cmd_embed(args) -> int:
     # Papers files are built in a child process, one range ahead: reading and cleaning is Python work that would
     # otherwise hold the GIL beside the threads that tokenise and launch kernels (on a GPU the range embedded
     # without a build beside it ran ~20% faster; BENCHMARKS.md). The first build overlaps the model load.
-    with tempfile.TemporaryDirectory(dir=scratch, prefix=".work-") as work, \
-            ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as prefetch:
+    with tempfile.TemporaryDirectory(dir=scratch, prefix=".work-") as work, papers_prefetcher() as prefetch:
         def submit_papers(rng):
             papers_file = layout.papers_file(rng) if into_home else Path(work) / f"papers-{rng.key}.parquet"
             ensure_dir(papers_file.parent)

@@ -46,6 +46,15 @@ def test_embed_command_single_range(tmp_path, tiny_model, generated_papers):
     assert pq.read_table(only).column("corpusid").to_pylist() == ids[10:20]
 
 
+def test_papers_are_prefetched_in_a_lower_priority_process():
+    from paper_assets.cli import PREFETCH_NICENESS, papers_prefetcher
+
+    with papers_prefetcher() as prefetch:
+        child_niceness, child_pid = prefetch.submit(os.nice, 0).result(), prefetch.submit(os.getpid).result()
+    assert child_pid != os.getpid()
+    assert child_niceness == min(19, os.nice(0) + PREFETCH_NICENESS)
+
+
 def test_bench_command_reports_every_figure(tmp_path, tiny_model, generated_papers):
     base, adapter = tiny_model
     src = make_source(tmp_path / "s.duckdb", generated_papers[:120])
