@@ -1,6 +1,13 @@
 import pytest
 
-from paper_assets.engine.batching import bucket_rows, full_rows, pad_on_device, padded_width, plan_batches
+from paper_assets.engine.batching import (
+    bucket_rows,
+    full_rows,
+    pad_on_device,
+    padded_width,
+    plan_batches,
+    warm_up_shapes,
+)
 from paper_assets.engine.ranges import IdRange, InvalidRangeKey, parse_range, range_for
 from paper_assets.engine.text import clean_field, paper_text, text_sha256
 
@@ -85,6 +92,8 @@ def test_a_run_of_many_chunks_uses_a_bounded_set_of_batch_shapes():
 
     assert [bucket_rows(n, 100) for n in (1, 2, 3, 5, 64, 65, 99, 100)] == [1, 2, 4, 8, 64, 100, 100, 100]
     rng = np.random.default_rng(2)
+    warmed = set(warm_up_shapes(65536, 4096, 64, 512))
+    assert len(warmed) == 8 + 10 + 9  # full batches of 8 widths; 1..512 rows at width 64, 1..256 at width 128
     shapes, unbucketed = set(), set()
     for _ in range(300):  # 300 chunks of real-looking lengths: every chunk's last batch has its own row count
         lengths = rng.integers(20, 513, size=int(rng.integers(50, 4096)))
@@ -97,6 +106,8 @@ def test_a_run_of_many_chunks_uses_a_bounded_set_of_batch_shapes():
             assert len(batch) <= run <= full and (run == full or run & (run - 1) == 0)
             shapes.add((run, width))
             unbucketed.add((len(batch), width))
+            if width <= 128:  # the two narrowest widths: every row count a run can meet there is warmed at load
+                assert (run, width) in warmed
     # 8 widths x (one full shape + at most log2(1024) + 1 powers of two), against one new shape per chunk before
     assert len(shapes) <= 8 * 12 and len(unbucketed) > 2 * len(shapes)
 

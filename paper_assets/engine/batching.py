@@ -37,6 +37,22 @@ def bucket_rows(rows: int, full: int) -> int:
     return min(full, 1 << (rows - 1).bit_length())
 
 
+def warm_up_shapes(token_budget: int, max_rows: int, pad_multiple: int, max_length: int,
+                   every_width: bool = True) -> list[tuple[int, int]]:
+    """(rows, width) of the batches to run once before a stream: a full batch of every padded width, widest first,
+    then every bucketed row count of the two narrowest widths (where a chunk's last, partial batch nearly always
+    falls, its rows being the chunk's shortest). ``every_width=False``: only the narrowest full batch."""
+    widths = sorted({padded_width(width, pad_multiple, max_length)
+                     for width in range(pad_multiple, max_length + pad_multiple, pad_multiple)}, reverse=True)
+    shapes = [(max(2, full_rows(width, token_budget, max_rows)), width) for width in widths]
+    if not every_width:
+        return shapes[-1:]
+    for width in widths[-2:]:
+        full = full_rows(width, token_budget, max_rows)
+        shapes += [(rows, width) for rows in sorted({bucket_rows(n, full) for n in range(1, full)})]
+    return shapes
+
+
 def plan_batches(lengths: np.ndarray, token_budget: int, max_rows: int, pad_multiple: int = 1,
                  max_length: int = 512) -> list[np.ndarray]:
     """Indices into ``lengths`` for each batch, longest batch first; every row appears exactly once and

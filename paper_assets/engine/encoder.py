@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from . import calibrate
-from .batching import bucket_rows, full_rows, pad_on_device, padded_width, plan_batches
+from .batching import bucket_rows, full_rows, pad_on_device, padded_width, plan_batches, warm_up_shapes
 from .device import compile_choice, compile_wanted, default_pad_multiple, default_token_budget
 from .model import LoadedModel
 from .tokenization import TextTokenizer, TokenArrays, TokenizerPool, default_workers
@@ -147,17 +147,16 @@ class Encoder:
     def warm_up(self) -> None:
         """Run one full batch of every padded width before the first chunk, so that compilation, kernel selection
         per shape and the allocator's largest blocks are paid here, once, and not by the first range (on a GPU the
-        first 20k-paper range ran 27% below the rest without this; BENCHMARKS.md)."""
-        widths = sorted({padded_width(width, self.pad_multiple, self.max_length)
-                         for width in range(self.pad_multiple, self.max_length + self.pad_multiple,
-                                            self.pad_multiple)}, reverse=True)
-        if self.device.type != "cuda":
-            widths = widths[-1:]  # a compiled CPU model: one call compiles the dynamic-shape graph
+        first 20k-paper range ran 27% below the rest without this; BENCHMARKS.md). On a GPU also every bucketed row
+        count (:func:`bucket_rows`) of the two narrowest widths, where a chunk's last, partial batch nearly always
+        falls: each new shape builds a cuDNN attention plan, which the first range would otherwise pay. A compiled
+        CPU model runs one batch (the call compiles the dynamic-shape graph)."""
+        shapes = warm_up_shapes(self.token_budget, self.max_batch_rows, self.pad_multiple, self.max_length,
+                                every_width=self.device.type == "cuda")
         generator = torch.Generator().manual_seed(0)
         vocab = int(self.model.config.vocab_size)
         with torch.inference_mode(), self._autocast():
-            for width in widths:
-                rows = max(2, full_rows(width, self.token_budget, self.max_batch_rows))
+            for rows, width in shapes:
                 ids = torch.randint(vocab, (rows, width), generator=generator).to(self.device)
                 self.forward(ids, torch.ones_like(ids))
         if self.device.type == "cuda":
