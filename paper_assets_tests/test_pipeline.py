@@ -1,6 +1,8 @@
 """Several partitions through one encoder stream (`embed_partitions`, what `paper-assets embed` runs) give each
 partition the file, report and resume behaviour that embedding it alone gives."""
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -83,6 +85,37 @@ def test_an_interrupted_stream_resumes_each_partition_where_it_stopped(encoder, 
     assert first.rows_reused == first.rows and first.rows_embedded == 0  # finished before: reused bit for bit
     assert second.resumed_chunks == 1 and second.encode.rows == second.rows - 32
     assert third.resumed_chunks == 0 and third.rows_embedded == third.rows
+    for job in jobs:
+        assert read_parquet(job.out_path).num_rows == read_parquet(job.papers_path).num_rows
+
+
+def test_files_are_written_off_the_embedding_thread_and_a_failed_write_is_raised(encoder, papers_files, tmp_path,
+                                                                                 monkeypatch):
+    from paper_assets.engine.storage import ChunkCheckpoints
+
+    writing_threads = []
+    write = ChunkCheckpoints.write
+
+    def write_until_the_disk_fills(self, index, batch):
+        writing_threads.append(threading.current_thread().name)
+        if len(writing_threads) == 3:
+            raise OSError("No space left on device")
+        write(self, index, batch)
+
+    monkeypatch.setattr(ChunkCheckpoints, "write", write_until_the_disk_fills)
+    jobs = jobs_for(papers_files, tmp_path / "out", tmp_path / "ck", encoder)
+    assert len(_chunks(papers_files[0])) > 3
+    with pytest.raises(OSError, match="No space left"):
+        for _ in embed_partitions(jobs, encoder, chunk_rows=32):
+            pass
+    assert writing_threads[:3] and all(name.startswith("paper-assets-writer") for name in writing_threads)
+    assert not jobs[0].out_path.exists()  # its third chunk never reached the disk: no partial file
+
+    monkeypatch.setattr(ChunkCheckpoints, "write", write)
+    reports = {job.context: report for job, report in embed_partitions(jobs, encoder, chunk_rows=32)}
+    first = reports[papers_files[0].stem]
+    # Only the chunk whose write failed is embedded again; the ones written before (and after) it are resumed.
+    assert first.resumed_chunks == first.chunks - 1 >= 2 and first.encode.rows == 32
     for job in jobs:
         assert read_parquet(job.out_path).num_rows == read_parquet(job.papers_path).num_rows
 

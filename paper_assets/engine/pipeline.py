@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -124,6 +125,8 @@ class EmbedReport:
 
 
 _REUSED_KEY = b"paper_assets_rows_reused"
+# Checkpoint writes queued behind the writer thread before the embedding waits: bounds memory to a few chunks.
+MAX_PENDING_WRITES = 2
 
 
 class PreviousVectors:
@@ -239,8 +242,10 @@ def embed_partitions(
 
     The stream does not drain between partitions: the next partition's first chunks are read and tokenised, and
     queued on the device, while this one's last chunk is collected and its file assembled, so a device that embeds
-    a partition in seconds does not idle at every partition boundary. ``jobs`` is consumed lazily from the
-    tokenizer thread (a job may wait there for its papers file to be built)."""
+    a partition in seconds does not idle at every partition boundary. Checkpoints and partition files are written
+    by one writer thread, in order, so the thread that launches kernels does not wait for a write and its fsync (a
+    failed write is raised here; on an interruption the writes already handed over finish first). ``jobs`` is
+    consumed lazily from the tokenizer thread (a job may wait there for its papers file to be built)."""
     hidden_size = encoder.loaded.hidden_size
     chunk_schema = embeddings_schema(hidden_size)
     last_finished = time.perf_counter()
@@ -261,27 +266,52 @@ def embed_partitions(
                 yield (state, index, chunk.select(["corpusid", "text_sha256"]), reuse, reused), texts
             yield _JobEnd(state), []
 
-    for payload, embedded, stats in encoder.encode_stream(todo()):
-        if isinstance(payload, _JobEnd):
-            state = payload.state
-            _assemble(state, hidden_size)
-            finished = time.perf_counter()
+    # Files are written by one writer thread, in order: a checkpoint's write and fsync (~0.1 s per 4,096-row chunk)
+    # and a partition's assembly (~0.3 s per 20k rows) would otherwise hold up the thread that launches kernels.
+    writer = ThreadPoolExecutor(1, thread_name_prefix="paper-assets-writer")
+    writes: deque[Future] = deque()
+    assembling: deque[tuple[_JobState, Future]] = deque()
+
+    def assemble(state: _JobState) -> float:
+        _assemble(state, hidden_size)
+        return time.perf_counter()
+
+    def written(wait: bool) -> Iterator[tuple[EmbedJob, EmbedReport]]:
+        nonlocal last_finished
+        while writes and (writes[0].done() or len(writes) > MAX_PENDING_WRITES):
+            writes.popleft().result()  # a failed write is raised here, on the embedding's thread
+        while assembling and (wait or assembling[0][1].done()):
+            state, future = assembling.popleft()
+            finished = future.result()
             state.report.seconds = finished - last_finished  # consecutive partitions: their times add up
             last_finished = finished
             yield state.job, state.report
-            continue
-        state, index, chunk, reuse, reused = payload
-        vectors = np.empty((chunk.num_rows, hidden_size), dtype=np.float32)
-        vectors[~reuse] = embedded
-        if reused is not None:
-            vectors[reuse] = reused
-        batch = embeddings_batch(chunk.column("corpusid").to_numpy(), vectors, chunk.column("text_sha256"),
-                                 chunk_schema)
-        state.checkpoints.write(index, batch.replace_schema_metadata({_REUSED_KEY: str(int(reuse.sum())).encode()}))
-        state.report.encode.add(stats)
-        state.done += chunk.num_rows
-        if progress:
-            progress(state.done, state.total, time.perf_counter() - last_finished)
+
+    try:
+        for payload, embedded, stats in encoder.encode_stream(todo()):
+            if isinstance(payload, _JobEnd):
+                assembling.append((payload.state, writer.submit(assemble, payload.state)))
+                yield from written(wait=False)
+                continue
+            state, index, chunk, reuse, reused = payload
+            vectors = np.empty((chunk.num_rows, hidden_size), dtype=np.float32)
+            vectors[~reuse] = embedded
+            if reused is not None:
+                vectors[reuse] = reused
+            batch = embeddings_batch(chunk.column("corpusid").to_numpy(), vectors, chunk.column("text_sha256"),
+                                     chunk_schema)
+            batch = batch.replace_schema_metadata({_REUSED_KEY: str(int(reuse.sum())).encode()})
+            writes.append(writer.submit(state.checkpoints.write, index, batch))
+            state.report.encode.add(stats)
+            state.done += chunk.num_rows
+            yield from written(wait=False)
+            if progress:
+                progress(state.done, state.total, time.perf_counter() - last_finished)
+        yield from written(wait=True)
+        while writes:
+            writes.popleft().result()
+    finally:
+        writer.shutdown(wait=True)
 
 
 def _open_job(job: EmbedJob, encoder: Encoder, chunk_rows: int) -> _JobState:
