@@ -92,8 +92,9 @@ def test_a_run_of_many_chunks_uses_a_bounded_set_of_batch_shapes():
 
     assert [bucket_rows(n, 100) for n in (1, 2, 3, 5, 64, 65, 99, 100)] == [1, 2, 4, 8, 64, 100, 100, 100]
     rng = np.random.default_rng(2)
-    warmed = set(warm_up_shapes(65536, 4096, 64, 512))
-    assert len(warmed) == 8 + 10 + 9  # full batches of 8 widths; 1..512 rows at width 64, 1..256 at width 128
+    warm_up = warm_up_shapes(65536, 4096, 64, 512)
+    warmed = set(warm_up)
+    assert len(warm_up) == len(warmed) == 8 + 10 + 9  # full batches of 8 widths; 1..512 rows at width 64, 1..256 at 128
     shapes, unbucketed = set(), set()
     for _ in range(300):  # 300 chunks of real-looking lengths: every chunk's last batch has its own row count
         lengths = rng.integers(20, 513, size=int(rng.integers(50, 4096)))

@@ -49,7 +49,7 @@ def warm_up_shapes(token_budget: int, max_rows: int, pad_multiple: int, max_leng
         return shapes[-1:]
     for width in widths[-2:]:
         full = full_rows(width, token_budget, max_rows)
-        shapes += [(rows, width) for rows in sorted({bucket_rows(n, full) for n in range(1, full)})]
+        shapes += [(rows, width) for rows in sorted({bucket_rows(n, full) for n in range(1, full)} - {full})]
     return shapes
 
 
