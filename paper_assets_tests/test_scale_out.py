@@ -268,23 +268,38 @@ def test_a_worker_killed_mid_backfill_hands_its_step_to_the_other(tmp_path, tiny
                         base_model=base, adapter=adapter, chunk_rows=10, device="cpu", token_budget=512,
                         pg_url=pg_url, celery_broker=amqp_url, celery_backend=redis_url)
 
+    chunks_per_partition = 120 // 10
+    killed_mid_step: list[tuple[str, str]] = []
+
     def kill_first_worker_mid_embedding(workers):
+        import re
+
         deadline = time.time() + 400
-        while True:  # both workers hold a partition with finished chunks: the first is mid-step
-            in_flight = {k.split("/")[2] for k in s3_keys(s3_home)
-                         if k.startswith("embeddings/.checkpoints/") and "/chunk-" in k}
-            if len(in_flight) >= 2:
+        while True:
+            # The range the first worker embeds now (its log names each one it starts) has finished chunks, and
+            # at least half of them still to go, so the kill cannot land after its step ends; the other worker
+            # embeds another range at the same time.
+            started = re.findall(r"paper_embeddings - embedding (\d{9}-\d{9}):.* in (\S+:\d+)",
+                                 (tmp_path / "worker0.log").read_text())
+            chunks: dict[str, int] = {}
+            for key in s3_keys(s3_home):
+                if key.startswith("embeddings/.checkpoints/") and "/chunk-" in key:
+                    chunks[key.split("/")[2]] = chunks.get(key.split("/")[2], 0) + 1
+            if started and 1 <= chunks.get(started[-1][0], 0) <= chunks_per_partition // 2 and len(chunks) >= 2:
                 break
-            assert time.time() < deadline, "the embedding steps never ran side by side"
-            time.sleep(0.2)
+            assert time.time() < deadline, "never saw both workers embedding with the first one mid-step"
+            time.sleep(0.1)
         os.killpg(workers[0].pid, signal.SIGKILL)
+        killed_mid_step.append(started[-1])
 
     partitions, summary = backfill_on_two_workers(tmp_path, settings, kill_first_worker_mid_embedding)
     assert summary["partitions"] == 8 and summary["failed"] == []
     assert all(p["status"] == "SUCCESS" and p["rows"] == 120 for p in partitions)
     metadata = assert_every_valid_id_once_and_checks_passed(tmp_path, s3_home, papers, pg_url)
-    resumed = [key for key, meta in metadata.items() if meta["resumed_rows_from_checkpoint"] > 0]
-    assert resumed, metadata  # the interrupted partition went on from the killed worker's chunks
+    # The interrupted partition went on from the killed worker's chunks, on the other worker.
+    [(killed, killed_worker)] = killed_mid_step
+    assert metadata[killed]["resumed_rows_from_checkpoint"] >= 10, metadata[killed]
+    assert metadata[killed]["worker"] != killed_worker, metadata[killed]
     assert all(metadata[key]["quality_gate"] == "passed" for key in metadata)
 
 

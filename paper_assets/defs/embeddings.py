@@ -125,7 +125,8 @@ def paper_embeddings(
     papers_file = layout.papers_file(rng)
     if not papers_file.exists():
         raise Failure(f"papers[{rng.key}] is not materialised ({papers_file} missing): materialise papers first")
-    papers_meta = json.loads((parquet_metadata(papers_file).metadata or {}).get(METADATA_KEY, b"{}"))
+    papers_parquet = parquet_metadata(papers_file)
+    papers_meta = json.loads((papers_parquet.metadata or {}).get(METADATA_KEY, b"{}"))
     load_started = time.perf_counter()
     model_was_loaded = specter2.is_loaded()
     encoder = specter2.get_encoder()
@@ -135,6 +136,9 @@ def paper_embeddings(
     file_meta = {"model": model_meta, "range": rng.key, "papers_content_hash": papers_meta.get("content_hash"),
                  "source_release": papers_meta.get("source_version")}
     out = layout.embeddings_file(rng)
+    # Names the range in the worker's own log too: an operator (or a test) can tell which partition it holds.
+    context.log.info(f"embedding {rng.key}: {papers_parquet.num_rows:,} papers on {loaded.device} "
+                     f"({loaded.precision}) in {socket.gethostname()}:{os.getpid()}")
     report = embed_papers(papers_file, out, encoder, layout.checkpoint_dir(rng), chunk_rows=specter2.chunk_rows,
                           file_metadata=file_meta, progress=_ProgressLog(context))
     catalog_views.refresh(catalog, layout)
