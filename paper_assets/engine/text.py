@@ -27,9 +27,12 @@ import pyarrow.compute as pc
 
 # Lone surrogates cannot exist in Arrow (UTF-8) strings; Python strings (JSONL input) may carry them.
 _SURROGATES = re.compile("[\ud800-\udfff]")
-_TOKENIZER_WHITESPACE_CONTROLS = r"[\t\n\r]"
-_DELETED = r"[\pC\x{FFFD}]"
-_WHITESPACE_RUN = r"[\s\pZ]+"
+# Category C but tab / newline / return (those are white space to the tokenizer), and U+FFFD.
+_DELETED = r"[^\P{C}\t\n\r]|\x{FFFD}"
+# RE2's \s is [\t\n\f\r ]. Only the white space that changes is matched: a run of two or more, or one character
+# that is not a plain space. Matching every single space (``[\s\pZ]+``, same result) made this pass ~8x slower,
+# half of building a papers file.
+_WHITESPACE_TO_SPACE = r"[\s\pZ]{2,}|[\t\n\f\r]|[^\P{Z} ]"
 
 TITLE_ABSTRACT = "title_abstract"
 TITLE_ONLY = "title_only"
@@ -46,9 +49,8 @@ def clean_column(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArr
     """Normalised strings; null where nothing readable is left."""
     if not pa.types.is_string(values.type) and not pa.types.is_large_string(values.type):
         values = pc.cast(values, pa.string())
-    text = pc.replace_substring_regex(values, _TOKENIZER_WHITESPACE_CONTROLS, " ")
-    text = pc.replace_substring_regex(text, _DELETED, "")
-    text = pc.utf8_trim_whitespace(pc.replace_substring_regex(text, _WHITESPACE_RUN, " "))
+    text = pc.replace_substring_regex(values, _DELETED, "")
+    text = pc.utf8_trim_whitespace(pc.replace_substring_regex(text, _WHITESPACE_TO_SPACE, " "))
     return pc.if_else(pc.equal(pc.utf8_length(text), 0), pa.scalar(None, text.type), text)
 
 
