@@ -122,3 +122,38 @@ def test_files_are_written_off_the_embedding_thread_and_a_failed_write_is_raised
 
 def _chunks(papers_file, chunk_rows=32):
     return range(0, read_parquet(papers_file).num_rows, chunk_rows)
+
+
+def test_free_heap_pages_go_back_to_the_os_after_each_chunk(encoder, papers_files, tmp_path, monkeypatch):
+    """glibc keeps freed pages between live blocks; each chunk's write hands them back, so RSS follows what is in
+    use over a long partition (measured: 965 -> 893 MB peak over 200k papers)."""
+    import ctypes
+
+    from paper_assets.engine import pipeline
+
+    if pipeline._MALLOC_TRIM is None:
+        pytest.skip("not glibc: nothing to trim")
+
+    def rss_anon_mb() -> int:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("RssAnon")) // 1024
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    blocks = [libc.malloc(64 * 1024) for _ in range(3200)]  # 200 MB of heap blocks, touched
+    for block in blocks:
+        ctypes.memset(block, 1, 64 * 1024)
+    for block in blocks[:-1]:  # the last one pins the top of the heap: only a trim can return the rest
+        libc.free(block)
+    held = rss_anon_mb()
+    pipeline.release_free_heap()
+    assert rss_anon_mb() < held - 150
+    libc.free(blocks[-1])
+
+    trims = []
+    monkeypatch.setattr(pipeline, "release_free_heap", lambda: trims.append(threading.current_thread().name))
+    jobs = jobs_for(papers_files, tmp_path / "out", tmp_path / "ck", encoder)
+    for _ in embed_partitions(jobs, encoder, chunk_rows=32):
+        pass
+    chunks = sum(len(_chunks(job.papers_path)) for job in jobs)
+    assert len(trims) == chunks and all(name.startswith("paper-assets-writer") for name in trims)

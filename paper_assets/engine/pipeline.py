@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import time
@@ -127,6 +129,33 @@ class EmbedReport:
 _REUSED_KEY = b"paper_assets_rows_reused"
 # Checkpoint writes queued behind the writer thread before the embedding waits: bounds memory to a few chunks.
 MAX_PENDING_WRITES = 2
+
+
+def _heap_trimmer() -> Callable[[], object] | None:
+    """glibc's ``malloc_trim``, or None on another C library."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _heap_trimmer()
+
+
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc; a no-op elsewhere, ~0.1 ms).
+
+    Each chunk frees tens of MB of tensors and Arrow buffers of sizes that vary with its padded widths; glibc keeps
+    the freed pages, scattered between live blocks, so a long partition's RSS crept up by ~15% over 200k papers
+    without it (peak 965 MB, 893 MB with a trim after each chunk)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _write_checkpoint(checkpoints: ChunkCheckpoints, index: int, batch: pa.RecordBatch) -> None:
+    checkpoints.write(index, batch)
+    release_free_heap()
 
 
 class PreviousVectors:
@@ -301,7 +330,7 @@ def embed_partitions(
             batch = embeddings_batch(chunk.column("corpusid").to_numpy(), vectors, chunk.column("text_sha256"),
                                      chunk_schema)
             batch = batch.replace_schema_metadata({_REUSED_KEY: str(int(reuse.sum())).encode()})
-            writes.append(writer.submit(state.checkpoints.write, index, batch))
+            writes.append(writer.submit(_write_checkpoint, state.checkpoints, index, batch))
             state.report.encode.add(stats)
             state.done += chunk.num_rows
             yield from written(wait=False)
