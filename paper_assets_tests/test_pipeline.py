@@ -157,3 +157,31 @@ def test_free_heap_pages_go_back_to_the_os_after_each_chunk(encoder, papers_file
         pass
     chunks = sum(len(_chunks(job.papers_path)) for job in jobs)
     assert len(trims) == chunks and all(name.startswith("paper-assets-writer") for name in trims)
+
+
+def test_streaming_a_parquet_file_holds_about_one_row_group(tmp_path):
+    """A partition's files are read a row group at a time and the Arrow memory stays at about one row group however
+    long the file is (pyarrow's pre-buffer cache would keep every column chunk read until the file is closed)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from paper_assets.engine.storage import parquet_file
+
+    rng = np.random.default_rng(5)
+    path = tmp_path / "long.parquet"
+    group_rows, groups = 2_000, 30
+    with pq.ParquetWriter(path, pa.schema([("corpusid", pa.int64()), ("text", pa.string())]),
+                          compression="none") as writer:
+        for g in range(groups):  # ~0.35 MB of text per row group
+            words = rng.integers(0, 2**62, size=(group_rows, 8)).astype(str)
+            texts = [" ".join(row) for row in words]
+            writer.write_table(pa.table({"corpusid": np.arange(g * group_rows, (g + 1) * group_rows),
+                                         "text": texts}))
+    group_bytes = pq.ParquetFile(path).metadata.row_group(0).total_byte_size
+    before = pa.total_allocated_bytes()
+    held, rows = 0, 0
+    for batch in parquet_file(path).iter_batches(batch_size=700, columns=["corpusid", "text"]):
+        held = max(held, pa.total_allocated_bytes() - before)
+        rows += batch.num_rows
+    assert rows == group_rows * groups
+    assert held < 4 * group_bytes, (held, group_bytes)  # pre-buffered: ~30 row groups by the end

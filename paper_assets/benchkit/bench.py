@@ -27,7 +27,7 @@ from ..engine.model import ModelConfig, load_model
 from ..engine.pipeline import build_papers, embed_papers
 from ..engine.ranges import IdRange
 from ..engine.source import inspect_source
-from ..engine.storage import DEFAULT_CHUNK_ROWS, vectors_of
+from ..engine.storage import DEFAULT_CHUNK_ROWS, parquet_file, vectors_of
 from . import sample_source
 from .reference import read_reference, run_seed_recipe
 from .tiny_model import BERT_BASE, PIPELINE, build_model
@@ -251,7 +251,7 @@ def _pipeline_child(n: int, work: str, queue, cores: int = 0, data_path_only: bo
         build_papers(info, IdRange(0, 10**12), papers.with_suffix(".parquet"))
         t1 = time.perf_counter()
         tokens = 0
-        for batch in pq.ParquetFile(papers.with_suffix(".parquet")).iter_batches(DEFAULT_CHUNK_ROWS, columns=["text"]):
+        for batch in parquet_file(papers.with_suffix(".parquet")).iter_batches(DEFAULT_CHUNK_ROWS, columns=["text"]):
             tokens += int(encoder.tokenize(batch.column("text").to_pylist()).offsets[-1])
         t2 = time.perf_counter()
         if data_path_only:
