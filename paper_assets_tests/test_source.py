@@ -117,3 +117,31 @@ def test_reading_in_id_windows_gives_exactly_the_rows_of_one_pass(tmp_path, id_t
     windowed = pa.Table.from_batches(list(read_range(info, IdRange(0, 4_999), batch_rows=100, window_rows=97)[1]))
     assert whole.num_rows == len({p["corpusid"] for p in papers})
     assert windowed.equals(whole)
+
+
+def test_each_window_leaves_no_table_blocks_cached(tmp_path, monkeypatch):
+    """DuckDB's buffer pool keeps the blocks a window read until its memory limit presses, so a long range's read
+    grew with the range; after every window they are evicted (and the read's limit is back)."""
+    from paper_assets.engine import source
+
+    papers = [{"corpusid": i, "title": f"t{i}", "abstract": f"{i} " * 400} for i in range(4_000)]
+    info = inspect_source(make_source(tmp_path / "s.duckdb", papers))
+    cached_kb = "SELECT memory_usage_bytes // 1024 FROM duckdb_memory() WHERE tag = 'BASE_TABLE'"
+    seen = []
+    drop = source._drop_cached_blocks
+
+    def drop_and_look(conn):
+        before = conn.execute(cached_kb).fetchall()[0][0]
+        drop(conn)
+        seen.append((before, conn.execute(cached_kb).fetchall()[0][0],
+                     conn.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]))
+
+    monkeypatch.setattr(source, "_drop_cached_blocks", drop_and_look)
+    batches = list(read_range(info, IdRange(0, 3_999), window_rows=1_000)[1])
+    assert sum(b.num_rows for b in batches) == 4_000
+    assert len(seen) >= 4  # one per window
+    assert all(after <= 1024 < before for before, after, _ in seen), seen
+    with duckdb.connect() as conn:
+        conn.execute(f"SET memory_limit = '{source.RANGE_READ_MEMORY_LIMIT}'")
+        expected_limit = conn.execute("SELECT current_setting('memory_limit')").fetchall()[0][0]
+    assert {limit for _, _, limit in seen} == {expected_limit}
