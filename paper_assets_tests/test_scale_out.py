@@ -273,6 +273,7 @@ def test_a_worker_killed_mid_backfill_hands_its_step_to_the_other(tmp_path, tiny
 
     def kill_first_worker_mid_embedding(workers):
         import re
+        from collections import Counter
 
         deadline = time.time() + 400
         while True:
@@ -281,10 +282,8 @@ def test_a_worker_killed_mid_backfill_hands_its_step_to_the_other(tmp_path, tiny
             # embeds another range at the same time.
             started = re.findall(r"paper_embeddings - embedding (\d{9}-\d{9}):.* in (\S+:\d+)",
                                  (tmp_path / "worker0.log").read_text())
-            chunks: dict[str, int] = {}
-            for key in s3_keys(s3_home):
-                if key.startswith("embeddings/.checkpoints/") and "/chunk-" in key:
-                    chunks[key.split("/")[2]] = chunks.get(key.split("/")[2], 0) + 1
+            chunks = Counter(key.split("/")[2] for key in s3_keys(s3_home)
+                             if key.startswith("embeddings/.checkpoints/") and "/chunk-" in key)
             if started and 1 <= chunks.get(started[-1][0], 0) <= chunks_per_partition // 2 and len(chunks) >= 2:
                 break
             assert time.time() < deadline, "never saw both workers embedding with the first one mid-step"

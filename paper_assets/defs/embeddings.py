@@ -136,9 +136,10 @@ def paper_embeddings(
     file_meta = {"model": model_meta, "range": rng.key, "papers_content_hash": papers_meta.get("content_hash"),
                  "source_release": papers_meta.get("source_version")}
     out = layout.embeddings_file(rng)
+    worker = f"{socket.gethostname()}:{os.getpid()}"
     # Names the range in the worker's own log too: an operator (or a test) can tell which partition it holds.
     context.log.info(f"embedding {rng.key}: {papers_parquet.num_rows:,} papers on {loaded.device} "
-                     f"({loaded.precision}) in {socket.gethostname()}:{os.getpid()}")
+                     f"({loaded.precision}) in {worker}")
     report = embed_papers(papers_file, out, encoder, layout.checkpoint_dir(rng), chunk_rows=specter2.chunk_rows,
                           file_metadata=file_meta, progress=_ProgressLog(context))
     catalog_views.refresh(catalog, layout)
@@ -168,7 +169,7 @@ def paper_embeddings(
             "model_load_seconds": round(load_seconds, 2),
             # Which process embedded this partition, and whether it had to load the model (a long-lived worker
             # loads it once and keeps it for every later step).
-            "worker": f"{socket.gethostname()}:{os.getpid()}",
+            "worker": worker,
             "model_loaded_in_this_step": not model_was_loaded,
             "device": str(loaded.device),
             "precision": loaded.precision,
