@@ -7,26 +7,29 @@ FFN-shaped GEMM in both precisions once and picks bf16 only when it is at least 
 
 The budget (padded tokens per forward batch) trades per-batch overhead against activations falling out of the
 caches; where that balance lies depends on the CPU (cache sizes, AVX2 / AVX-512 / AMX kernels), the model shape and
-the precision. On first use we time one forward pass per candidate budget on batches shaped like real papers
-(256-token rows) and keep the smallest budget within 3% of the fastest. The result is stored in the home
-(``stats/calibration.json``) under a key naming the CPU model, its native-bf16 flags, the core count, the model
-shape and the precision, so each machine kind measures once (~10–30 s for BERT-base) and every later run reuses it.
+the precision. On first use we time forward passes at each candidate budget on batches shaped like real papers
+(256-token rows), interleaved over a few rounds and best of them (``best_seconds``: a shared VM's speed drifts), and
+keep the smallest budget within 3% of the fastest. The result is stored in the home (``stats/calibration.json``)
+under a key naming the CPU model, its native-bf16 flags, the core count, the model shape and the precision, so each
+machine kind measures once (~20–60 s for BERT-base on 2 vCPUs) and every later run reuses it.
 GPUs keep their fixed default (measured there when a GPU is lent).
 
 Compile: inductor with freezing folds the weights' bf16 casts and packs them for oneDNN once, with bias, GELU and
 residual adds fused into the matmuls; where oneDNN has native bf16 kernels (AMX) that is most of the forward time
-saved, elsewhere it may not repay a compilation that every run pays again (~40 s for BERT-base on 2 vCPUs). So
-``auto`` times the eager and the compiled forward once per machine kind and model (``compile_measurement``) and
-compiles where the gain repays the compilation within the run (``compile_pays_off``).
+saved, elsewhere it may not repay a compilation that every run pays again (~40–100 s for BERT-base on 2 vCPUs).
+So ``auto`` times the eager and the compiled forward once per machine kind and model, interleaved
+(``compile_measurement``), and compiles where the gain repays the compilation within the run (``compile_pays_off``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -35,12 +38,17 @@ from .device import NATIVE_BF16_FLAGS, cpu_info
 from .storage import FileLock, atomic_path
 
 CANDIDATE_BUDGETS = (1024, 2048, 4096, 8192)
+BUDGET_ROUNDS = 3  # each round times every candidate budget once (~15k tokens: 4-10 s for BERT-base on 2 vCPUs)
+COMPILE_ROUNDS = 5  # each round times the eager and the compiled forward once at the default budget
 BF16_MIN_GAIN = 1.15
 COMPILE_MIN_GAIN = 1.15
 # A run whose eager forward passes take less than this is not worth a compilation (~40 s for BERT-base on 2 vCPUs).
 COMPILE_WORTH_MEASURING_SECONDS = 120.0
 ROW_TOKENS = 256  # a typical title [SEP] abstract is ~210-230 tokens
 WITHIN = 0.97
+
+K = TypeVar("K", bound=Hashable)
+Forward = Callable[[np.ndarray, np.ndarray], object]
 
 
 def _cpu_key() -> str:
@@ -70,24 +78,40 @@ def _cached(cache_file: Path, key: str, compute: Callable[[], dict]) -> dict:
         return cache[key]
 
 
-def measure_budget(forward: Callable[[np.ndarray, np.ndarray], object], vocab: int,
-                   candidates: tuple[int, ...] = CANDIDATE_BUDGETS, repeats: int = 1) -> dict[int, float]:
-    """Tokens per second per candidate budget: the best of ``repeats`` timed forward passes after one warm-up
-    (``repeats=0``: the warm-up only, rates 0)."""
+def best_seconds(runs: Mapping[K, Callable[[], object]], rounds: int) -> dict[K, float]:
+    """The best wall time of each run over ``rounds`` interleaved rounds, after one warm-up each. Each round runs
+    every candidate once, starting one further along each time. On a shared VM the speed drifts for seconds at a
+    time (a 2-vCPU AMX Xeon, session 12: the same GEMM took 4.3 to 19 ms from call to call), so candidates timed
+    one after another would compare the machine's phases, not themselves; interleaved, each meets the fast phases
+    too, and the best time is what it costs when nothing else interferes (``rounds=0``: the warm-ups only, inf)."""
+    for run in runs.values():
+        run()
+    names = list(runs)
+    best = dict.fromkeys(names, float("inf"))
+    for round_ in range(rounds):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            started = time.perf_counter()
+            runs[name]()
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best
+
+
+def measure_rates(forwards: Mapping[str, Forward], vocab: int, budgets: tuple[int, ...],
+                  rounds: int = BUDGET_ROUNDS) -> dict[str, dict[int, float]]:
+    """Tokens per second of each forward at each budget, on batches of paper-length rows of random ids, timed by
+    ``best_seconds`` (0 where ``rounds=0``: compile and warm up only)."""
     rng = np.random.default_rng(0)
-    rates = {}
-    for budget in candidates:
+    batches = {}
+    for budget in budgets:
         rows = max(2, budget // ROW_TOKENS)  # >= 2: a compiled graph would specialise on a batch of one
         ids = rng.integers(1000, max(vocab, 1001), size=(rows, ROW_TOKENS), dtype=np.int64)
-        mask = np.ones_like(ids)
-        forward(ids, mask)
-        best = float("inf")
-        for _ in range(repeats):
-            started = time.perf_counter()
-            forward(ids, mask)
-            best = min(best, time.perf_counter() - started)
-        rates[budget] = rows * ROW_TOKENS / best if repeats else 0.0
-    return rates
+        batches[budget] = (ids, np.ones_like(ids))
+    runs = {(name, budget): functools.partial(forward, *batches[budget])
+            for name, forward in forwards.items() for budget in budgets}
+    seconds = best_seconds(runs, rounds)
+    return {name: {budget: batches[budget][0].size / seconds[name, budget] for budget in budgets}
+            for name in forwards}
 
 
 def choose(rates: dict[int, float]) -> int:
@@ -136,36 +160,51 @@ def compile_pays_off(measured: dict, expected_tokens: int | None = None) -> bool
     return expected_tokens is None or expected_tokens * (1 / eager - 1 / compiled) > measured["compile_seconds"]
 
 
-def matmul_gflops(dtype: torch.dtype, device: torch.device, seconds: float = 2.0) -> float:
-    """Achievable GEMM rate on this device: an FFN-shaped matmul (tokens x 768 -> 3,072; 2,048 tokens on a CPU,
-    65,536 on a GPU, whose launch overhead would otherwise dominate), best of repeats."""
-    tokens = 65536 if device.type == "cuda" else 2048
+def _ffn_gemm(dtype: torch.dtype, device: torch.device) -> tuple[Callable[[], object], float]:
+    """FFN-shaped matmuls (tokens x 768 -> 3,072; 2,048 tokens on a CPU; on a GPU five of 65,536 tokens per
+    synchronisation, whose launch and sync overhead would otherwise dominate) as a call that returns when they are
+    done, and their FLOPs."""
+    tokens, repeats = (65536, 5) if device.type == "cuda" else (2048, 1)
     x = torch.randn(tokens, 768, device=device).to(dtype)
     w = torch.randn(768, 3072, device=device).to(dtype)
-    flops = 2.0 * x.shape[0] * x.shape[1] * w.shape[1]
-    best = 0.0
-    with torch.inference_mode():
-        for _ in range(3):
-            x @ w
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            for _ in range(5):
+
+    def run() -> None:
+        with torch.inference_mode():
+            for _ in range(repeats):
                 x @ w
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            best = max(best, 5 * flops / (time.perf_counter() - t0))
-    return best / 1e9
+
+    return run, 2.0 * tokens * 768 * 3072 * repeats
+
+
+def matmul_gflops(dtype: torch.dtype, device: torch.device, seconds: float = 2.0) -> float:
+    """Achievable GEMM rate on this device (``_ffn_gemm``): the best of repeats for ``seconds``."""
+    run, flops = _ffn_gemm(dtype, device)
+    for _ in range(3):
+        run()
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        started = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - started)
+    return flops / best / 1e9
+
+
+def cpu_gemm_rates(rounds: int = 20) -> dict[torch.dtype, float]:
+    """GFLOP/s of the FFN-shaped GEMM on this CPU in fp32 and in bf16, timed interleaved (``best_seconds``)."""
+    gemms = {dtype: _ffn_gemm(dtype, torch.device("cpu")) for dtype in (torch.float32, torch.bfloat16)}
+    seconds = best_seconds({dtype: run for dtype, (run, _) in gemms.items()}, rounds)
+    return {dtype: flops / seconds[dtype] / 1e9 for dtype, (_, flops) in gemms.items()}
 
 
 def bf16_pays_off(cache_file: Path) -> bool:
     """Whether bf16 GEMMs beat fp32 ones on this CPU by ``BF16_MIN_GAIN`` (measured once, ~1 s, then cached)."""
 
     def compute() -> dict:
-        cpu = torch.device("cpu")
-        fp32, bf16 = matmul_gflops(torch.float32, cpu, 0.5), matmul_gflops(torch.bfloat16, cpu, 0.5)
+        rates = cpu_gemm_rates()
+        fp32, bf16 = rates[torch.float32], rates[torch.bfloat16]
         return {"fp32_gflops": round(fp32, 1), "bf16_gflops": round(bf16, 1), "bf16": bf16 >= BF16_MIN_GAIN * fp32}
 
     return bool(_cached(cache_file, f"{_cpu_key()}|gemm", compute)["bf16"])

@@ -188,16 +188,21 @@ class Encoder:
         return (Path(loaded.config.calibration_file),
                 calibrate.machine_key(loaded.hidden_size, loaded.num_layers, loaded.precision))
 
-    def _forward_rates(self, forward_fn, budgets: tuple[int, ...], repeats: int = 1) -> dict[int, float]:
-        """Tokens per second of ``forward_fn`` on batches of paper-length rows, per token budget."""
+    def _forward_rates(self, forward_fns: dict, budgets: tuple[int, ...],
+                       rounds: int = calibrate.BUDGET_ROUNDS) -> dict[str, dict[int, float]]:
+        """Tokens per second of each named forward (the eager or the compiled model) on batches of paper-length
+        rows, per token budget, timed interleaved (``calibrate.measure_rates``)."""
 
-        def forward(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-            with torch.inference_mode(), self._autocast(), self._compile_config():
-                out = forward_fn(input_ids=torch.from_numpy(ids).to(self.device),
-                                 attention_mask=torch.from_numpy(mask).to(self.device))
-                return out.last_hidden_state[:, 0, :].float().cpu().numpy()
+        def as_forward(forward_fn):
+            def forward(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+                with torch.inference_mode(), self._autocast(), self._compile_config():
+                    out = forward_fn(input_ids=torch.from_numpy(ids).to(self.device),
+                                     attention_mask=torch.from_numpy(mask).to(self.device))
+                    return out.last_hidden_state[:, 0, :].float().cpu().numpy()
+            return forward
 
-        return calibrate.measure_budget(forward, int(self.model.config.vocab_size), budgets, repeats)
+        forwards = {name: as_forward(forward_fn) for name, forward_fn in forward_fns.items()}
+        return calibrate.measure_rates(forwards, int(self.model.config.vocab_size), budgets, rounds)
 
     def _should_compile(self, expected_rows: int | None) -> bool:
         """``compile`` on/off as given; ``auto``: on CUDA, and on a CPU with a calibration file where a compiled
@@ -211,15 +216,17 @@ class Encoder:
         expected_tokens = None if expected_rows is None else expected_rows * calibrate.ROW_TOKENS
         measured = calibrate.cached_compile_measurement(*calibration)
         if measured is None:
-            eager = self._forward_rates(self.model, (budget,), repeats=3)[budget]
+            eager = self._forward_rates({"eager": self.model}, (budget,), rounds=1)["eager"][budget]
             if expected_tokens is not None and expected_tokens / eager < calibrate.COMPILE_WORTH_MEASURING_SECONDS:
                 return False
 
             def measure() -> tuple[float, float, float]:
                 started = time.perf_counter()
-                self._forward_rates(self._compiled_model(), (budget,), repeats=0)  # compiles
+                self._forward_rates({"compiled": self._compiled_model()}, (budget,), rounds=0)  # compiles
                 seconds = time.perf_counter() - started
-                return eager, self._forward_rates(self._compiled_model(), (budget,), repeats=3)[budget], seconds
+                rates = self._forward_rates({"eager": self.model, "compiled": self._compiled_model()}, (budget,),
+                                            rounds=calibrate.COMPILE_ROUNDS)
+                return rates["eager"][budget], rates["compiled"][budget], seconds
 
             measured = calibrate.compile_measurement(*calibration, measure)
         return calibrate.compile_pays_off(measured, expected_tokens)
@@ -234,7 +241,7 @@ class Encoder:
 
         def measure() -> dict[int, float]:
             model = self._compiled_model() if self.compiled else self.model
-            return self._forward_rates(model, calibrate.CANDIDATE_BUDGETS)
+            return self._forward_rates({"model": model}, calibrate.CANDIDATE_BUDGETS)["model"]
 
         return calibrate.calibrated_budget(cache_file, key, measure)
 
