@@ -78,6 +78,19 @@ def test_bench_command_reports_every_figure(tmp_path, tiny_model, generated_pape
     assert "GEMM on this device" in stdout and result["machine"]["cores"] >= 1
     assert result["engine"]["second_pass_papers_per_second"] > 0 and "second pass" in stdout
     assert result["engine"]["second_pass_utilisation_of_matmul_peak"] > 0
+    assert flops["engine_utilisation_of_best_gemm_seen"] <= flops["engine_utilisation_of_matmul_peak"]
+
+
+def test_bench_takes_the_calibrations_fastest_gemm_call_in_the_engines_precision():
+    from paper_assets.benchkit.bench import best_gemm_call_gflops
+
+    calibration = {"Xeon|amx_bf16+avx512_bf16|2 cores|12x768|bf16": {"token_budget": 2048},
+                   "Xeon|amx_bf16+avx512_bf16|2 cores|gemm": {"bf16": True, "bf16_gflops": 1827.4,
+                                                              "fp32_gflops": 249.3}}
+    assert best_gemm_call_gflops(calibration, "bf16") == 1827.4
+    assert best_gemm_call_gflops(calibration, "fp32") == 249.3
+    assert best_gemm_call_gflops({"Xeon|2 cores|12x768|fp32": {"token_budget": 2048}}, "fp32") is None
+    assert best_gemm_call_gflops(None, "bf16") is None
 
 
 @pytest.fixture(params=["local", "s3"])
