@@ -81,16 +81,21 @@ def test_bench_command_reports_every_figure(tmp_path, tiny_model, generated_pape
     assert flops["engine_utilisation_of_best_gemm_seen"] <= flops["engine_utilisation_of_matmul_peak"]
 
 
-def test_bench_takes_the_calibrations_fastest_gemm_call_in_the_engines_precision():
-    from paper_assets.benchkit.bench import best_gemm_call_gflops
+def test_bench_takes_the_calibrations_fastest_gemm_call_in_the_engines_precision(tmp_path, monkeypatch):
+    import torch
 
-    calibration = {"Xeon|amx_bf16+avx512_bf16|2 cores|12x768|bf16": {"token_budget": 2048},
-                   "Xeon|amx_bf16+avx512_bf16|2 cores|gemm": {"bf16": True, "bf16_gflops": 1827.4,
-                                                              "fp32_gflops": 249.3}}
-    assert best_gemm_call_gflops(calibration, "bf16") == 1827.4
-    assert best_gemm_call_gflops(calibration, "fp32") == 249.3
-    assert best_gemm_call_gflops({"Xeon|2 cores|12x768|fp32": {"token_budget": 2048}}, "fp32") is None
-    assert best_gemm_call_gflops(None, "bf16") is None
+    from paper_assets.benchkit.bench import best_gemm_call_gflops
+    from paper_assets.engine import calibrate
+
+    cache = tmp_path / "calibration.json"
+    assert best_gemm_call_gflops(cache, "bf16") is None  # nothing measured yet
+    monkeypatch.setattr(calibrate, "cpu_gemm_rates", lambda: {torch.float32: 249.3, torch.bfloat16: 1827.4})
+    calibrate.bf16_pays_off(cache)  # stores this CPU kind's GEMM measurement
+    assert best_gemm_call_gflops(cache, "bf16") == 1827.4
+    assert best_gemm_call_gflops(cache, "fp32") == 249.3
+    other_cpu = {"Another CPU|no-native-bf16|2 cores|gemm": {"bf16": False, "bf16_gflops": 99.0, "fp32_gflops": 171.0}}
+    cache.write_text(json.dumps(other_cpu))
+    assert best_gemm_call_gflops(cache, "bf16") is None  # another CPU kind's record is not this machine's
 
 
 @pytest.fixture(params=["local", "s3"])

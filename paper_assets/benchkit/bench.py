@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from ..engine.calibrate import matmul_gflops
+from ..engine.calibrate import cached_gemm_measurement, matmul_gflops
 from ..engine.device import NATIVE_BF16_FLAGS, compile_wanted, cpu_info
 from ..engine.encoder import Encoder
 from ..engine.errors import UserError
@@ -193,7 +193,7 @@ def run_pair(source: Path, base: str, adapter: str, papers: int, precision: str,
     peak_engine = (peak_fp32 if engine_model.dtype == torch.float32
                    else matmul_gflops(engine_model.dtype, engine_model.device))
     calibration = json.loads((work / "calibration.json").read_text()) if (work / "calibration.json").exists() else None
-    best_call = best_gemm_call_gflops(calibration, engine_model.precision)
+    best_call = best_gemm_call_gflops(work / "calibration.json", engine_model.precision)
     return {
         "papers": papers,
         "device": device_name(engine_model.device),
@@ -232,13 +232,12 @@ def run_pair(source: Path, base: str, adapter: str, papers: int, precision: str,
     }
 
 
-def best_gemm_call_gflops(calibration: dict | None, precision: str) -> float | None:
-    """The fastest FFN GEMM call the CPU calibration timed in ``precision`` (its interleaved rounds catch a shared
+def best_gemm_call_gflops(calibration_file: Path, precision: str) -> float | None:
+    """The fastest FFN GEMM call this CPU's calibration timed in ``precision`` (its interleaved rounds catch a shared
     VM's fast moments, which the 2 s peak measurement can miss; an AMX VM: 1,827 against 744 GFLOP/s), if any."""
-    for key, entry in (calibration or {}).items():
-        if key.endswith("|gemm") and f"{precision}_gflops" in entry:
-            return float(entry[f"{precision}_gflops"])
-    return None
+    measured = cached_gemm_measurement(calibration_file)
+    rate = (measured or {}).get(f"{precision}_gflops")
+    return None if rate is None else float(rate)
 
 
 def _pipeline_child(n: int, work: str, queue, cores: int = 0, data_path_only: bool = False,

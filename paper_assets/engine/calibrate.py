@@ -199,6 +199,15 @@ def cpu_gemm_rates(rounds: int = 20) -> dict[torch.dtype, float]:
     return {dtype: flops / seconds[dtype] / 1e9 for dtype, (_, flops) in gemms.items()}
 
 
+def _gemm_key() -> str:
+    return f"{_cpu_key()}|gemm"
+
+
+def cached_gemm_measurement(cache_file: Path) -> dict | None:
+    """This CPU kind's stored GEMM measurement (``fp32_gflops``, ``bf16_gflops``, ``bf16``), None before the first."""
+    return _read(cache_file).get(_gemm_key())
+
+
 def bf16_pays_off(cache_file: Path) -> bool:
     """Whether bf16 GEMMs beat fp32 ones on this CPU by ``BF16_MIN_GAIN`` (measured once, ~1 s, then cached)."""
 
@@ -207,4 +216,4 @@ def bf16_pays_off(cache_file: Path) -> bool:
         fp32, bf16 = rates[torch.float32], rates[torch.bfloat16]
         return {"fp32_gflops": round(fp32, 1), "bf16_gflops": round(bf16, 1), "bf16": bf16 >= BF16_MIN_GAIN * fp32}
 
-    return bool(_cached(cache_file, f"{_cpu_key()}|gemm", compute)["bf16"])
+    return bool(_cached(cache_file, _gemm_key(), compute)["bf16"])
