@@ -81,6 +81,28 @@ def test_bench_command_reports_every_figure(tmp_path, tiny_model, generated_pape
     assert flops["engine_utilisation_of_best_gemm_seen"] <= flops["engine_utilisation_of_matmul_peak"]
 
 
+def test_bench_pipeline_reports_the_data_path_and_memory_of_processes_that_did_not_build_their_source(tmp_path):
+    """`bench --pipeline-papers N`: N and 10N papers each in a fresh process, data path on 1..all cores; the sources
+    are written by a process of their own (generated papers left in the measured heap inflated its peak RSS), and a
+    measured process that fails is an error, not a hang."""
+    from paper_assets.benchkit.bench import _pipeline_child, pipeline_source, run_pipeline
+
+    result = run_pipeline(30, tmp_path)
+    assert [run["papers"] for run in result["runs"]] == [30, 300]
+    assert all(run["peak_rss_mb"] > 0 and run["end_to_end_papers_per_second"] > 0 for run in result["runs"])
+    assert result["rss_ratio_10x"] == result["runs"][1]["peak_rss_mb"] / result["runs"][0]["peak_rss_mb"]
+    assert [r["cores"] for r in result["data_path_by_cores"]][0] == 1
+    assert result["data_path_with_tokenizer_workers"]["tokenizer_workers"] >= 1
+    assert pipeline_source(30, tmp_path).exists() and pipeline_source(300, tmp_path).exists()
+    with pytest.raises(FileNotFoundError, match="process of its own"):
+        _pipeline_child(40, str(tmp_path), queue=None)
+    broken = tmp_path / "broken"
+    (broken / "pipeline-model" / "adapter").mkdir(parents=True)
+    (broken / "pipeline-model" / "adapter" / "adapter_config.json").write_text("{}")  # no model to load
+    with pytest.raises(RuntimeError, match="pipeline bench process exited with 1"):
+        run_pipeline(30, broken)
+
+
 def test_bench_takes_the_calibrations_fastest_gemm_call_in_the_engines_precision(tmp_path, monkeypatch):
     import torch
 
