@@ -315,7 +315,7 @@ def run_pipeline(n: int, work: Path) -> dict:
         return result
 
     for count in (n, 10 * n):  # in a process of its own: the papers generated in memory would stay in the
-        # measured process's heap and raise its peak RSS by the source's size (1.34 instead of 1.09 on Zen 4)
+        # measured process's heap and raise its peak RSS by the source's size (1.34 instead of 1.07 on Zen 4)
         writer = ctx.Process(target=_write_pipeline_source, args=(count, str(work)))
         writer.start()
         writer.join()

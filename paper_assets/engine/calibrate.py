@@ -41,7 +41,7 @@ CANDIDATE_BUDGETS = (1024, 2048, 4096, 8192)
 BUDGET_ROUNDS = 3  # each round times every candidate budget once (~15k tokens: 4-10 s for BERT-base on 2 vCPUs)
 COMPILE_ROUNDS = 5  # each round times the eager and the compiled forward once at the default budget
 BF16_MIN_GAIN = 1.15
-# Above the interleaved measurement's spread (Zen 4, four fresh measurements: 1.13-1.18x), below the gain worth
+# Above the interleaved measurement's spread (Zen 4, five fresh measurements: 1.13-1.18x), below the gain worth
 # having: there compiled `bench` ran 1.13x eager's papers/s in the same VM phase (76% vs 68% of the GEMM), and at
 # 1.15 the choice flipped between machines of one kind. Short runs are guarded by the payback rule, not by this.
 COMPILE_MIN_GAIN = 1.05
