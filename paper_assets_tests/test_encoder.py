@@ -18,6 +18,14 @@ def fp32(tiny_model):
 
 
 @pytest.fixture(scope="module")
+def notebook(tiny_model):
+    """The model as the notebook runs it: the full forward, every token through the last layer."""
+    base, adapter = tiny_model
+    return load_model(ModelConfig(base_model=base, adapter=adapter, precision="fp32", device="cpu",
+                                  cls_only_last_layer=False))
+
+
+@pytest.fixture(scope="module")
 def texts(generated_papers):
     return [paper_text(p["title"], p["abstract"], "[SEP]").text for p in generated_papers[:160]]
 
@@ -28,8 +36,8 @@ def cosines(a, b, centre=None):
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-def reference(loaded, texts):
-    return embed_batch(texts, loaded.tokenizer, loaded.model, loaded.device)
+def reference(notebook, texts):
+    return embed_batch(texts, notebook.tokenizer, notebook.model, notebook.device)
 
 
 def test_adapter_is_active_and_model_fingerprinted(fp32):
@@ -37,8 +45,8 @@ def test_adapter_is_active_and_model_fingerprinted(fp32):
     assert len(fp32.fingerprint) == 16 and fp32.hidden_size == 64
 
 
-def test_fp32_matches_the_notebook_recipe_tightly(fp32, texts):
-    ref = reference(fp32, texts)
+def test_fp32_matches_the_notebook_recipe_tightly(fp32, notebook, texts):
+    ref = reference(notebook, texts)
     out = Encoder(fp32, token_budget=2048).encode(texts)
     assert out.dtype == np.float32 and out.shape == ref.shape
     assert cosines(out, ref).min() >= 0.99999
@@ -46,7 +54,7 @@ def test_fp32_matches_the_notebook_recipe_tightly(fp32, texts):
     assert np.isfinite(out).all()
 
 
-def test_bf16_runs_base_and_adapter_matmuls_in_bf16_and_matches_loosely(tiny_model, fp32, texts):
+def test_bf16_runs_base_and_adapter_matmuls_in_bf16_and_matches_loosely(tiny_model, fp32, notebook, texts):
     base, adapter = tiny_model
     bf16 = load_model(ModelConfig(base_model=base, adapter=adapter, precision="bf16", device="cpu"))
     assert bf16.precision == "bf16"
@@ -68,18 +76,47 @@ def test_bf16_runs_base_and_adapter_matmuls_in_bf16_and_matches_loosely(tiny_mod
     encoder_linears = [n for n in output_dtypes if n.startswith("bert.encoder.") and n not in adapter_linears]
     assert encoder_linears
     assert all(output_dtypes[name] == {torch.bfloat16} for name in adapter_linears + encoder_linears)
-    ref = reference(fp32, texts)
+    ref = reference(notebook, texts)
     assert cosines(out, ref).min() >= 0.999
     assert np.isfinite(out).all()
 
 
-def test_inputs_longer_than_512_tokens_are_truncated_like_the_notebook(fp32):
+def test_the_last_layer_computes_only_the_cls_row_and_gives_the_full_forwards_vector(fp32, notebook, texts):
+    rows_seen: dict[str, list[int]] = {}
+
+    def record(name):
+        return lambda module, args, out: rows_seen.setdefault(name, []).append(args[0].shape[-2])
+
+    last = len(fp32.model.bert.encoder.layer) - 1
+    watched = {f"{which}.{layer}": model.bert.encoder.layer[layer].intermediate.dense
+               for which, model in (("engine", fp32.model), ("notebook", notebook.model)) for layer in (0, last)}
+    hooks = [module.register_forward_hook(record(name)) for name, module in watched.items()]
+    try:
+        width = 24
+        ids = torch.full((3, width), 1000, dtype=torch.long)
+        ids[:, 0] = fp32.tokenizer.cls_token_id
+        mask = torch.ones_like(ids)
+        mask[1, 10:] = 0  # padded keys must stay masked for the CLS query too
+        with torch.inference_mode():
+            engine_out = fp32.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            notebook_out = notebook.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert rows_seen == {"engine.0": [width], f"engine.{last}": [1], "notebook.0": [width], f"notebook.{last}": [width]}
+    assert engine_out.shape == (3, 1, fp32.hidden_size)
+    assert torch.allclose(engine_out[:, 0], notebook_out[:, 0], atol=1e-5)
+    out, full = Encoder(fp32).encode(texts), reference(notebook, texts)
+    assert np.abs(out - full).max() < 1e-4 and cosines(out, full).min() >= 0.99999
+
+
+def test_inputs_longer_than_512_tokens_are_truncated_like_the_notebook(fp32, notebook):
     long_texts = ["A title [SEP] " + " ".join(["protein folding kinetics"] * 600), "short title"]
     encoder = Encoder(fp32)
     chunk = encoder.tokenize(long_texts)
     assert chunk.lengths.max() == 512 and chunk.truncated == 1
     out = encoder.encode(long_texts)
-    assert cosines(out, reference(fp32, long_texts)).min() >= 0.99999
+    assert cosines(out, reference(notebook, long_texts)).min() >= 0.99999
 
 
 def test_vector_does_not_depend_on_batch_company(fp32, texts):

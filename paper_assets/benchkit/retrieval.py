@@ -113,7 +113,8 @@ def run(data_dir: Path, work: Path, device: str = "auto", log=print) -> dict:
     text_position = {text: i for i, text in enumerate(query_texts)}
 
     recipes: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
-    reference = load_model(ModelConfig(base_model=base, adapter=adapter, precision="fp32", device=device))
+    reference = load_model(ModelConfig(base_model=base, adapter=adapter, precision="fp32", device=device,
+                                       cls_only_last_layer=False))
     sep = reference.tokenizer.sep_token
     started = time.perf_counter()
     notebook_texts = [f"{t} {sep} {a}" for t, a in zip(titles, abstracts, strict=True)]
@@ -123,8 +124,7 @@ def run(data_dir: Path, work: Path, device: str = "auto", log=print) -> dict:
     engine_texts, _rules = paper_texts(pa.array(titles, pa.string()), pa.array(abstracts, pa.string()), sep)
     engine_texts = [text if text is not None else "" for text in engine_texts.to_pylist()]
     for precision in ("fp32", "bf16"):
-        model = reference if precision == "fp32" else load_model(ModelConfig(
-            base_model=base, adapter=adapter, precision=precision, device=device))
+        model = load_model(ModelConfig(base_model=base, adapter=adapter, precision=precision, device=device))
         encoder = Encoder(model)
         started = time.perf_counter()
         recipes[f"engine_{precision}"] = (encoder.encode(engine_texts), encoder.encode(query_texts),

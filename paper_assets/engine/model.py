@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from . import calibrate
+from .cls_pooling import compute_cls_only_in_last_layer
 from .device import precision_name, resolve_device, resolve_precision
 from .errors import UserError
 
@@ -65,6 +66,9 @@ class ModelConfig:
     # Where CPU measurements are cached (the token budget when it is 0, bf16 vs fp32 when precision is auto);
     # None: the fixed CPU defaults (budget 2048, bf16 wherever the CPU has native bf16 instructions).
     calibration_file: str | None = None
+    # CLS pooling reads one row of the last layer: compute only that row there (cls_pooling). False: the full
+    # forward, as the notebook runs it (the benchmark's reference).
+    cls_only_last_layer: bool = True
 
 
 @dataclass
@@ -78,6 +82,7 @@ class LoadedModel:
     config: ModelConfig
     num_parameters: int
     num_layers: int
+    cls_only_last_layer: bool = False  # the last layer computes the CLS row only (cls_pooling)
 
     @property
     def precision(self) -> str:
@@ -192,6 +197,7 @@ def _load_model(config: ModelConfig, settings: dict[str, str]) -> LoadedModel:
     check_adapter_active(model, config.adapter_name)
     model.eval()
     fingerprint = weights_fingerprint(model, config.max_length, config.adapter_name)
+    cls_only = config.cls_only_last_layer and compute_cls_only_in_last_layer(model)
     model.to(device)
     hidden = int(model.config.hidden_size)
     return LoadedModel(
@@ -204,4 +210,5 @@ def _load_model(config: ModelConfig, settings: dict[str, str]) -> LoadedModel:
         config=config,
         num_parameters=sum(p.numel() for p in model.parameters()),
         num_layers=int(model.config.num_hidden_layers),
+        cls_only_last_layer=cls_only,
     )
