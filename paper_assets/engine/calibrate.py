@@ -181,18 +181,23 @@ def _ffn_gemm(dtype: torch.dtype, device: torch.device) -> tuple[Callable[[], ob
     return run, 2.0 * tokens * 768 * 3072 * repeats
 
 
-def matmul_gflops(dtype: torch.dtype, device: torch.device, seconds: float = 2.0) -> float:
-    """Achievable GEMM rate on this device (``_ffn_gemm``): the best of repeats for ``seconds``."""
+def matmul_call_gflops(dtype: torch.dtype, device: torch.device, seconds: float = 2.0) -> list[float]:
+    """GFLOP/s of each call of ``_ffn_gemm`` repeated for ``seconds`` (after three untimed calls)."""
     run, flops = _ffn_gemm(dtype, device)
     for _ in range(3):
         run()
-    best = float("inf")
+    rates = []
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         started = time.perf_counter()
         run()
-        best = min(best, time.perf_counter() - started)
-    return flops / best / 1e9
+        rates.append(flops / (time.perf_counter() - started) / 1e9)
+    return rates
+
+
+def matmul_gflops(dtype: torch.dtype, device: torch.device, seconds: float = 2.0) -> float:
+    """Achievable GEMM rate on this device (``_ffn_gemm``): the best of repeats for ``seconds``."""
+    return max(matmul_call_gflops(dtype, device, seconds))
 
 
 def cpu_gemm_rates(rounds: int = 20) -> dict[torch.dtype, float]:
