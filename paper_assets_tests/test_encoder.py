@@ -110,6 +110,28 @@ def test_the_last_layer_computes_only_the_cls_row_and_gives_the_full_forwards_ve
     assert np.abs(out - full).max() < 1e-4 and cosines(out, full).min() >= 0.99999
 
 
+def test_cls_only_last_layer_with_the_eager_attention_implementation(tiny_model):
+    import copy
+
+    from adapters import AutoAdapterModel
+
+    from paper_assets.engine.cls_pooling import compute_cls_only_in_last_layer
+
+    base, adapter = tiny_model
+    full = AutoAdapterModel.from_pretrained(base, attn_implementation="eager")
+    full.load_adapter(adapter, load_as="proximity", set_active=True)
+    full.eval()
+    cls_only = copy.deepcopy(full)
+    assert compute_cls_only_in_last_layer(cls_only)
+    ids = torch.randint(1000, 2000, (3, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 20:], mask[2, 5:] = 0, 0
+    with torch.inference_mode():
+        expected = full(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+        got = cls_only(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert got.shape[1] == 1 and torch.allclose(got[:, 0], expected, atol=1e-5)
+
+
 def test_inputs_longer_than_512_tokens_are_truncated_like_the_notebook(fp32, notebook):
     long_texts = ["A title [SEP] " + " ".join(["protein folding kinetics"] * 600), "short title"]
     encoder = Encoder(fp32)
