@@ -195,11 +195,6 @@ def matmul_call_gflops(dtype: torch.dtype, device: torch.device, seconds: float 
     return rates
 
 
-def matmul_gflops(dtype: torch.dtype, device: torch.device, seconds: float = 2.0) -> float:
-    """Achievable GEMM rate on this device (``_ffn_gemm``): the best of repeats for ``seconds``."""
-    return max(matmul_call_gflops(dtype, device, seconds))
-
-
 def cpu_gemm_rates(rounds: int = 20) -> dict[torch.dtype, float]:
     """GFLOP/s of the FFN-shaped GEMM on this CPU in fp32 and in bf16, timed interleaved (``best_seconds``)."""
     gemms = {dtype: _ffn_gemm(dtype, torch.device("cpu")) for dtype in (torch.float32, torch.bfloat16)}
