@@ -5,7 +5,7 @@ token's output feeds the next layer's keys and values), but in the last layer on
 output, feed-forward and adapter reach the vector; the other tokens contribute their keys and values only. So the
 last layer runs as attention of the CLS query over the full sequence's keys and values (the layer's own
 self-attention module in its cross-attention form, same weights), then the attention output, feed-forward and
-bottleneck adapter on that one row. For BERT-base that skips ~90% of the last layer (~7.5% of the forward's FLOPs,
+bottleneck adapter on that one row. For BERT-base that skips ~90% of the last layer (~7% of the forward's FLOPs,
 ~9% of the time on a 2-core AMX Xeon; BENCHMARKS.md); the vector equals the full layer's up to float rounding
 (fp32: max |diff| ~1e-5 on unit-scale vectors; tested).
 
