@@ -144,6 +144,7 @@ def cmd_embed(args) -> int:
                          device=args.device or settings.device, precision=args.precision or settings.precision,
                          token_budget=args.token_budget or settings.token_budget,
                          compile=settings.compile if args.compile is None else args.compile,
+                         attn_implementation=args.attn_implementation or settings.attn_implementation,
                          tokenizer_workers=(settings.tokenizer_workers if args.tokenizer_workers is None
                                             else args.tokenizer_workers),
                          pad_multiple=args.pad_multiple or 0,
@@ -250,6 +251,7 @@ def cmd_bench(args) -> int:
     return run_benchmark(BenchOptions(
         source=args.source, base_model=args.base_model, adapter=args.adapter, papers=args.papers,
         precision=args.precision, compile="auto" if args.compile is None else args.compile,
+        attn_implementation=args.attn_implementation,
         token_budget=args.token_budget, device=args.device,
         json=args.json, pipeline_papers=args.pipeline_papers, release_rows=args.release_rows,
         dagster_partitions=args.dagster_partitions, dagster_papers_per_partition=args.dagster_papers_per_partition,
@@ -472,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--range-width", type=int, help="corpus ids per output file (default PAPER_ASSETS_RANGE_WIDTH"
                        " / 1000000)")
     embed.add_argument("--token-budget", type=int, help="padded tokens per forward batch (default: by device)")
+    embed.add_argument("--attn-implementation", choices=["sdpa", "eager"],
+                       help="attention kernel (default PAPER_ASSETS_ATTN_IMPLEMENTATION / sdpa; eager: BERT's "
+                       "matmul-softmax-matmul, faster compiled on a Zen 5 CPU)")
     embed.add_argument("--pad-multiple", type=int, help="batch widths are multiples of this (default: 64 on GPU, "
                        "8 on CPU)")
     embed.add_argument("--compile", action=argparse.BooleanOptionalAction,
@@ -492,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch.compile the engine's model (default: auto, on CUDA and on CPUs where "
                             "it measured faster)")
     bench.add_argument("--token-budget", type=int, default=0, help="padded tokens per batch (0: by device)")
+    bench.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"],
+                       help="the engine's attention kernel (default %(default)s; the notebook reference runs sdpa)")
     bench.add_argument("--dagster-partitions", type=int, default=0,
                        help="also embed N partitions through Dagster runs on a Celery worker (PostgreSQL and Redis "
                        "at 127.0.0.1) and through `embed`, same papers and model (0: skip)")

@@ -38,6 +38,7 @@ def build_resources(settings: Settings) -> dict:
             base_model=settings.base_model, adapter=settings.adapter, device=settings.device,
             precision=settings.precision, token_budget=settings.token_budget, chunk_rows=settings.chunk_rows,
             compile=compile_model, tokenizer_workers=settings.tokenizer_workers,
+            attn_implementation=settings.attn_implementation,
             device_lock_dir=str(home.local / ".locks" / "devices"),
             calibration_file=str(home.calibration_file), norm_k=settings.norm_k,
             max_norm_outlier_fraction=settings.max_norm_outlier_fraction,

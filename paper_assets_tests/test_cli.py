@@ -82,6 +82,7 @@ def test_bench_command_reports_every_figure(tmp_path, tiny_model, generated_pape
     assert "GEMM on this device" in stdout and result["machine"]["cores"] >= 1
     assert result["engine"]["second_pass_papers_per_second"] > 0 and "second pass" in stdout
     assert result["engine"]["second_pass_utilisation_of_matmul_peak"] > 0
+    assert result["engine"]["attn_implementation"] == "sdpa"
     assert flops["engine_utilisation_of_best_gemm_seen"] <= flops["engine_utilisation_of_matmul_peak"]
     assert 0 < flops["matmul_median_call_gflops_engine_precision"] <= flops["matmul_peak_gflops_engine_precision"]
     assert flops["engine_utilisation_of_median_matmul_call"] >= flops["engine_utilisation_of_matmul_peak"]

@@ -126,6 +126,7 @@ def test_resources_and_cli_take_their_defaults_from_the_settings():
         (Specter2Resource, "token_budget"): "token_budget", (Specter2Resource, "chunk_rows"): "chunk_rows",
         (Specter2Resource, "compile"): "compile", (Specter2Resource, "norm_k"): "norm_k",
         (Specter2Resource, "tokenizer_workers"): "tokenizer_workers",
+        (Specter2Resource, "attn_implementation"): "attn_implementation",
         (Specter2Resource, "max_norm_outlier_fraction"): "max_norm_outlier_fraction",
         (ShardPublisherResource, "revision"): "hub_revision", (ShardPublisherResource, "private"): "hub_private",
         (NoveltyResource, "k"): "novelty_k", (NoveltyResource, "search"): "novelty_search",

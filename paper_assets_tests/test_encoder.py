@@ -7,7 +7,7 @@ import torch
 from paper_assets.benchkit.reference import embed_batch
 from paper_assets.benchkit.tiny_model import build_model
 from paper_assets.engine.encoder import Encoder, NonFiniteEmbeddingError
-from paper_assets.engine.model import AdapterNotActiveError, ModelConfig, load_model
+from paper_assets.engine.model import AdapterNotActiveError, ModelConfig, ModelLoadError, load_model
 from paper_assets.engine.text import paper_text
 
 
@@ -110,26 +110,27 @@ def test_the_last_layer_computes_only_the_cls_row_and_gives_the_full_forwards_ve
     assert np.abs(out - full).max() < 1e-4 and cosines(out, full).min() >= 0.99999
 
 
-def test_cls_only_last_layer_with_the_eager_attention_implementation(tiny_model):
-    import copy
-
-    from adapters import AutoAdapterModel
-
-    from paper_assets.engine.cls_pooling import compute_cls_only_in_last_layer
-
+def test_the_eager_attention_implementation_gives_the_notebooks_vectors(tiny_model, notebook, texts):
+    """attn_implementation="eager" (BERT's matmul-softmax-matmul) is the same function as sdpa: with the CLS-only
+    last layer too (its cross-attention form takes the eager model's broadcast mask), and padded keys stay masked."""
     base, adapter = tiny_model
-    full = AutoAdapterModel.from_pretrained(base, attn_implementation="eager")
-    full.load_adapter(adapter, load_as="proximity", set_active=True)
-    full.eval()
-    cls_only = copy.deepcopy(full)
-    assert compute_cls_only_in_last_layer(cls_only)
+    eager = load_model(ModelConfig(base_model=base, adapter=adapter, precision="fp32", device="cpu",
+                                   attn_implementation="eager"))
+    assert eager.cls_only_last_layer
+    assert type(eager.model.bert.encoder.layer[0].attention.self).__name__ == "BertSelfAttentionWithAdapters"
+    assert type(notebook.model.bert.encoder.layer[0].attention.self).__name__ == "BertSdpaSelfAttentionWithAdapters"
+    assert eager.fingerprint == notebook.fingerprint
+    out = Encoder(eager, token_budget=1024).encode(texts)
+    assert cosines(out, reference(notebook, texts)).min() >= 0.99999
     ids = torch.randint(1000, 2000, (3, 40), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, 20:], mask[2, 5:] = 0, 0
     with torch.inference_mode():
-        expected = full(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
-        got = cls_only(input_ids=ids, attention_mask=mask).last_hidden_state
+        expected = notebook.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+        got = eager.model(input_ids=ids, attention_mask=mask).last_hidden_state
     assert got.shape[1] == 1 and torch.allclose(got[:, 0], expected, atol=1e-5)
+    with pytest.raises(ModelLoadError, match="attn_implementation must be one of sdpa, eager"):
+        load_model(ModelConfig(base_model=base, adapter=adapter, device="cpu", attn_implementation="flash"))
 
 
 def test_inputs_longer_than_512_tokens_are_truncated_like_the_notebook(fp32, notebook):

@@ -123,7 +123,7 @@ def _cpu_description() -> dict:
 
 
 def run_pair(source: Path, base: str, adapter: str, papers: int, precision: str, compile_model: str | bool,
-             token_budget: int, work: Path, device: str = "auto") -> dict:
+             token_budget: int, work: Path, device: str = "auto", attn_implementation: str = "sdpa") -> dict:
     torch.manual_seed(0)
     info = inspect_source(source)
     if info.id_type != "integer":
@@ -134,6 +134,7 @@ def run_pair(source: Path, base: str, adapter: str, papers: int, precision: str,
                                              cls_only_last_layer=False))
     engine_model = load_model(ModelConfig(base_model=base, adapter=adapter, precision=precision, device=device,
                                           compile=compile_model, token_budget=token_budget,
+                                          attn_implementation=attn_implementation,
                                           calibration_file=str(work / "calibration.json")))
     encoder = Encoder(engine_model, token_budget=token_budget)
     # Warm both paths up on a few texts so one-time costs (allocator, compile) are not timed.
@@ -219,6 +220,7 @@ def run_pair(source: Path, base: str, adapter: str, papers: int, precision: str,
                    "tokens_per_second": report.encode.real_tokens / eng_seconds,
                    "token_efficiency": report.encode.token_efficiency, "peak_rss_mb": eng_rss.peak / 2**20,
                    "precision": engine_model.precision, "compile": encoder.compiled,
+                   "attn_implementation": engine_model.config.attn_implementation,
                    "second_pass_papers_per_second": len(all_texts) / warm_seconds,
                    "second_pass_utilisation_of_matmul_peak":
                        fpt * report.encode.real_tokens / warm_seconds / 1e9 / peak_engine,
@@ -360,7 +362,7 @@ def _print(result: dict) -> None:
               f"({result['model']['parameters'] / 1e6:.1f}M params)")
         print(f"reference (notebook): {ref['papers_per_second']:8.2f} papers/s  {ref['tokens_per_second']:9.1f} tok/s  "
               f"token efficiency {ref['token_efficiency']:.3f}  peak RSS {ref['peak_rss_mb']:.0f} MB")
-        print(f"engine ({eng['precision']}):        {eng['papers_per_second']:8.2f} papers/s  "
+        print(f"engine ({eng['precision']}, {eng['attn_implementation']}): {eng['papers_per_second']:8.2f} papers/s  "
               f"{eng['tokens_per_second']:9.1f} tok/s  token efficiency {eng['token_efficiency']:.3f}  "
               f"peak RSS {eng['peak_rss_mb']:.0f} MB")
         print(f"speedup: {result['speedup']:.2f}x")
@@ -418,6 +420,7 @@ class BenchOptions:
     precision: str = "auto"
     compile: str | bool = "auto"  # auto: on CUDA
     token_budget: int = 0
+    attn_implementation: str = "sdpa"  # the engine's; the notebook reference always runs sdpa
     device: str = "auto"  # as in production: the GPU where there is one
     json: str | None = None
     pipeline_papers: int = 0  # data path and RSS at N and 10N papers (0: skip)
@@ -444,7 +447,7 @@ def run_benchmark(options: BenchOptions) -> int:
         else:
             base, adapter = benchmark_model(work, source)
         result.update(run_pair(source, base, adapter, options.papers, options.precision, options.compile,
-                               options.token_budget, work, options.device))
+                               options.token_budget, work, options.device, options.attn_implementation))
     if options.pipeline_papers:
         result["pipeline"] = run_pipeline(options.pipeline_papers, work)
     _print(result)

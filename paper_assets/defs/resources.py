@@ -108,6 +108,9 @@ class Specter2Resource(ConfigurableResource):
                               "on CPU)")
     compile: str = Field(default=DEFAULTS.compile, description="torch.compile the model: auto (on "
                          "CUDA; on a CPU where it measured faster, cached in calibration_file), on, off")
+    attn_implementation: str = Field(default=DEFAULTS.attn_implementation, description="attention kernel: sdpa "
+                                     "(torch's fused attention) or eager (matmul-softmax-matmul, which a compiled "
+                                     "CPU model fuses)")
     tokenizer_workers: int = Field(default=DEFAULTS.tokenizer_workers, description="processes that tokenise (-1: "
                                    "by device, one per 4 cores on GPU hosts; 0: in the step's process)")
     chunk_rows: int = Field(default=DEFAULTS.chunk_rows, description="rows per checkpointed chunk of a partition")
@@ -123,6 +126,7 @@ class Specter2Resource(ConfigurableResource):
         return ModelConfig(
             base_model=self.base_model, adapter=self.adapter, adapter_name=self.adapter_name, device=self.device,
             precision=self.precision, max_length=self.max_length, compile=self.compile,
+            attn_implementation=self.attn_implementation,
             tokenizer_workers=self.tokenizer_workers,
             token_budget=self.token_budget, max_batch_rows=self.max_batch_rows, pad_multiple=self.pad_multiple,
             device_lock_dir=self.device_lock_dir or None, calibration_file=self.calibration_file or None,

@@ -35,6 +35,7 @@ DEFAULT_BASE_MODEL = "allenai/specter2_base"
 DEFAULT_ADAPTER = "allenai/specter2"
 DEFAULT_ADAPTER_NAME = "proximity"
 POOLING = "cls"
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 class ModelLoadError(UserError, RuntimeError):
@@ -69,6 +70,10 @@ class ModelConfig:
     # CLS pooling reads one row of the last layer: compute only that row there (cls_pooling). False: the full
     # forward, as the notebook runs it (the benchmark's reference).
     cls_only_last_layer: bool = True
+    # The attention kernel: "sdpa" (torch's scaled_dot_product_attention: flash kernels on GPUs, the notebook's
+    # default) or "eager" (BERT's matmul-softmax-matmul, which a compiled CPU model fuses; measured faster on a Zen 5
+    # CPU, BENCHMARKS.md). Same function, so vectors agree to fp32 rounding.
+    attn_implementation: str = "sdpa"
 
 
 @dataclass
@@ -176,6 +181,9 @@ def _load_model(config: ModelConfig, settings: dict[str, str]) -> LoadedModel:
     from adapters import AutoAdapterModel
     from transformers import AutoTokenizer
 
+    if config.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise ModelLoadError(f"attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
+                             f"not {config.attn_implementation!r}")
     _check_local(config.base_model, "base model", settings)
     _check_local(config.adapter, "adapter", settings)
     device = resolve_device(config.device, config.device_lock_dir)  # before any download or load: fail fast
@@ -185,7 +193,7 @@ def _load_model(config: ModelConfig, settings: dict[str, str]) -> LoadedModel:
         dtype = torch.float32  # the CPU has bf16 instructions, but they are slower than fp32 here (measured)
     try:
         tokenizer = AutoTokenizer.from_pretrained(config.base_model)
-        model = AutoAdapterModel.from_pretrained(config.base_model)
+        model = AutoAdapterModel.from_pretrained(config.base_model, attn_implementation=config.attn_implementation)
     except (OSError, ValueError) as err:
         raise _offline_help(config.base_model, "base model", err, settings) from err
     source = "hf" if not os.path.isdir(config.adapter) else None
