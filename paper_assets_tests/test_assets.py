@@ -73,6 +73,8 @@ def test_one_partition_of_each_asset(project):
                      "model_fingerprint", "norm_median", "norm_histogram", "path", "duckdb_view", "source_release",
                      "dagster/column_schema"):
             assert name in meta, name
+        assert meta["attn_implementation"].value == "sdpa" and meta["token_budget"].value > 0
+        assert isinstance(meta["compiled"].value, bool)
         checks = result.get_asset_check_evaluations()
         assert len(checks) == 5 and all(c.passed for c in checks)
         assert all(c.metadata["partition"].value == key for c in checks)  # readable check history in the UI

@@ -32,7 +32,8 @@ def test_embed_command_on_integer_and_varchar_sources(tmp_path, tiny_model, gene
     table = pa.concat_tables(pq.read_table(f) for f in files)
     assert table.num_rows == 81 and table.schema.field("embedding").type == pa.list_(pa.float32(), 64)
     assert sorted(table.column("corpusid").to_pylist()) == sorted(int(p["corpusid"]) for p in papers)
-    assert file_metadata(files[0])["model"]["precision"] == "fp32"
+    model_meta = file_metadata(files[0])["model"]
+    assert model_meta["precision"] == "fp32" and model_meta["attn_implementation"] == "sdpa"
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # work files cleaned up
 
 

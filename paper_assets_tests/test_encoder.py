@@ -345,6 +345,22 @@ def test_cpu_token_budget_is_measured_once_and_cached_per_machine(tiny_model, tm
     assert Encoder(load_model(uncached)).token_budget == 2048  # no home: the fixed CPU default
 
 
+def test_another_attention_kernel_is_calibrated_under_its_own_key(tiny_model, tmp_path):
+    from paper_assets.engine import calibrate
+
+    base, adapter = tiny_model
+    cache = tmp_path / "calibration.json"
+    configs = {attn: ModelConfig(base_model=base, adapter=adapter, device="cpu", precision="fp32", compile="off",
+                                 calibration_file=str(cache), attn_implementation=attn) for attn in ("sdpa", "eager")}
+    sdpa = load_model(configs["sdpa"])
+    Encoder(sdpa)
+    sdpa_key = calibrate.machine_key(sdpa.hidden_size, sdpa.num_layers, "fp32")
+    sdpa_entry = json.loads(cache.read_text())[sdpa_key]
+    Encoder(load_model(configs["eager"]))
+    stored = json.loads(cache.read_text())
+    assert set(stored) == {sdpa_key, sdpa_key + "|eager"} and stored[sdpa_key] == sdpa_entry
+
+
 def test_calibration_times_candidates_interleaved_so_a_drifting_machine_does_not_pick_the_slower_one():
     import time
 

@@ -186,7 +186,8 @@ class Encoder:
         if self.device.type != "cpu" or not loaded.config.calibration_file:
             return None
         return (Path(loaded.config.calibration_file),
-                calibrate.machine_key(loaded.hidden_size, loaded.num_layers, loaded.precision))
+                calibrate.machine_key(loaded.hidden_size, loaded.num_layers, loaded.precision,
+                                      loaded.config.attn_implementation))
 
     def _forward_rates(self, forward_fns: dict, budgets: tuple[int, ...],
                        rounds: int = calibrate.BUDGET_ROUNDS) -> dict[str, dict[int, float]]:

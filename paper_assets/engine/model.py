@@ -98,7 +98,8 @@ class LoadedModel:
         config = self.config
         return {"base_model": config.base_model, "adapter": config.adapter, "adapter_name": config.adapter_name,
                 "fingerprint": self.fingerprint, "precision": self.precision, "device": str(self.device),
-                "max_length": config.max_length, "pooling": POOLING}
+                "max_length": config.max_length, "pooling": POOLING,
+                "attn_implementation": config.attn_implementation}
 
 
 # Where the user sets each model path; the CLI passes its own flags so hints name what was actually used.
