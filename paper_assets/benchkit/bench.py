@@ -122,8 +122,10 @@ def _cpu_description() -> dict:
             "native_bf16": sorted(NATIVE_BF16_FLAGS & flags), "avx512": "avx512f" in flags}
 
 
-def run_pair(source: Path, base: str, adapter: str, papers: int, precision: str, compile_model: str | bool,
-             token_budget: int, work: Path, device: str = "auto", attn_implementation: str = "sdpa") -> dict:
+def run_pair(options: BenchOptions, source: Path, base: str, adapter: str, work: Path) -> dict:
+    """The notebook's loop and the engine on the first ``options.papers`` papers of ``source``: speed, fidelity,
+    and the engine's share of this device's measured GEMM rate."""
+    papers, device, token_budget = options.papers, options.device, options.token_budget
     torch.manual_seed(0)
     info = inspect_source(source)
     if info.id_type != "integer":
@@ -132,9 +134,9 @@ def run_pair(source: Path, base: str, adapter: str, papers: int, precision: str,
     # The reference runs the notebook's full forward; the engine computes only the CLS row in the last layer.
     reference_model = load_model(ModelConfig(base_model=base, adapter=adapter, precision="fp32", device=device,
                                              cls_only_last_layer=False))
-    engine_model = load_model(ModelConfig(base_model=base, adapter=adapter, precision=precision, device=device,
-                                          compile=compile_model, token_budget=token_budget,
-                                          attn_implementation=attn_implementation,
+    engine_model = load_model(ModelConfig(base_model=base, adapter=adapter, precision=options.precision,
+                                          device=device, compile=options.compile, token_budget=token_budget,
+                                          attn_implementation=options.attn_implementation,
                                           calibration_file=str(work / "calibration.json")))
     encoder = Encoder(engine_model, token_budget=token_budget)
     # Warm both paths up on a few texts so one-time costs (allocator, compile) are not timed.
@@ -446,8 +448,7 @@ def run_benchmark(options: BenchOptions) -> int:
             base, adapter = options.base_model, options.adapter
         else:
             base, adapter = benchmark_model(work, source)
-        result.update(run_pair(source, base, adapter, options.papers, options.precision, options.compile,
-                               options.token_budget, work, options.device, options.attn_implementation))
+        result.update(run_pair(options, source, base, adapter, work))
     if options.pipeline_papers:
         result["pipeline"] = run_pipeline(options.pipeline_papers, work)
     _print(result)
