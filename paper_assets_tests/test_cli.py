@@ -95,6 +95,7 @@ def test_bench_pipeline_reports_the_data_path_and_memory_of_processes_that_did_n
     are written by a process of their own (generated papers left in the measured heap inflated its peak RSS), and a
     measured process that fails is an error, not a hang."""
     from paper_assets.benchkit.bench import _pipeline_child, pipeline_source, run_pipeline
+    from paper_assets.engine.model import ModelLoadError
 
     result = run_pipeline(30, tmp_path)
     assert [run["papers"] for run in result["runs"]] == [30, 300]
@@ -104,11 +105,11 @@ def test_bench_pipeline_reports_the_data_path_and_memory_of_processes_that_did_n
     assert result["data_path_with_tokenizer_workers"]["tokenizer_workers"] >= 1
     assert pipeline_source(30, tmp_path).exists() and pipeline_source(300, tmp_path).exists()
     with pytest.raises(FileNotFoundError, match="process of its own"):
-        _pipeline_child(40, str(tmp_path), queue=None)
+        _pipeline_child(40, str(tmp_path))
     broken = tmp_path / "broken"
     (broken / "pipeline-model" / "adapter").mkdir(parents=True)
     (broken / "pipeline-model" / "adapter" / "adapter_config.json").write_text("{}")  # no model to load
-    with pytest.raises(RuntimeError, match="pipeline bench process exited with 1"):
+    with pytest.raises(ModelLoadError, match="base model folder .* does not exist"):  # the child's own error
         run_pipeline(30, broken)
 
 

@@ -12,9 +12,11 @@ import platform
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from queue import Empty
+from typing import TypeVar
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -33,6 +35,7 @@ from . import sample_source
 from .reference import read_reference, run_seed_recipe
 from .tiny_model import BERT_BASE, PIPELINE, build_model
 
+T = TypeVar("T")
 SHARED_PAPERS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "scirepeval_sample_papers.jsonl"
 
 
@@ -274,8 +277,8 @@ def _write_pipeline_source(n: int, work: str) -> None:
         sample_source.write_source(source, sample_source.generate_papers(n, seed=3, id_gap=40))
 
 
-def _pipeline_child(n: int, work: str, queue, cores: int = 0, data_path_only: bool = False,
-                    tokenizer_workers: int = 0) -> None:
+def _pipeline_child(n: int, work: str, cores: int = 0, data_path_only: bool = False,
+                    tokenizer_workers: int = 0) -> dict:
     if cores:  # before the first tokenisation: the tokenizer's thread pool sizes itself from the affinity mask
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
         os.environ["RAYON_NUM_THREADS"] = str(cores)
@@ -301,19 +304,23 @@ def _pipeline_child(n: int, work: str, queue, cores: int = 0, data_path_only: bo
         t2 = time.perf_counter()
         if data_path_only:
             encoder.close()
-            queue.put({"papers": n, "cores": len(os.sched_getaffinity(0)), "tokenizer_workers": tokenizer_workers,
-                       "data_path_papers_per_second": n / (t2 - t0),
-                       "read_clean_write_papers_per_second": n / (t1 - t0),
-                       "tokenise_papers_per_second": n / (t2 - t1)})
-            return
+            return {"papers": n, "cores": len(os.sched_getaffinity(0)), "tokenizer_workers": tokenizer_workers,
+                    "data_path_papers_per_second": n / (t2 - t0), "read_clean_write_papers_per_second": n / (t1 - t0),
+                    "tokenise_papers_per_second": n / (t2 - t1)}
         report = embed_papers(papers.with_suffix(".parquet"), out.with_suffix(".parquet"), encoder, checkpoints)
         t3 = time.perf_counter()
-    queue.put({"papers": n, "cores": len(os.sched_getaffinity(0)), "read_clean_write_papers_per_second": n / (t1 - t0),
-               "tokenise_papers_per_second": n / (t2 - t1), "tokenise_tokens_per_second": tokens / (t2 - t1),
-               "data_path_papers_per_second": n / (t2 - t0),
-               "embed_stage_papers_per_second": report.rows / (t3 - t2), "forward_seconds":
-               report.encode.forward_seconds, "end_to_end_papers_per_second": n / ((t1 - t0) + (t3 - t2)),
-               "peak_rss_mb": rss.peak / 2**20})
+    return {"papers": n, "cores": len(os.sched_getaffinity(0)), "read_clean_write_papers_per_second": n / (t1 - t0),
+            "tokenise_papers_per_second": n / (t2 - t1), "tokenise_tokens_per_second": tokens / (t2 - t1),
+            "data_path_papers_per_second": n / (t2 - t0), "embed_stage_papers_per_second": report.rows / (t3 - t2),
+            "forward_seconds": report.encode.forward_seconds,
+            "end_to_end_papers_per_second": n / ((t1 - t0) + (t3 - t2)), "peak_rss_mb": rss.peak / 2**20}
+
+
+def in_a_fresh_process(fn: Callable[..., T], *args) -> T:
+    """``fn(*args)`` in a spawned process of its own (a fresh heap and thread pools, what a measurement needs); its
+    exception is raised here, and a process that dies without one raises ``BrokenProcessPool``."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def run_pipeline(n: int, work: Path) -> dict:
@@ -321,34 +328,14 @@ def run_pipeline(n: int, work: Path) -> dict:
     if not (model_dir / "adapter" / "adapter_config.json").exists():
         build_model(model_dir, [p["title"] + " " + (p["abstract"] or "") for p in sample_source.generate_papers(500)],
                     shape=PIPELINE)
-    ctx = multiprocessing.get_context("spawn")
-
-    def child_run(*args) -> dict:
-        queue = ctx.Queue()
-        child = ctx.Process(target=_pipeline_child, args=args[:1] + (str(work), queue) + args[1:])
-        child.start()
-        while True:
-            try:
-                result = queue.get(timeout=5)
-                break
-            except Empty:
-                if not child.is_alive():  # died without a result (its traceback is on stderr)
-                    raise RuntimeError(f"the pipeline bench process exited with {child.exitcode}") from None
-        child.join()
-        return result
-
     for count in (n, 10 * n):  # in a process of its own: the papers generated in memory would stay in the
         # measured process's heap and raise its peak RSS by the source's size (1.34 instead of 1.07 on Zen 4)
-        writer = ctx.Process(target=_write_pipeline_source, args=(count, str(work)))
-        writer.start()
-        writer.join()
-        if writer.exitcode != 0:
-            raise RuntimeError(f"writing the {count}-paper pipeline source failed (exit code {writer.exitcode})")
-    results = [child_run(count) for count in (n, 10 * n)]
+        in_a_fresh_process(_write_pipeline_source, count, str(work))
+    results = [in_a_fresh_process(_pipeline_child, count, str(work)) for count in (n, 10 * n)]
     available = len(os.sched_getaffinity(0))
-    by_cores = [child_run(n, cores, True) for cores in sorted({1, available})]
+    by_cores = [in_a_fresh_process(_pipeline_child, n, str(work), cores, True) for cores in sorted({1, available})]
     # The same data path with the tokenisation in one worker process per core (the GPU hosts' default).
-    with_workers = child_run(n, available, True, available)
+    with_workers = in_a_fresh_process(_pipeline_child, n, str(work), available, True, available)
     return {"runs": results, "rss_ratio_10x": results[1]["peak_rss_mb"] / results[0]["peak_rss_mb"],
             "data_path_by_cores": by_cores, "data_path_with_tokenizer_workers": with_workers,
             "data_path_papers_per_second_per_core": {str(r["cores"]): r["data_path_papers_per_second"] / r["cores"]
