@@ -62,7 +62,7 @@ def _cpu_key() -> str:
 
 def machine_key(hidden: int, layers: int, precision: str, attn_implementation: str = "sdpa") -> str:
     """This CPU kind's entry for a model shape and precision. A non-default attention kernel gets entries of its
-    own (it runs at another rate: eager attention measured 12% faster than sdpa on a Zen 5 and 30% slower on an
+    own (it runs at another rate: eager attention measured 12% faster than sdpa on a Zen 5 and 33% slower on an
     AMX Xeon), while sdpa keeps the key that earlier calibration files hold."""
     key = f"{_cpu_key()}|{layers}x{hidden}|{precision}"
     return key if attn_implementation == "sdpa" else f"{key}|{attn_implementation}"

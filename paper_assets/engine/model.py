@@ -71,8 +71,8 @@ class ModelConfig:
     # forward, as the notebook runs it (the benchmark's reference).
     cls_only_last_layer: bool = True
     # The attention kernel: "sdpa" (torch's scaled_dot_product_attention: flash kernels on GPUs, the notebook's
-    # default) or "eager" (BERT's matmul-softmax-matmul, which a compiled CPU model fuses; measured faster on a Zen 5
-    # CPU, BENCHMARKS.md). Same function, so vectors agree to fp32 rounding.
+    # default) or "eager" (BERT's matmul-softmax-matmul, which a compiled CPU model fuses; measured 12% faster on a
+    # Zen 5 CPU and 33% slower on an AMX Xeon, BENCHMARKS.md). Same function, so vectors agree to fp32 rounding.
     attn_implementation: str = "sdpa"
 
 
