@@ -476,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--token-budget", type=int, help="padded tokens per forward batch (default: by device)")
     embed.add_argument("--attn-implementation", choices=["sdpa", "eager"],
                        help="attention kernel (default PAPER_ASSETS_ATTN_IMPLEMENTATION / sdpa; eager: BERT's "
-                       "matmul-softmax-matmul, faster compiled on a Zen 5 CPU)")
+                       "matmul-softmax-matmul: faster compiled on a Zen 5 CPU, slower on an AMX Xeon)")
     embed.add_argument("--pad-multiple", type=int, help="batch widths are multiples of this (default: 64 on GPU, "
                        "8 on CPU)")
     embed.add_argument("--compile", action=argparse.BooleanOptionalAction,

@@ -44,7 +44,7 @@ class Settings:
     token_budget: int = 0  # 0: by device
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     compile: str = "auto"  # auto: torch.compile on CUDA and on CPUs where it measured faster; on / off
-    attn_implementation: str = "sdpa"  # sdpa or eager (BERT's matmul-softmax-matmul; faster compiled on Zen 5)
+    attn_implementation: str = "sdpa"  # sdpa or eager (matmul-softmax-matmul: faster on Zen 5, slower on AMX)
     tokenizer_workers: int = -1  # processes that tokenise; -1: by device (GPU hosts: cores / 4, at most 8), 0: none
     hub_repo: str = ""
     hub_revision: str = "main"
