@@ -116,13 +116,13 @@ def _first_ids(source: Path, n: int) -> int:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return cpu_info()[0] or platform.processor() or device.type
+    return cpu_info().kind or platform.processor() or device.type
 
 
 def _cpu_description() -> dict:
-    name, flags = cpu_info()
-    return {"cpu": name or platform.processor() or platform.machine(),
-            "native_bf16": sorted(NATIVE_BF16_FLAGS & flags), "avx512": "avx512f" in flags}
+    cpu = cpu_info()
+    return {"cpu": cpu.name or platform.processor() or platform.machine(), "family": cpu.family, "model": cpu.model,
+            "native_bf16": sorted(NATIVE_BF16_FLAGS & cpu.flags), "avx512": "avx512f" in cpu.flags}
 
 
 def run_pair(options: BenchOptions, source: Path, base: str, adapter: str, work: Path) -> dict:

@@ -8,10 +8,11 @@ FFN-shaped GEMM in both precisions once and picks bf16 only when it is at least 
 The budget (padded tokens per forward batch) trades per-batch overhead against activations falling out of the
 caches; where that balance lies depends on the CPU (cache sizes, AVX2 / AVX-512 / AMX kernels), the model shape and
 the precision. On first use we time forward passes at each candidate budget on batches shaped like real papers
-(256-token rows), interleaved over a few rounds and best of them (``best_seconds``: a shared VM's speed drifts), and
-keep the smallest budget within 3% of the fastest. The result is stored in the home (``stats/calibration.json``)
-under a key naming the CPU model, its native-bf16 flags, the core count, the model shape and the precision, so each
-machine kind measures once (~20–60 s for BERT-base on 2 vCPUs) and every later run reuses it.
+(256-token rows), interleaved over a few rounds (``interleaved_seconds``: a shared VM's speed drifts), and keep the
+smallest budget whose median share of its round's fastest is within 3% (``choose``). The result is stored in the
+home (``stats/calibration.json``) under a key naming the CPU (model name, family and model numbers), its native-bf16
+flags, the core count, the model shape and the precision, so each machine kind measures once (~20–60 s for BERT-base
+on 2 vCPUs) and every later run reuses it.
 GPUs keep their fixed default (measured there when a GPU is lent).
 
 Compile: inductor with freezing folds the weights' bf16 casts and packs them for oneDNN once, with bias, GELU and
@@ -19,6 +20,12 @@ residual adds fused into the matmuls; where oneDNN has native bf16 kernels (AMX)
 saved, elsewhere it may not repay a compilation that every run pays again (~40–100 s for BERT-base on 2 vCPUs).
 So ``auto`` times the eager and the compiled forward once per machine kind and model, interleaved
 (``compile_measurement``), and compiles where the gain repays the compilation within the run (``compile_pays_off``).
+
+Every decision compares candidates round by round and takes the median of the rounds (``median_gain``, ``choose``);
+the best round of each is what gets recorded as its rate. Best-of alone decided until session 17, and on a 2-vCPU
+Emerald Rapids VM, whose speed changed up to 2.7x between two calls a second apart, it chose the eager forward once
+although compiled was 1.3-1.6x faster: one fast moment had met eager only. Over 21 rounds measured there, a 7-round
+median of per-round ratios made the right choice in every window, best-of in 14 of 15 (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -38,8 +45,9 @@ from .device import NATIVE_BF16_FLAGS, cpu_info
 from .storage import FileLock, atomic_path
 
 CANDIDATE_BUDGETS = (1024, 2048, 4096, 8192)
-BUDGET_ROUNDS = 3  # each round times every candidate budget once (~15k tokens: 4-10 s for BERT-base on 2 vCPUs)
-COMPILE_ROUNDS = 5  # each round times the eager and the compiled forward once at the default budget
+BUDGET_ROUNDS = 5  # each round times every candidate budget once (~15k tokens: 2-10 s for BERT-base on 2 vCPUs)
+COMPILE_ROUNDS = 7  # each round times the eager and the compiled forward once at the default budget
+GEMM_ROUNDS = 21
 BF16_MIN_GAIN = 1.15
 # Above the interleaved measurement's spread (Zen 4, five fresh measurements: 1.13-1.18x), below the gain worth
 # having: there compiled `bench` ran 1.13x eager's papers/s in the same VM phase (76% vs 68% of the GEMM), and at
@@ -55,9 +63,9 @@ Forward = Callable[[np.ndarray, np.ndarray], object]
 
 
 def _cpu_key() -> str:
-    name, flags = cpu_info()
-    native = "+".join(sorted(flags & NATIVE_BF16_FLAGS)) or "no-native-bf16"
-    return f"{name or 'unknown cpu'}|{native}|{os.cpu_count()} cores"
+    cpu = cpu_info()
+    native = "+".join(sorted(cpu.flags & NATIVE_BF16_FLAGS)) or "no-native-bf16"
+    return f"{cpu.kind or 'unknown cpu'}|{native}|{os.cpu_count()} cores"
 
 
 def machine_key(hidden: int, layers: int, precision: str, attn_implementation: str = "sdpa") -> str:
@@ -85,29 +93,40 @@ def _cached(cache_file: Path, key: str, compute: Callable[[], dict]) -> dict:
         return cache[key]
 
 
-def best_seconds(runs: Mapping[K, Callable[[], object]], rounds: int) -> dict[K, float]:
-    """The best wall time of each run over ``rounds`` interleaved rounds, after one warm-up each. Each round runs
-    every candidate once, starting one further along each time. On a shared VM the speed drifts for seconds at a
-    time (a 2-vCPU AMX Xeon, session 12: the same GEMM took 4.3 to 19 ms from call to call), so candidates timed
-    one after another would compare the machine's phases, not themselves; interleaved, each meets the fast phases
-    too, and the best time is what it costs when nothing else interferes (``rounds=0``: the warm-ups only, inf)."""
+def interleaved_seconds(runs: Mapping[K, Callable[[], object]], rounds: int) -> dict[K, list[float]]:
+    """Each run's wall time in each of ``rounds`` interleaved rounds, after one warm-up each. Each round runs every
+    candidate once, starting one further along each time. On a shared VM the speed drifts for seconds at a time (a
+    2-vCPU AMX Xeon, session 12: the same GEMM took 4.3 to 19 ms from call to call), so candidates timed one after
+    another would compare the machine's phases, not themselves; interleaved, each round compares them in about
+    the same phase (``rounds=0``: the warm-ups only, no times)."""
     for run in runs.values():
         run()
     names = list(runs)
-    best = dict.fromkeys(names, float("inf"))
+    seconds: dict[K, list[float]] = {name: [] for name in names}
     for round_ in range(rounds):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
             started = time.perf_counter()
             runs[name]()
-            best[name] = min(best[name], time.perf_counter() - started)
-    return best
+            seconds[name].append(time.perf_counter() - started)
+    return seconds
+
+
+def best_seconds(runs: Mapping[K, Callable[[], object]], rounds: int) -> dict[K, float]:
+    """The best of each run's ``interleaved_seconds``: what it costs when nothing else interferes (inf: no rounds)."""
+    return {name: min(times, default=float("inf")) for name, times in interleaved_seconds(runs, rounds).items()}
+
+
+def median_gain(faster_rates: list[float], slower_rates: list[float]) -> float:
+    """The median over rounds of ``faster_rates[i] / slower_rates[i]`` (two candidates' rates, timed in the same
+    rounds): a VM's fast moment that meets one candidate only moves one round, not the decision."""
+    return float(np.median(np.asarray(faster_rates) / np.asarray(slower_rates)))
 
 
 def measure_rates(forwards: Mapping[str, Forward], vocab: int, budgets: tuple[int, ...],
-                  rounds: int = BUDGET_ROUNDS) -> dict[str, dict[int, float]]:
-    """Tokens per second of each forward at each budget, on batches of paper-length rows of random ids, timed by
-    ``best_seconds`` (0 where ``rounds=0``: compile and warm up only)."""
+                  rounds: int = BUDGET_ROUNDS) -> dict[str, dict[int, list[float]]]:
+    """Tokens per second of each forward at each budget in each round, on batches of paper-length rows of random
+    ids, timed by ``interleaved_seconds`` (no rates where ``rounds=0``: compile and warm up only)."""
     rng = np.random.default_rng(0)
     batches = {}
     for budget in budgets:
@@ -116,22 +135,31 @@ def measure_rates(forwards: Mapping[str, Forward], vocab: int, budgets: tuple[in
         batches[budget] = (ids, np.ones_like(ids))
     runs = {(name, budget): functools.partial(forward, *batches[budget])
             for name, forward in forwards.items() for budget in budgets}
-    seconds = best_seconds(runs, rounds)
-    return {name: {budget: batches[budget][0].size / seconds[name, budget] for budget in budgets}
+    seconds = interleaved_seconds(runs, rounds)
+    return {name: {budget: [batches[budget][0].size / s for s in seconds[name, budget]] for budget in budgets}
             for name in forwards}
 
 
-def choose(rates: dict[int, float]) -> int:
-    best = max(rates.values())
-    return min(budget for budget, rate in rates.items() if rate >= WITHIN * best)
+def median_shares(rates: dict[int, list[float]]) -> dict[int, float]:
+    """Each budget's median, over rounds, of its rate as a share of that round's fastest budget."""
+    rounds = np.array([rates[budget] for budget in rates])  # budgets x rounds
+    shares = np.median(rounds / rounds.max(axis=0), axis=1)
+    return {budget: float(share) for budget, share in zip(rates, shares, strict=True)}
 
 
-def calibrated_budget(cache_file: Path, key: str, measure: Callable[[], dict[int, float]]) -> int:
-    """The cached budget for ``key``, measured on first use."""
+def choose(rates: dict[int, list[float]]) -> int:
+    """The smallest budget whose median share of its round's fastest is within ``WITHIN``."""
+    return min(budget for budget, share in median_shares(rates).items() if share >= WITHIN)
+
+
+def calibrated_budget(cache_file: Path, key: str, measure: Callable[[], dict[int, list[float]]]) -> int:
+    """The cached budget for ``key``, measured on first use (each budget's best round is recorded as its rate)."""
 
     def compute() -> dict:
         rates = measure()
-        return {"token_budget": choose(rates), "tokens_per_second": {str(k): round(v, 1) for k, v in rates.items()}}
+        return {"token_budget": choose(rates),
+                "tokens_per_second": {str(k): round(max(v), 1) for k, v in rates.items()},
+                "median_share_of_fastest": {str(k): round(v, 3) for k, v in median_shares(rates).items()}}
 
     return int(_cached(cache_file, key, compute)["token_budget"])
 
@@ -145,13 +173,16 @@ def cached_compile_measurement(cache_file: Path, key: str) -> dict | None:
     return _read(cache_file).get(_compile_key(key))
 
 
-def compile_measurement(cache_file: Path, key: str, measure: Callable[[], tuple[float, float, float]]) -> dict:
-    """Eager and compiled (inductor, freezing) forward rates on this CPU and the compile seconds: ``measure``
-    returns them, once per key; later runs read them from the cache."""
+def compile_measurement(cache_file: Path, key: str,
+                        measure: Callable[[], tuple[list[float], list[float], float]]) -> dict:
+    """Eager and compiled (inductor, freezing) forward rates on this CPU, round by round, and the compile seconds:
+    ``measure`` returns them, once per key; stored are each one's best round and the median gain (``median_gain``),
+    which later runs read from the cache."""
 
     def compute() -> dict:
         eager, compiled, seconds = measure()
-        return {"eager_tokens_per_second": round(eager, 1), "compiled_tokens_per_second": round(compiled, 1),
+        return {"eager_tokens_per_second": round(max(eager), 1), "compiled_tokens_per_second": round(max(compiled), 1),
+                "compiled_gain_median_of_rounds": round(median_gain(compiled, eager), 3),
                 "compile_seconds": round(seconds, 1)}
 
     return _cached(cache_file, _compile_key(key), compute)
@@ -160,11 +191,13 @@ def compile_measurement(cache_file: Path, key: str, measure: Callable[[], tuple[
 def compile_pays_off(measured: dict, expected_tokens: int | None = None) -> bool:
     """Whether to compile: the compiled forward is ``COMPILE_MIN_GAIN`` times faster and, where the run's size is
     known, the time it saves on ``expected_tokens`` exceeds the compilation (a process compiles again every run;
-    on a 2-vCPU Sapphire Rapids, BERT-base bf16 paid back its ~40 s after ~3,000 papers; BENCHMARKS.md)."""
-    eager, compiled = measured["eager_tokens_per_second"], measured["compiled_tokens_per_second"]
-    if compiled < COMPILE_MIN_GAIN * eager:
+    on a 2-vCPU Sapphire Rapids, BERT-base bf16 paid back its ~40 s after ~3,000 papers; BENCHMARKS.md). The gain is
+    the median of rounds; a file written before session 17 has only the best rounds, whose ratio is used then."""
+    eager = measured["eager_tokens_per_second"]
+    gain = measured.get("compiled_gain_median_of_rounds") or measured["compiled_tokens_per_second"] / eager
+    if gain < COMPILE_MIN_GAIN:
         return False
-    return expected_tokens is None or expected_tokens * (1 / eager - 1 / compiled) > measured["compile_seconds"]
+    return expected_tokens is None or expected_tokens / eager * (1 - 1 / gain) > measured["compile_seconds"]
 
 
 def _ffn_gemm(dtype: torch.dtype, device: torch.device) -> tuple[Callable[[], object], float]:
@@ -199,11 +232,12 @@ def matmul_call_gflops(dtype: torch.dtype, device: torch.device, seconds: float 
     return rates
 
 
-def cpu_gemm_rates(rounds: int = 20) -> dict[torch.dtype, float]:
-    """GFLOP/s of the FFN-shaped GEMM on this CPU in fp32 and in bf16, timed interleaved (``best_seconds``)."""
+def cpu_gemm_rates(rounds: int = GEMM_ROUNDS) -> dict[torch.dtype, list[float]]:
+    """GFLOP/s of the FFN-shaped GEMM on this CPU in fp32 and in bf16, per round, timed interleaved
+    (``interleaved_seconds``)."""
     gemms = {dtype: _ffn_gemm(dtype, torch.device("cpu")) for dtype in (torch.float32, torch.bfloat16)}
-    seconds = best_seconds({dtype: run for dtype, (run, _) in gemms.items()}, rounds)
-    return {dtype: flops / seconds[dtype] / 1e9 for dtype, (_, flops) in gemms.items()}
+    seconds = interleaved_seconds({dtype: run for dtype, (run, _) in gemms.items()}, rounds)
+    return {dtype: [flops / s / 1e9 for s in seconds[dtype]] for dtype, (_, flops) in gemms.items()}
 
 
 def _gemm_key() -> str:
@@ -216,11 +250,14 @@ def cached_gemm_measurement(cache_file: Path) -> dict | None:
 
 
 def bf16_pays_off(cache_file: Path) -> bool:
-    """Whether bf16 GEMMs beat fp32 ones on this CPU by ``BF16_MIN_GAIN`` (measured once, ~1 s, then cached)."""
+    """Whether bf16 GEMMs beat fp32 ones on this CPU by ``BF16_MIN_GAIN`` in the median round (measured once, ~1 s,
+    then cached with each precision's best round, the fastest this CPU was seen to run that GEMM)."""
 
     def compute() -> dict:
         rates = cpu_gemm_rates()
         fp32, bf16 = rates[torch.float32], rates[torch.bfloat16]
-        return {"fp32_gflops": round(fp32, 1), "bf16_gflops": round(bf16, 1), "bf16": bf16 >= BF16_MIN_GAIN * fp32}
+        gain = median_gain(bf16, fp32)
+        return {"fp32_gflops": round(max(fp32), 1), "bf16_gflops": round(max(bf16), 1),
+                "bf16_gain_median_of_rounds": round(gain, 3), "bf16": gain >= BF16_MIN_GAIN}
 
     return bool(_cached(cache_file, _gemm_key(), compute)["bf16"])

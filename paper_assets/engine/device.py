@@ -6,6 +6,7 @@ import fcntl
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -69,23 +70,47 @@ def resolve_device(requested: str = "auto", lock_dir: str | os.PathLike | None =
 NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 
-@lru_cache(maxsize=1)
-def cpu_info() -> tuple[str, frozenset[str]]:
-    """The CPU's model name and feature flags from ``/proc/cpuinfo`` (``("", frozenset())`` where there is none)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            lines = cpuinfo.read().splitlines()
-    except OSError:
-        return "", frozenset()
+class CpuInfo(NamedTuple):
+    """What ``/proc/cpuinfo`` says about the first CPU ("" and an empty set where there is no such file)."""
+
+    name: str
+    flags: frozenset[str]
+    family: str = ""
+    model: str = ""
+
+    @property
+    def kind(self) -> str:
+        """The model name and, where known, the family and model numbers. Cloud VMs often report one generic name
+        for several generations ("Intel(R) Xeon(R) Processor": the AMX Xeons of BENCHMARKS.md, family 6 model 167
+        and model 207, whose AMX ran at a third of the other's speed), so the name alone does not say which CPU a
+        measurement belongs to."""
+        if not self.family and not self.model:
+            return self.name
+        return f"{self.name} (family {self.family or '?'} model {self.model or '?'})"
+
+
+def parse_cpuinfo(text: str) -> CpuInfo:
+    lines = text.splitlines()
 
     def first(key: str) -> str:
-        return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(key)), "")
+        return next((line.split(":", 1)[1].strip() for line in lines
+                     if line.split(":", 1)[0].strip() == key and ":" in line), "")
 
-    return first("model name"), frozenset(first("flags").split())
+    return CpuInfo(first("model name"), frozenset(first("flags").split()), first("cpu family"), first("model"))
+
+
+@lru_cache(maxsize=1)
+def cpu_info() -> CpuInfo:
+    """This machine's CPU from ``/proc/cpuinfo``."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            return parse_cpuinfo(cpuinfo.read())
+    except OSError:
+        return CpuInfo("", frozenset())
 
 
 def cpu_has_native_bf16() -> bool:
-    return bool(NATIVE_BF16_FLAGS & cpu_info()[1])
+    return bool(NATIVE_BF16_FLAGS & cpu_info().flags)
 
 
 def default_token_budget(device: torch.device) -> int:

@@ -190,9 +190,9 @@ class Encoder:
                                       loaded.config.attn_implementation))
 
     def _forward_rates(self, forward_fns: dict, budgets: tuple[int, ...],
-                       rounds: int = calibrate.BUDGET_ROUNDS) -> dict[str, dict[int, float]]:
+                       rounds: int = calibrate.BUDGET_ROUNDS) -> dict[str, dict[int, list[float]]]:
         """Tokens per second of each named forward (the eager or the compiled model) on batches of paper-length
-        rows, per token budget, timed interleaved (``calibrate.measure_rates``)."""
+        rows, per token budget and round, timed interleaved (``calibrate.measure_rates``)."""
 
         def as_forward(forward_fn):
             def forward(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -217,11 +217,11 @@ class Encoder:
         expected_tokens = None if expected_rows is None else expected_rows * calibrate.ROW_TOKENS
         measured = calibrate.cached_compile_measurement(*calibration)
         if measured is None:
-            eager = self._forward_rates({"eager": self.model}, (budget,), rounds=1)["eager"][budget]
+            eager = self._forward_rates({"eager": self.model}, (budget,), rounds=1)["eager"][budget][0]
             if expected_tokens is not None and expected_tokens / eager < calibrate.COMPILE_WORTH_MEASURING_SECONDS:
                 return False
 
-            def measure() -> tuple[float, float, float]:
+            def measure() -> tuple[list[float], list[float], float]:
                 started = time.perf_counter()
                 self._forward_rates({"compiled": self._compiled_model()}, (budget,), rounds=0)  # compiles
                 seconds = time.perf_counter() - started
@@ -240,7 +240,7 @@ class Encoder:
         cache_file, key = calibration
         key += "|compiled" if self.compiled else ""
 
-        def measure() -> dict[int, float]:
+        def measure() -> dict[int, list[float]]:
             model = self._compiled_model() if self.compiled else self.model
             return self._forward_rates({"model": model}, calibrate.CANDIDATE_BUDGETS)["model"]
 
