@@ -47,7 +47,7 @@ from .storage import FileLock, atomic_path
 CANDIDATE_BUDGETS = (1024, 2048, 4096, 8192)
 BUDGET_ROUNDS = 5  # each round times every candidate budget once (~15k tokens: 2-10 s for BERT-base on 2 vCPUs)
 COMPILE_ROUNDS = 7  # each round times the eager and the compiled forward once at the default budget
-GEMM_ROUNDS = 21
+GEMM_ROUNDS = 21  # each round times the fp32 and the bf16 FFN GEMM once (~1 s in all on 2 vCPUs)
 BF16_MIN_GAIN = 1.15
 # Above the interleaved measurement's spread (Zen 4, five fresh measurements: 1.13-1.18x), below the gain worth
 # having: there compiled `bench` ran 1.13x eager's papers/s in the same VM phase (76% vs 68% of the GEMM), and at
