@@ -334,7 +334,8 @@ def test_cpu_token_budget_is_measured_once_and_cached_per_machine(tiny_model, tm
     assert key == calibrate.machine_key(loaded.hidden_size, loaded.num_layers, "fp32")
     assert calibrate.cpu_info().kind in key and entry["token_budget"] == encoder.token_budget
     assert set(entry["tokens_per_second"]) == {str(b) for b in calibrate.CANDIDATE_BUDGETS}
-    assert entry["median_share_of_fastest"][str(encoder.token_budget)] >= calibrate.WITHIN
+    shares = entry["median_share_of_fastest"]
+    assert shares[str(encoder.token_budget)] >= calibrate.WITHIN * max(shares.values()) - 1e-3  # stored rounded
 
     def no_second_measurement(*args, **kwargs):
         raise AssertionError("the cached budget must be reused")
@@ -412,6 +413,8 @@ def test_choose_takes_the_smallest_budget_near_the_fastest():
     # Round by round: 4,096 is ~10% faster in four rounds of five; one fast moment of the VM met 2,048 only.
     rounds = {2048: [3000.0, 3000.0, 9000.0, 3100.0, 2900.0], 4096: [3300.0, 3350.0, 3200.0, 3400.0, 3250.0]}
     assert choose(rounds) == 4096
+    # No budget the fastest in most rounds: every median share is 0.9, and the smallest budget is taken.
+    assert choose({1024: [10.0, 9.0, 8.0], 2048: [8.0, 10.0, 9.0], 4096: [9.0, 8.0, 10.0]}) == 1024
 
 
 def test_decisions_take_the_median_round_so_one_fast_moment_does_not_decide():

@@ -9,10 +9,10 @@ The budget (padded tokens per forward batch) trades per-batch overhead against a
 caches; where that balance lies depends on the CPU (cache sizes, AVX2 / AVX-512 / AMX kernels), the model shape and
 the precision. On first use we time forward passes at each candidate budget on batches shaped like real papers
 (256-token rows), interleaved over a few rounds (``interleaved_seconds``: a shared VM's speed drifts), and keep the
-smallest budget whose median share of its round's fastest is within 3% (``choose``). The result is stored in the
-home (``stats/calibration.json``) under a key naming the CPU (model name, family and model numbers), its native-bf16
-flags, the core count, the model shape and the precision, so each machine kind measures once (~20–60 s for BERT-base
-on 2 vCPUs) and every later run reuses it.
+smallest budget whose median share of its round's fastest is within 3% of the best (``choose``). The result is
+stored in the home (``stats/calibration.json``) under a key naming the CPU (model name, family and model numbers),
+its native-bf16 flags, the core count, the model shape and the precision, so each machine kind measures once (~20–60 s
+for BERT-base on 2 vCPUs) and every later run reuses it.
 GPUs keep their fixed default (measured there when a GPU is lent).
 
 Compile: inductor with freezing folds the weights' bf16 casts and packs them for oneDNN once, with bias, GELU and
@@ -148,8 +148,11 @@ def median_shares(rates: dict[int, list[float]]) -> dict[int, float]:
 
 
 def choose(rates: dict[int, list[float]]) -> int:
-    """The smallest budget whose median share of its round's fastest is within ``WITHIN``."""
-    return min(budget for budget, share in median_shares(rates).items() if share >= WITHIN)
+    """The smallest budget whose median share of its round's fastest is within ``WITHIN`` of the highest median
+    share (which is under 1 where no budget was the fastest in most rounds)."""
+    shares = median_shares(rates)
+    best = max(shares.values())
+    return min(budget for budget, share in shares.items() if share >= WITHIN * best)
 
 
 def calibrated_budget(cache_file: Path, key: str, measure: Callable[[], dict[int, list[float]]]) -> int:
