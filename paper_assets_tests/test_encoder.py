@@ -387,7 +387,7 @@ def test_another_attention_kernel_is_calibrated_under_its_own_key(tiny_model, tm
 def test_calibration_times_candidates_interleaved_so_a_drifting_machine_does_not_pick_the_slower_one():
     import time
 
-    from paper_assets.engine.calibrate import best_seconds
+    from paper_assets.engine.calibrate import interleaved_seconds, median_gain
 
     calls = []
 
@@ -398,11 +398,13 @@ def test_calibration_times_candidates_interleaved_so_a_drifting_machine_does_not
             time.sleep(seconds * (4 if slow_phase else 1))
         return timed
 
-    best = best_seconds({"fast": run("fast", 0.005), "slow": run("slow", 0.015)}, rounds=3)
+    seconds = interleaved_seconds({"fast": run("fast", 0.005), "slow": run("slow", 0.015)}, rounds=3)
     # Timed one after another, "fast" would only have met the slow phase (20 ms) and lost to "slow" (15 ms).
-    assert best["fast"] < 0.012 < 0.015 <= best["slow"] < 0.03
+    assert len(seconds["fast"]) == len(seconds["slow"]) == 3
+    assert min(seconds["fast"]) < 0.012 < 0.015 <= min(seconds["slow"]) < 0.03
+    assert median_gain([1 / t for t in seconds["fast"]], [1 / t for t in seconds["slow"]]) > 2
     assert calls == ["fast", "slow", "fast", "slow", "slow", "fast", "fast", "slow"]  # warm-ups, then rotated rounds
-    assert best_seconds({"a": run("a", 0.0)}, rounds=0) == {"a": float("inf")}  # warm-up only
+    assert interleaved_seconds({"a": run("a", 0.0)}, rounds=0) == {"a": []}  # warm-up only
 
 
 def test_choose_takes_the_smallest_budget_near_the_fastest():

@@ -112,11 +112,6 @@ def interleaved_seconds(runs: Mapping[K, Callable[[], object]], rounds: int) -> 
     return seconds
 
 
-def best_seconds(runs: Mapping[K, Callable[[], object]], rounds: int) -> dict[K, float]:
-    """The best of each run's ``interleaved_seconds``: what it costs when nothing else interferes (inf: no rounds)."""
-    return {name: min(times, default=float("inf")) for name, times in interleaved_seconds(runs, rounds).items()}
-
-
 def median_gain(faster_rates: list[float], slower_rates: list[float]) -> float:
     """The median over rounds of ``faster_rates[i] / slower_rates[i]`` (two candidates' rates, timed in the same
     rounds): a VM's fast moment that meets one candidate only moves one round, not the decision."""
