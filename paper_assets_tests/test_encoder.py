@@ -299,20 +299,65 @@ def test_tokenize_gives_the_same_ids_as_the_tokenizer_call(fp32, texts):
     assert_same_ids_as_the_tokenizer_call(fp32, texts + [long_text, "x", "[SEP]", "tabs\tand\u00a0spaces"])
 
 
-def test_the_ascii_fast_path_gives_the_same_ids_as_the_full_normaliser(fp32):
-    """ASCII texts skip BERT's normaliser (lower-cased in Python, special tokens kept as written); every other text
-    takes the full tokenizer. Both must give the tokenizer call's ids, whatever the mix of rows."""
-    fast_path = Encoder(fp32).text_tokenizer.ascii  # the stand-in's tokenizer is BERT's: the fast path is on
-    assert fast_path is not None and fast_path.applies_to("Title [SEP] Abstract") and not fast_path.applies_to("é")
+def test_the_word_cache_gives_the_same_ids_as_the_full_tokenizer(fp32):
+    """Rows are tokenised word by word through the map of words seen (ASCII lower-cased in Python, other text through
+    the tokenizer's normaliser); rows with characters beyond the BMP take the full tokenizer. Every mix of rows must
+    give the tokenizer call's ids: accents, combining marks, final sigma, CJK, controls, odd spaces, added tokens
+    as written and in other cases, words around WordPiece's 100-character limit, truncation."""
+    word_cache = Encoder(fp32).text_tokenizer.word_cache  # the stand-in's tokenizer is BERT's: the cache is on
+    assert word_cache is not None and word_cache.applies_to("Título [SEP] Résumé") and not word_cache.applies_to("𝛼")
     crafted = ["Title [SEP] Abstract", "[Sep] [sep] [SEP][SEP] [CLS]x[MASK]y [PAD] [UNK]", "UPPER lower MiXeD",
                "tabs\tnew\nlines\rreturns", "bell\x07 and del\x7f", "\x0b vertical \x0c feed", "", " ", "[",
-               "ACCENTÉ non-ascii", "e.g., (CO2) 3.5% -- F1=0.91; [SEP]-linked", "a" * 3000,
-               "Word " * 700 + "[SEP] tail"]
+               "ACCENTÉ non-ascii", "e.g., (CO2) 3.5% -- F1=0.91; [SEP]-linked", "a" * 3000, "x" * 100, "x" * 101,
+               "é" * 100 + " " + "é" * 101, "ΣΑΣ ΟΔΟΣ İstanbul ﬁnal", "漢字かな混じり", "nbsp\u00a0thin\u2009zw\u200b",
+               "dash–minus−quote’deg°±μ", "e\u0301\u0300 combining", "astral 𝛼β 😀 [SEP] row",
+               "Word " * 700 + "[SEP] tail", "Wörd " * 700]
     rng = np.random.default_rng(7)
-    alphabet = list("SEPCLMAKUNDsepclmakund[] ,.-\t\nxyzXYZ019") + ["[SEP]", "[CLS]", "[MASK]", "\x01", "é"]
-    fuzz = ["".join(rng.choice(alphabet, size=rng.integers(0, 60))) for _ in range(500)]
+    alphabet = list("SEPCLMAKUNDsepclmakund[] ,.-\t\nxyzXYZ019ÉéΣσς漢字\u00a0\u2009\u200b\x00\x01\x7f\ufffd–’°μ±"
+                    "\u0301ﬁİ") + ["[SEP]", "[CLS]", "[MASK]", "𝛼"]
+    fuzz = ["".join(rng.choice(alphabet, size=rng.integers(0, 60))) for _ in range(1000)]
     assert_same_ids_as_the_tokenizer_call(fp32, crafted + fuzz)
-    assert_same_ids_as_the_tokenizer_call(fp32, [t for t in crafted + fuzz if t.isascii()])  # all-fast batches
+    assert_same_ids_as_the_tokenizer_call(fp32, [t for t in crafted + fuzz if t.isascii()])  # ASCII-only batches
+
+
+def test_the_word_pattern_cuts_text_as_the_pre_tokenizer_does():
+    """The regex's character classes are read from ``BertPreTokenizer`` itself; on any BMP text it gives the
+    pre-tokenizer's pieces."""
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    from paper_assets.engine.tokenization import _bert_pre_token_pattern
+
+    pattern, pre_tokenizer = _bert_pre_token_pattern(), BertPreTokenizer()
+    rng = np.random.default_rng(11)
+    codes = np.concatenate([rng.integers(0x20, 0x7F, 4000), rng.integers(0xA0, 0x3000, 3000),
+                            rng.integers(0x3000, 0xD800, 500), rng.integers(0xE000, 0x10000, 500)])
+    for _ in range(300):
+        text = "".join(chr(c) for c in rng.choice(codes, size=rng.integers(0, 80)))
+        assert pattern.findall(text) == [piece for piece, _ in pre_tokenizer.pre_tokenize_str(text)], repr(text)
+
+
+def test_a_full_word_map_still_tokenises_new_words(fp32, shared_papers, monkeypatch):
+    import paper_assets.engine.tokenization as tokenization
+
+    monkeypatch.setattr(tokenization, "MAX_CACHED_WORDS", 50)
+    encoder = Encoder(fp32)
+    assert_same_ids_as_the_tokenizer_call(fp32, [f"{p['title']} [SEP] {p['abstract'] or ''}"
+                                                 for p in shared_papers[:200]])
+    encoder.tokenize([p["title"] for p in shared_papers[:200]])
+    assert len(encoder.text_tokenizer.word_cache.cache) == 50
+
+
+def test_a_tokenizer_the_word_cache_does_not_model_takes_the_rust_path(fp32):
+    """Another pre-tokenizer (here splitting on whitespace only) is not BERT's: no word cache, the same ids."""
+    from paper_assets.engine.tokenization import TextTokenizer
+
+    spec = json.loads(fp32.tokenizer.backend_tokenizer.to_str())
+    spec["pre_tokenizer"] = {"type": "WhitespaceSplit"}
+    tokenizer = TextTokenizer(json.dumps(spec), 512)
+    assert tokenizer.word_cache is None
+    texts = ["Title [SEP] Abstract, with punctuation.", "x" * 600, ""]
+    arrays = tokenizer.encode(texts)
+    assert arrays.flat.tolist() == [i for text in texts for i in tokenizer.tokenizer.encode(text).ids]
 
 
 def test_tokenize_gives_the_same_ids_as_the_tokenizer_call_on_real_abstracts(fp32, shared_papers):
