@@ -113,6 +113,19 @@ def test_bench_pipeline_reports_the_data_path_and_memory_of_processes_that_did_n
         run_pipeline(30, broken)
 
 
+def test_bench_tokenises_the_real_abstracts_both_ways_to_the_same_ids(tmp_path, shared_papers):
+    """The word cache against the Rust tokenizer on the SciRepEval abstracts, pinned to one core in a process of its
+    own; the measurement itself refuses to report if the two disagree on any id."""
+    from paper_assets.benchkit.bench import SHARED_PAPERS, in_a_fresh_process
+    from paper_assets.benchkit.tokenizer_bench import measure
+
+    result = in_a_fresh_process(measure, str(SHARED_PAPERS), str(tmp_path))
+    assert result["ids_equal"] and result["cores"] == 1 and result["papers"] == len(shared_papers)
+    assert result["non_ascii_rows"] > 0 and result["rows_beyond_the_bmp"] == 0 and result["distinct_words"] > 10_000
+    assert result["word_cache_papers_per_second"] > 0 and result["rust_tokenizer_papers_per_second"] > 0
+    assert result["speedup"] == result["word_cache_papers_per_second"] / result["rust_tokenizer_papers_per_second"]
+
+
 def test_bench_takes_the_calibrations_fastest_gemm_call_in_the_engines_precision(tmp_path, monkeypatch):
     import torch
 

@@ -31,7 +31,7 @@ from ..engine.pipeline import build_papers, embed_papers
 from ..engine.ranges import IdRange
 from ..engine.source import inspect_source
 from ..engine.storage import DEFAULT_CHUNK_ROWS, parquet_file, vectors_of
-from . import sample_source
+from . import sample_source, tokenizer_bench
 from .reference import read_reference, run_seed_recipe
 from .tiny_model import BERT_BASE, PIPELINE, build_model
 
@@ -392,6 +392,8 @@ def _print(result: dict) -> None:
                   f"{run['data_path_papers_per_second'] / run['cores']:8.1f} per core (read+clean+write "
                   f"{run['read_clean_write_papers_per_second']:8.1f}/s, "
                   f"tokenise {run['tokenise_papers_per_second']:8.1f}/s)")
+        if "tokenizer_on_real_papers" in result["pipeline"]:
+            tokenizer_bench.print_result(result["pipeline"]["tokenizer_on_real_papers"])
         run = result["pipeline"]["data_path_with_tokenizer_workers"]
         print(f"data path on {run['cores']} core(s), tokenised by {run['tokenizer_workers']} worker process(es): "
               f"{run['data_path_papers_per_second']:8.1f} papers/s "
@@ -438,6 +440,9 @@ def run_benchmark(options: BenchOptions) -> int:
         result.update(run_pair(options, source, base, adapter, work))
     if options.pipeline_papers:
         result["pipeline"] = run_pipeline(options.pipeline_papers, work)
+        if SHARED_PAPERS.exists():
+            result["pipeline"]["tokenizer_on_real_papers"] = in_a_fresh_process(tokenizer_bench.measure,
+                                                                              str(SHARED_PAPERS), str(work))
     _print(result)
     if options.release_rows:
         from .releases import print_release_bench, run_release_bench

@@ -184,20 +184,21 @@ def _encode_batch(tokenizer, texts: list[str]) -> list[list[int]]:
 class TextTokenizer:
     """A fast tokenizer's Rust backend (its JSON) truncating like ``tokenizer(texts, truncation=True,
     max_length=...)`` and not padding, through the word cache where it applies. Calling the backend directly skips
-    transformers' per-row Python conversions (~1.5x faster). Pickles as its JSON (workers rebuild it)."""
+    transformers' per-row Python conversions (~1.5x faster). ``word_cache=False``: every row through the Rust
+    tokenizer (what the bench compares with). Pickles as its JSON (workers rebuild it)."""
 
-    def __init__(self, backend_json: str, max_length: int):
+    def __init__(self, backend_json: str, max_length: int, word_cache: bool = True):
         from tokenizers import Tokenizer
 
-        self.backend_json, self.max_length = backend_json, max_length
+        self.backend_json, self.max_length, self.use_word_cache = backend_json, max_length, word_cache
         self.tokenizer = Tokenizer.from_str(backend_json)
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length, stride=0, strategy="longest_first", direction="right")
-        word_cache = _WordCache(self.tokenizer, json.loads(backend_json), max_length)
-        self.word_cache = word_cache if word_cache.usable else None
+        cache = _WordCache(self.tokenizer, json.loads(backend_json), max_length) if word_cache else None
+        self.word_cache = cache if cache is not None and cache.usable else None
 
     def __reduce__(self):
-        return TextTokenizer, (self.backend_json, self.max_length)
+        return TextTokenizer, (self.backend_json, self.max_length, self.use_word_cache)
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
         if self.word_cache is None:
@@ -227,7 +228,7 @@ def _start_worker(tokenizer: TextTokenizer, rayon_threads: int) -> None:
     global _WORKER_TOKENIZER
     # Before the first encode: the Rust tokenizer sizes its thread pool once, from this.
     os.environ["RAYON_NUM_THREADS"] = str(rayon_threads)
-    _WORKER_TOKENIZER = TextTokenizer(tokenizer.backend_json, tokenizer.max_length)
+    _WORKER_TOKENIZER = TextTokenizer(tokenizer.backend_json, tokenizer.max_length, tokenizer.use_word_cache)
 
 
 def _encode_in_worker(texts: list[str]) -> TokenArrays:
