@@ -35,4 +35,7 @@ if [[ -n "$EXTRA_RUNS" ]]; then
   rm -rf $W/f32; timeout 150 $PA embed --source $W/seed.db --out $W/f32 $M --device cuda --precision fp32 > $OUT/fp32.log 2>&1
   python3 $G/compare.py $W/seed_out.db $W/f32
 fi
+echo "== data path on this host's cores (read+clean+write+tokenise, no model) $(el)"
+[[ -f $W/s20k.db ]] || python3 $G/mkdb.py $W/s20k.db 20000 50 $J
+OUT=$OUT timeout ${DATA_PATH_S:-90} python3 $G/data_path.py $W/m/base $W/s20k.db $W/dp 2>&1 | grep -v -i warn
 echo "done $(el)"

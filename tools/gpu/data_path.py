@@ -1,0 +1,79 @@
+"""The data path (read -> clean -> write papers -> tokenise, no model) on 1, 2, ... all cores of a GPU host.
+
+usage: data_path.py TOKENIZER_DIR SOURCE_DB WORK_DIR
+
+Each configuration runs in a fresh process pinned to its cores: tokenising in process with the word cache, in
+process with the Rust tokenizer alone (its threads spread over the cores), and in worker processes (the GPU
+default, ``tokenization.default_workers``). The source from ``.gpu/mkdb.py`` replicates the 2,423 real papers, so
+after the first 2,423 rows the word cache has seen every word: see ``pipeline.tokenizer_on_real_papers`` in
+BENCHMARKS.json for a first pass over distinct papers.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+
+def measure(tokenizer_dir: str, source: str, work: str, cores: int, mode: str) -> dict:
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
+    os.environ["RAYON_NUM_THREADS"] = str(cores)
+    from transformers import AutoTokenizer
+
+    from paper_assets.engine.pipeline import build_papers
+    from paper_assets.engine.ranges import IdRange
+    from paper_assets.engine.source import inspect_source
+    from paper_assets.engine.storage import DEFAULT_CHUNK_ROWS, parquet_file
+    from paper_assets.engine.tokenization import TextTokenizer, TokenizerPool, default_workers
+
+    backend = AutoTokenizer.from_pretrained(tokenizer_dir).backend_tokenizer.to_str()
+    tokenizer = TextTokenizer(backend, 512, word_cache=mode != "rust")
+    workers = default_workers("cuda", cores) if mode == "workers" else 0
+    pool = TokenizerPool(tokenizer, workers, cores) if workers else None
+    if pool is not None:
+        pool.encode(["start the workers [SEP] before the clock"] * workers)
+    papers = Path(work) / f"papers-{cores}-{mode}.parquet"
+    start = time.perf_counter()
+    build_papers(inspect_source(Path(source)), IdRange(0, 10**12), papers)
+    built = time.perf_counter()
+    rows = tokens = 0
+    for batch in parquet_file(papers).iter_batches(DEFAULT_CHUNK_ROWS, columns=["text"]):
+        texts = batch.column("text").to_pylist()
+        arrays = pool.encode(texts) if pool is not None else tokenizer.encode(texts)
+        rows, tokens = rows + len(texts), tokens + int(arrays.lengths.sum())
+    done = time.perf_counter()
+    if pool is not None:
+        pool.close()
+    return {"cores": cores, "mode": mode, "tokenizer_workers": workers, "papers": rows,
+            "data_path_papers_per_second": rows / (done - start), "read_clean_write_papers_per_second":
+            rows / (built - start), "tokenise_papers_per_second": rows / (done - built),
+            "tokenise_tokens_per_second": tokens / (done - built)}
+
+
+def main() -> None:
+    tokenizer_dir, source, work = sys.argv[1:4]
+    Path(work).mkdir(parents=True, exist_ok=True)
+    available = len(os.sched_getaffinity(0))
+    runs = [(c, "word_cache") for c in sorted({1, 2, available})]
+    runs += [(available, "rust"), (available, "workers")]
+    results = []
+    for cores, mode in runs:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            result = pool.submit(measure, tokenizer_dir, source, work, cores, mode).result()
+        results.append(result)
+        workers = f" x{result['tokenizer_workers']}" if result["tokenizer_workers"] else ""
+        print(f"{cores:>2} core(s), {mode:>10}{workers}: "
+              f"data path {result['data_path_papers_per_second']:8.0f} papers/s = "
+              f"{result['data_path_papers_per_second'] / cores:7.0f} per core (read+clean+write "
+              f"{result['read_clean_write_papers_per_second']:7.0f}/s, tokenise "
+              f"{result['tokenise_papers_per_second']:7.0f}/s)", flush=True)
+    (Path(os.environ.get("OUT", work)) / "data_path.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
