@@ -20,7 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 
-def measure(tokenizer_dir: str, source: str, work: str, cores: int, mode: str) -> dict:
+def measure(tokenizer_dir: str, source: str, work: str, cores: int, mode: str, workers: int = 0) -> dict:
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
     os.environ["RAYON_NUM_THREADS"] = str(cores)
     from transformers import AutoTokenizer
@@ -33,7 +33,7 @@ def measure(tokenizer_dir: str, source: str, work: str, cores: int, mode: str) -
 
     backend = AutoTokenizer.from_pretrained(tokenizer_dir).backend_tokenizer.to_str()
     tokenizer = TextTokenizer(backend, 512, word_cache=mode != "rust")
-    workers = default_workers("cuda", cores) if mode == "workers" else 0
+    workers = (workers or default_workers("cuda", cores)) if mode == "workers" else 0
     pool = TokenizerPool(tokenizer, workers, cores) if workers else None
     if pool is not None:
         pool.encode(["start the workers [SEP] before the clock"] * workers)
@@ -59,15 +59,21 @@ def main() -> None:
     tokenizer_dir, source, work = sys.argv[1:4]
     Path(work).mkdir(parents=True, exist_ok=True)
     available = len(os.sched_getaffinity(0))
-    runs = [(c, "word_cache") for c in sorted({1, 2, available})]
-    runs += [(available, "rust"), (available, "workers")]
+    runs = [(c, "word_cache", 0) for c in sorted({1, 2, available})]
+    # The default worker count (one per 4 cores) was sized for Rust workers running several threads each; the word
+    # cache's workers are one Python thread each, so one per 2 cores is measured beside it.
+    runs += [(available, "rust", 0), (available, "workers", 0)]
+    from paper_assets.engine.tokenization import default_workers
+
+    half = max(1, min(8, available // 2))
+    runs += [(available, "workers", half)] if half != default_workers("cuda", available) else []
     results = []
-    for cores, mode in runs:
+    for cores, mode, workers in runs:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            result = pool.submit(measure, tokenizer_dir, source, work, cores, mode).result()
+            result = pool.submit(measure, tokenizer_dir, source, work, cores, mode, workers).result()
         results.append(result)
-        workers = f" x{result['tokenizer_workers']}" if result["tokenizer_workers"] else ""
-        print(f"{cores:>2} core(s), {mode:>10}{workers}: "
+        count = f" x{result['tokenizer_workers']}" if result["tokenizer_workers"] else ""
+        print(f"{cores:>2} core(s), {mode:>10}{count}: "
               f"data path {result['data_path_papers_per_second']:8.0f} papers/s = "
               f"{result['data_path_papers_per_second'] / cores:7.0f} per core (read+clean+write "
               f"{result['read_clean_write_papers_per_second']:7.0f}/s, tokenise "
