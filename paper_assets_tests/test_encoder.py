@@ -347,6 +347,17 @@ def test_a_full_word_map_still_tokenises_new_words(fp32, shared_papers, monkeypa
     assert len(encoder.text_tokenizer.word_cache.cache) == 50
 
 
+def test_a_tokenizer_sent_to_workers_keeps_its_choice_of_path(fp32):
+    import pickle
+
+    from paper_assets.engine.tokenization import TextTokenizer
+
+    backend = fp32.tokenizer.backend_tokenizer.to_str()
+    for word_cache in (True, False):
+        copy = pickle.loads(pickle.dumps(TextTokenizer(backend, 512, word_cache=word_cache)))
+        assert (copy.word_cache is not None) == word_cache and copy.max_length == 512
+
+
 def test_a_tokenizer_the_word_cache_does_not_model_takes_the_rust_path(fp32):
     """Another pre-tokenizer (here splitting on whitespace only) is not BERT's: no word cache, the same ids."""
     from paper_assets.engine.tokenization import TextTokenizer
