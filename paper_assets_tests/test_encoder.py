@@ -318,6 +318,11 @@ def test_the_word_cache_gives_the_same_ids_as_the_full_tokenizer(fp32):
     fuzz = ["".join(rng.choice(alphabet, size=rng.integers(0, 60))) for _ in range(1000)]
     assert_same_ids_as_the_tokenizer_call(fp32, crafted + fuzz)
     assert_same_ids_as_the_tokenizer_call(fp32, [t for t in crafted + fuzz if t.isascii()])  # ASCII-only batches
+    # Any BMP character: the cache must agree with the tokenizer's own tables, not only on the characters above.
+    bmp = np.array([c for c in range(0x80, 0x10000) if not 0xD800 <= c <= 0xDFFF])
+    anywhere = ["".join(chr(c) if c else " " for c in rng.choice(np.concatenate([bmp, np.zeros(500, int)]),
+                                                               size=rng.integers(0, 100))) for _ in range(500)]
+    assert_same_ids_as_the_tokenizer_call(fp32, anywhere)
 
 
 def test_the_word_pattern_cuts_text_as_the_pre_tokenizer_does():
