@@ -97,15 +97,20 @@ class _WordCache:
     Basic Multilingual Plane take the full tokenizer. Used only for a WordPiece model behind ``BertNormalizer``
     (or none) and ``BertPreTokenizer`` whose added tokens are matched as written."""
 
-    def __init__(self, tokenizer, spec: dict, max_length: int):
+    @staticmethod
+    def models(spec: dict) -> bool:
+        """Whether the tokenizer (its JSON, parsed) is one this cache reproduces."""
         normalizer = spec.get("normalizer")
-        added = spec.get("added_tokens", [])
-        self.usable = ((spec.get("model") or {}).get("type") == "WordPiece"
-                       and (normalizer is None or normalizer.get("type") == "BertNormalizer")
-                       and (spec.get("pre_tokenizer") or {}).get("type") == "BertPreTokenizer"
-                       and all(not t.get("normalized", True) and not t.get("single_word") for t in added))
-        if not self.usable:
-            return
+        return ((spec.get("model") or {}).get("type") == "WordPiece"
+                and (normalizer is None or normalizer.get("type") == "BertNormalizer")
+                and (spec.get("pre_tokenizer") or {}).get("type") == "BertPreTokenizer"
+                and all(not t.get("normalized", True) and not t.get("single_word")
+                        for t in spec.get("added_tokens", [])))
+
+    def __init__(self, tokenizer, spec: dict, max_length: int):
+        if not self.models(spec):
+            raise ValueError("the word cache reproduces only BERT WordPiece tokenizers (see _WordCache.models)")
+        normalizer, added = spec.get("normalizer"), spec.get("added_tokens", [])
         self.lowercase = bool(normalizer and normalizer.get("lowercase"))
         self.normalizer = tokenizer.normalizer
         self.model = tokenizer.model
@@ -194,8 +199,9 @@ class TextTokenizer:
         self.tokenizer = Tokenizer.from_str(backend_json)
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length, stride=0, strategy="longest_first", direction="right")
-        cache = _WordCache(self.tokenizer, json.loads(backend_json), max_length) if word_cache else None
-        self.word_cache = cache if cache is not None and cache.usable else None
+        spec = json.loads(backend_json)
+        self.word_cache = (_WordCache(self.tokenizer, spec, max_length)
+                           if word_cache and _WordCache.models(spec) else None)
 
     def __reduce__(self):
         return TextTokenizer, (self.backend_json, self.max_length, self.use_word_cache)
