@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from paper_assets.engine.storage import file_metadata
+from paper_assets.engine.text import paper_texts
 
 from .conftest import REPO, make_source
 
@@ -111,6 +112,26 @@ def test_bench_pipeline_reports_the_data_path_and_memory_of_processes_that_did_n
     (broken / "pipeline-model" / "adapter" / "adapter_config.json").write_text("{}")  # no model to load
     with pytest.raises(ModelLoadError, match="base model folder .* does not exist"):  # the child's own error
         run_pipeline(30, broken)
+
+
+def test_gpu_hosts_data_path_probe_tokenises_every_paper_alike_in_every_mode(tmp_path, tiny_model, generated_papers):
+    """``tools/gpu/data_path.py``, which a GPU lease runs unattended: every core count and tokenising mode (word
+    cache, Rust tokenizer alone, worker processes) reads every paper of the source and produces the same token ids
+    count, through the same timed loop as ``bench --pipeline-papers``."""
+    source = make_source(tmp_path / "source.duckdb", generated_papers)
+    script = REPO / "tools" / "gpu" / "data_path.py"
+    done = subprocess.run([sys.executable, str(script), tiny_model[0], str(source), str(tmp_path / "work")],
+                          env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    runs = json.loads((tmp_path / "data_path.json").read_text())
+    texts, _ = paper_texts(pa.array([p["title"] for p in generated_papers], pa.string()),
+                           pa.array([p["abstract"] for p in generated_papers], pa.string()), "[SEP]")
+    with_text = len(texts) - texts.null_count
+    assert {(run["cores"], run["mode"]) for run in runs} >= {(1, "word_cache"), (1, "rust"), (1, "workers")}
+    assert {run["papers"] for run in runs} == {with_text}
+    assert len({run["tokens"] for run in runs}) == 1
+    assert all(run["tokenizer_workers"] >= 1 for run in runs if run["mode"] == "workers")
+    assert all(run["data_path_papers_per_second"] > 0 for run in runs)
 
 
 def test_bench_tokenises_the_real_abstracts_both_ways_to_the_same_ids(tmp_path, shared_papers):

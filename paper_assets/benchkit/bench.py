@@ -30,8 +30,9 @@ from ..engine.model import ModelConfig, load_model
 from ..engine.pipeline import build_papers, embed_papers
 from ..engine.ranges import IdRange
 from ..engine.source import inspect_source
-from ..engine.storage import DEFAULT_CHUNK_ROWS, parquet_file, vectors_of
+from ..engine.storage import vectors_of
 from . import sample_source, tokenizer_bench
+from .data_path import pin_to_cores, time_data_path
 from .reference import read_reference, run_seed_recipe
 from .tiny_model import BERT_BASE, PIPELINE, build_model
 
@@ -279,10 +280,8 @@ def _write_pipeline_source(n: int, work: str) -> None:
 
 def _pipeline_child(n: int, work: str, cores: int = 0, data_path_only: bool = False,
                     tokenizer_workers: int = 0) -> dict:
-    if cores:  # before the first tokenisation: the tokenizer's thread pool sizes itself from the affinity mask
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
-        os.environ["RAYON_NUM_THREADS"] = str(cores)
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    cores = pin_to_cores(cores)
+    torch.set_num_threads(cores)
     work_dir = Path(work)
     source = pipeline_source(n, work_dir)
     if not source.exists():
@@ -292,28 +291,20 @@ def _pipeline_child(n: int, work: str, cores: int = 0, data_path_only: bool = Fa
                                              tokenizer_workers=tokenizer_workers)))
     if tokenizer_workers:
         encoder.tokenize(["start the workers [SEP] before the clock"] * tokenizer_workers)
-    info = inspect_source(source)
     papers, out, checkpoints = (work_dir / f"{stem}-{n}" for stem in ("papers", "embeddings", "checkpoints"))
     with PeakRSS() as rss:  # sampled: ru_maxrss would carry the parent's peak across fork + exec
-        t0 = time.perf_counter()
-        build_papers(info, IdRange(0, 10**12), papers.with_suffix(".parquet"))
-        t1 = time.perf_counter()
-        tokens = 0
-        for batch in parquet_file(papers.with_suffix(".parquet")).iter_batches(DEFAULT_CHUNK_ROWS, columns=["text"]):
-            tokens += int(encoder.tokenize(batch.column("text").to_pylist()).offsets[-1])
-        t2 = time.perf_counter()
+        timing = time_data_path(source, papers.with_suffix(".parquet"),
+                                lambda texts: int(encoder.tokenize(texts).offsets[-1]))
+        data_path = {"cores": cores, **timing.rates()}
         if data_path_only:
             encoder.close()
-            return {"papers": n, "cores": len(os.sched_getaffinity(0)), "tokenizer_workers": tokenizer_workers,
-                    "data_path_papers_per_second": n / (t2 - t0), "read_clean_write_papers_per_second": n / (t1 - t0),
-                    "tokenise_papers_per_second": n / (t2 - t1)}
+            return {**data_path, "tokenizer_workers": tokenizer_workers}
+        started = time.perf_counter()
         report = embed_papers(papers.with_suffix(".parquet"), out.with_suffix(".parquet"), encoder, checkpoints)
-        t3 = time.perf_counter()
-    return {"papers": n, "cores": len(os.sched_getaffinity(0)), "read_clean_write_papers_per_second": n / (t1 - t0),
-            "tokenise_papers_per_second": n / (t2 - t1), "tokenise_tokens_per_second": tokens / (t2 - t1),
-            "data_path_papers_per_second": n / (t2 - t0), "embed_stage_papers_per_second": report.rows / (t3 - t2),
+        embed_seconds = time.perf_counter() - started
+    return {**data_path, "embed_stage_papers_per_second": report.rows / embed_seconds,
             "forward_seconds": report.encode.forward_seconds,
-            "end_to_end_papers_per_second": n / ((t1 - t0) + (t3 - t2)), "peak_rss_mb": rss.peak / 2**20}
+            "end_to_end_papers_per_second": n / (timing.build_seconds + embed_seconds), "peak_rss_mb": rss.peak / 2**20}
 
 
 def in_a_fresh_process(fn: Callable[..., T], *args) -> T:

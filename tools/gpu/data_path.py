@@ -6,7 +6,8 @@ Each configuration runs in a fresh process pinned to its cores: tokenising in pr
 process with the Rust tokenizer alone (its threads spread over the cores), and in worker processes (the GPU
 default, ``tokenization.default_workers``). The source from ``.gpu/mkdb.py`` replicates the 2,423 real papers, so
 after the first 2,423 rows the word cache has seen every word: see ``pipeline.tokenizer_on_real_papers`` in
-BENCHMARKS.json for a first pass over distinct papers.
+BENCHMARKS.json for a first pass over distinct papers. The timed loop is ``benchkit.data_path``, the one
+``paper-assets bench --pipeline-papers`` times.
 """
 
 from __future__ import annotations
@@ -15,20 +16,16 @@ import json
 import multiprocessing
 import os
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 
 def measure(tokenizer_dir: str, source: str, work: str, cores: int, mode: str, workers: int = 0) -> dict:
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
-    os.environ["RAYON_NUM_THREADS"] = str(cores)
+    from paper_assets.benchkit.data_path import pin_to_cores, time_data_path
+
+    cores = pin_to_cores(cores)
     from transformers import AutoTokenizer
 
-    from paper_assets.engine.pipeline import build_papers
-    from paper_assets.engine.ranges import IdRange
-    from paper_assets.engine.source import inspect_source
-    from paper_assets.engine.storage import DEFAULT_CHUNK_ROWS, parquet_file
     from paper_assets.engine.tokenization import TextTokenizer, TokenizerPool, default_workers
 
     backend = AutoTokenizer.from_pretrained(tokenizer_dir).backend_tokenizer.to_str()
@@ -37,22 +34,12 @@ def measure(tokenizer_dir: str, source: str, work: str, cores: int, mode: str, w
     pool = TokenizerPool(tokenizer, workers, cores) if workers else None
     if pool is not None:
         pool.encode(["start the workers [SEP] before the clock"] * workers)
-    papers = Path(work) / f"papers-{cores}-{mode}.parquet"
-    start = time.perf_counter()
-    build_papers(inspect_source(Path(source)), IdRange(0, 10**12), papers)
-    built = time.perf_counter()
-    rows = tokens = 0
-    for batch in parquet_file(papers).iter_batches(DEFAULT_CHUNK_ROWS, columns=["text"]):
-        texts = batch.column("text").to_pylist()
-        arrays = pool.encode(texts) if pool is not None else tokenizer.encode(texts)
-        rows, tokens = rows + len(texts), tokens + int(arrays.lengths.sum())
-    done = time.perf_counter()
+    encode = pool.encode if pool is not None else tokenizer.encode
+    timing = time_data_path(Path(source), Path(work) / f"papers-{cores}-{mode}.parquet",
+                            lambda texts: int(encode(texts).lengths.sum()))
     if pool is not None:
         pool.close()
-    return {"cores": cores, "mode": mode, "tokenizer_workers": workers, "papers": rows,
-            "data_path_papers_per_second": rows / (done - start), "read_clean_write_papers_per_second":
-            rows / (built - start), "tokenise_papers_per_second": rows / (done - built),
-            "tokenise_tokens_per_second": tokens / (done - built)}
+    return {"cores": cores, "mode": mode, "tokenizer_workers": workers, **timing.rates()}
 
 
 def main() -> None:
