@@ -154,15 +154,14 @@ def test_bench_takes_the_calibrations_fastest_gemm_call_in_the_engines_precision
     from paper_assets.engine import calibrate
 
     cache = tmp_path / "calibration.json"
-    assert best_gemm_call_gflops(cache, "bf16") is None  # nothing measured yet
+    assert best_gemm_call_gflops(None, "bf16") is None  # no calibration file yet
     rounds = {torch.float32: [249.3, 201.0], torch.bfloat16: [1827.4, 800.0]}  # GFLOP/s in two rounds
     monkeypatch.setattr(calibrate, "cpu_gemm_rates", lambda: rounds)
     calibrate.bf16_pays_off(cache)  # stores this CPU kind's GEMM measurement
-    assert best_gemm_call_gflops(cache, "bf16") == 1827.4
-    assert best_gemm_call_gflops(cache, "fp32") == 249.3
+    assert best_gemm_call_gflops(json.loads(cache.read_text()), "bf16") == 1827.4
+    assert best_gemm_call_gflops(json.loads(cache.read_text()), "fp32") == 249.3
     other_cpu = {"Another CPU|no-native-bf16|2 cores|gemm": {"bf16": False, "bf16_gflops": 99.0, "fp32_gflops": 171.0}}
-    cache.write_text(json.dumps(other_cpu))
-    assert best_gemm_call_gflops(cache, "bf16") is None  # another CPU kind's record is not this machine's
+    assert best_gemm_call_gflops(other_cpu, "bf16") is None  # another CPU kind's record is not this machine's
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from ..engine.calibrate import cached_gemm_measurement, matmul_call_gflops
+from ..engine.calibrate import gemm_measurement, matmul_call_gflops
 from ..engine.device import NATIVE_BF16_FLAGS, cpu_info
 from ..engine.encoder import Encoder
 from ..engine.errors import UserError
@@ -213,8 +213,9 @@ def run_pair(options: BenchOptions, source: Path, base: str, adapter: str, work:
                     else matmul_call_gflops(engine_model.dtype, engine_model.device))
     peak_fp32, peak_engine = max(fp32_calls), max(engine_calls)
     median_engine = float(np.median(engine_calls))
-    calibration = json.loads((work / "calibration.json").read_text()) if (work / "calibration.json").exists() else None
-    best_call = best_gemm_call_gflops(work / "calibration.json", engine_model.precision)
+    calibration_file = work / "calibration.json"
+    calibration = json.loads(calibration_file.read_text()) if calibration_file.exists() else None
+    best_call = best_gemm_call_gflops(calibration, engine_model.precision)
     return {
         "papers": papers,
         "device": device_name(engine_model.device),
@@ -260,10 +261,11 @@ def run_pair(options: BenchOptions, source: Path, base: str, adapter: str, work:
     }
 
 
-def best_gemm_call_gflops(calibration_file: Path, precision: str) -> float | None:
-    """The fastest FFN GEMM call this CPU's calibration timed in ``precision`` (its interleaved rounds catch a shared
-    VM's fast moments, which the 2 s peak measurement can miss; an AMX VM: 1,827 against 744 GFLOP/s), if any."""
-    measured = cached_gemm_measurement(calibration_file)
+def best_gemm_call_gflops(calibration: dict | None, precision: str) -> float | None:
+    """The fastest FFN GEMM call this CPU's calibration (the calibration file's entries) timed in ``precision`` (its
+    interleaved rounds catch a shared VM's fast moments, which the 2 s peak measurement can miss; an AMX VM: 1,827
+    against 744 GFLOP/s), if any."""
+    measured = gemm_measurement(calibration or {})
     rate = (measured or {}).get(f"{precision}_gflops")
     return None if rate is None else float(rate)
 

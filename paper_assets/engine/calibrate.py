@@ -242,9 +242,10 @@ def _gemm_key() -> str:
     return f"{_cpu_key()}|gemm"
 
 
-def cached_gemm_measurement(cache_file: Path) -> dict | None:
-    """This CPU kind's stored GEMM measurement (``fp32_gflops``, ``bf16_gflops``, ``bf16``), None before the first."""
-    return _read(cache_file).get(_gemm_key())
+def gemm_measurement(calibration: Mapping[str, dict]) -> dict | None:
+    """This CPU kind's GEMM measurement (``fp32_gflops``, ``bf16_gflops``, ``bf16``) among a calibration file's
+    entries, None before the first."""
+    return calibration.get(_gemm_key())
 
 
 def bf16_pays_off(cache_file: Path) -> bool:
