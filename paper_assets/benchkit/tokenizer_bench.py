@@ -8,7 +8,6 @@ engine's own text rules (``title [SEP] abstract``).
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pyarrow as pa
 from ..engine.text import paper_texts
 from ..engine.tokenization import TextTokenizer, usable_cores
 from . import sample_source
+from .data_path import pin_to_cores
 from .tiny_model import BERT_BASE, train_tokenizer
 
 PASSES = 3
@@ -39,8 +39,7 @@ def _rate(encode, texts: list[str]) -> tuple[float, object]:
 def measure(papers_file: str, work: str) -> dict:
     """In a process of its own: pinned to one core, the Rust tokenizer on one thread."""
     machine_cores = usable_cores()
-    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:1])
-    os.environ["RAYON_NUM_THREADS"] = "1"
+    pin_to_cores(1)
     texts = _texts(Path(papers_file))
     folder = Path(work) / "tokenizer-bench"
     tokenizer = train_tokenizer(texts, BERT_BASE.vocab_size, folder)
