@@ -134,6 +134,38 @@ def test_gpu_hosts_data_path_probe_tokenises_every_paper_alike_in_every_mode(tmp
     assert all(run["data_path_papers_per_second"] > 0 for run in runs)
 
 
+def test_engine_ab_tool_runs_each_checkout_from_its_own_folder_alternately(tmp_path, tiny_model, generated_papers):
+    """``tools/engine_ab.py``: both sides embed the same papers in processes of their own, importing paper_assets from
+    the checkout named (here a copy of this one against this one), alternating round by round; a folder without the
+    package is refused."""
+    import shutil
+
+    source = make_source(tmp_path / "source.duckdb", generated_papers)
+    old = tmp_path / "old-checkout"
+    shutil.copytree(REPO / "paper_assets", old / "paper_assets", ignore=shutil.ignore_patterns("__pycache__"))
+    script = REPO / "tools" / "engine_ab.py"
+    env = {**os.environ, "PAPER_ASSETS_BENCH_DIR": str(tmp_path / "work")}
+    args = [sys.executable, str(script), str(old), str(REPO), "--papers", "12", "--rounds", "2", "--compile", "off",
+            "--base", tiny_model[0], "--adapter", tiny_model[1], "--source", str(source),
+            "--json", str(tmp_path / "ab.json")]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "ab.json").read_text())
+    assert [len(result["runs"][side]) for side in ("old", "new")] == [2, 2]
+    runs = result["runs"]["old"] + result["runs"]["new"]
+    assert all(run["papers"] == 12 and run["papers_per_second"] > 0 and not run["compiled"] for run in runs)
+    for side, checkout in (("old", old), ("new", REPO)):
+        package = str((checkout / "paper_assets" / "__init__.py").resolve())
+        assert {run["paper_assets"] for run in result["runs"][side]} == {package}
+    assert len(result["new_over_old_each_round"]) == 2
+    assert (tmp_path / "work" / "engine_ab_calibration_old.json").exists()
+    assert [line.split()[2] for line in done.stdout.splitlines() if line.startswith("round")] == ["old", "new"] * 2
+
+    refused = subprocess.run([*args[:2], str(tmp_path), *args[3:]], env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode != 0 and "holds no paper_assets/ package" in refused.stderr
+
+
 def test_bench_tokenises_the_real_abstracts_both_ways_to_the_same_ids(tmp_path, shared_papers):
     """The word cache against the Rust tokenizer on the SciRepEval abstracts, pinned to one core in a process of its
     own; the measurement itself refuses to report if the two disagree on any id."""
