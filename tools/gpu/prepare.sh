@@ -1,0 +1,23 @@
+#!/bin/bash
+# Prepare .gpu/ for a GPU lease, from the project root on a machine with PyPI access (../shared/gpu/README.md's
+# steps, then this folder's probes beside check.sh). Afterwards: one device run with carry [".gpu"] and
+# command `bash .gpu/compile_default.sh 2>&1` (timeout ~560 s), then give_back.
+set -euo pipefail
+cd "$(git rev-parse --show-toplevel)"
+SHARED=${SHARED:-../shared}
+[ -f "$SHARED/gpu/check.sh" ] || { echo "no $SHARED/gpu/check.sh: set SHARED to the shared folder" >&2; exit 2; }
+rm -rf .gpu
+cp -r "$SHARED/gpu" .gpu
+mkdir -p .gpu/data
+cp "$SHARED/data/scirepeval_sample_papers.jsonl" .gpu/data/
+grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo /.gpu/ >> .git/info/exclude
+PYTHON=${PYTHON:-python3}
+for p in adapters==1.3.0 transformers==4.57.6 huggingface_hub==0.36.2 tokenizers==0.22.1 duckdb==2.0.1; do
+  "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d .gpu/whl "$p"
+done
+cp tools/gpu/*.sh tools/gpu/*.py .gpu/
+rm -f .gpu/prepare.sh
+du -sh .gpu
+ls .gpu .gpu/whl
