@@ -19,7 +19,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -109,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch.compile in both (default auto: each checkout's own default)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
-    work = Path(os.environ.get("PAPER_ASSETS_BENCH_DIR") or Path(tempfile.gettempdir()) / "paper_assets_bench")
-    work.mkdir(parents=True, exist_ok=True)
-    from paper_assets.benchkit.bench import benchmark_model, default_source
+    from paper_assets.benchkit.bench import bench_dir, benchmark_model, default_source
+
+    work = bench_dir()
 
     source = args.source or default_source(work)
     if bool(args.base) != bool(args.adapter):

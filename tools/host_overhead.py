@@ -8,19 +8,18 @@ default /tmp/paper_assets_bench). Prints the time spent in the pipeline between 
 (what a GPU waits through once its queue of launched kernels runs dry) beside the writer's and tokenizer's times.
 """
 
-import os
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from paper_assets.benchkit.bench import bench_dir
 from paper_assets.engine import pipeline, storage
 from paper_assets.engine.encoder import Encoder
 from paper_assets.engine.model import ModelConfig, load_model
 
-BENCH = Path(os.environ.get("PAPER_ASSETS_BENCH_DIR") or "/tmp/paper_assets_bench")
+BENCH = bench_dir()
 BETWEEN = "pipeline work between two chunks (the launching thread)"
 timers: dict[str, float] = {}
 

@@ -416,12 +416,19 @@ class BenchOptions:
     novelty_months: int = 24
 
 
+def bench_dir() -> Path:
+    """Where the bench keeps its source, stand-in models and calibration between runs (created here); the tools in
+    ``tools/`` read the same folder."""
+    work = Path(os.environ.get("PAPER_ASSETS_BENCH_DIR") or Path(tempfile.gettempdir()) / "paper_assets_bench")
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
 def run_benchmark(options: BenchOptions) -> int:
     missing = [name for name in ("pandas", "psutil") if importlib.util.find_spec(name) is None]
     if missing:
         raise UserError(f"paper-assets bench needs {', '.join(missing)}: pip install 'paper_assets[bench]'")
-    work = Path(os.environ.get("PAPER_ASSETS_BENCH_DIR") or Path(tempfile.gettempdir()) / "paper_assets_bench")
-    work.mkdir(parents=True, exist_ok=True)
+    work = bench_dir()
     result: dict = {"machine": {**_cpu_description(), "cores": os.cpu_count(),
                                 "torch": torch.__version__, "threads": torch.get_num_threads()}}
     if options.papers > 0:

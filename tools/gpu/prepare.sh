@@ -10,14 +10,15 @@ rm -rf .gpu
 cp -r "$SHARED/gpu" .gpu
 mkdir -p .gpu/data
 cp "$SHARED/data/scirepeval_sample_papers.jsonl" .gpu/data/
-grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo /.gpu/ >> .git/info/exclude
+EXCLUDE=$(git rev-parse --git-path info/exclude)  # also right in a worktree, where .git is a file
+mkdir -p "$(dirname "$EXCLUDE")"
+grep -qx '/.gpu/' "$EXCLUDE" 2>/dev/null || echo /.gpu/ >> "$EXCLUDE"
 PYTHON=${PYTHON:-python3}
 for p in adapters==1.3.0 transformers==4.57.6 huggingface_hub==0.36.2 tokenizers==0.22.1 duckdb==2.0.1; do
   "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d .gpu/whl "$p"
 done
-cp tools/gpu/*.sh tools/gpu/*.py .gpu/
-rm -f .gpu/prepare.sh
+find tools/gpu -maxdepth 1 \( -name '*.sh' -o -name '*.py' \) ! -name prepare.sh -exec cp {} .gpu/ \;
 du -sh .gpu
 ls .gpu .gpu/whl
