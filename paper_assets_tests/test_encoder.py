@@ -262,6 +262,29 @@ def test_unreachable_weights_explain_how_to_use_a_local_copy(tmp_path):
     assert "allenai/specter2_base" in out and "PAPER_ASSETS_BASE_MODEL" in out and "--local-dir" in out
 
 
+def test_a_wrong_folder_or_device_fails_before_the_model_libraries_load(tmp_path, tiny_model):
+    """Checks that need no model run before adapters and transformers are imported (5-8 s on 2 vCPUs)."""
+    import subprocess
+    import sys
+
+    base, adapter = tiny_model
+    code = (
+        "import sys\n"
+        "from paper_assets.engine.model import ModelConfig, ModelLoadError, load_model\n"
+        "from paper_assets.engine.errors import UserError\n"
+        f"for base, adapter, device in [({str(tmp_path / 'no-base')!r}, {adapter!r}, 'cpu'),\n"
+        f"                              ({base!r}, './no/adapter', 'cpu'), ({base!r}, {adapter!r}, 'tpu7')]:\n"
+        "    try:\n        load_model(ModelConfig(base_model=base, adapter=adapter, device=device))\n"
+        "    except UserError as err:\n        print(type(err).__name__, err)\n"
+        "print('imported:', sorted(m for m in ('adapters', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    lines = out.stdout.splitlines()
+    assert len(lines) == 4, out.stdout + out.stderr[-2000:]
+    assert "no-base does not exist" in lines[0] and "./no/adapter does not exist" in lines[1], lines
+    assert "tpu7" in lines[2] and lines[3] == "imported: []", lines
+
+
 def _assert_cleaning_invisible(tokenizer, samples):
     from paper_assets.engine.text import clean_field
 

@@ -179,9 +179,6 @@ def load_model(config: ModelConfig, setting_names: dict[str, str] | None = None)
 
 
 def _load_model(config: ModelConfig, settings: dict[str, str]) -> LoadedModel:
-    from adapters import AutoAdapterModel
-    from transformers import AutoTokenizer
-
     if config.attn_implementation not in ATTN_IMPLEMENTATIONS:
         raise ModelLoadError(f"attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
                              f"not {config.attn_implementation!r}")
@@ -192,6 +189,11 @@ def _load_model(config: ModelConfig, settings: dict[str, str]) -> LoadedModel:
     if config.precision == "auto" and device.type == "cpu" and dtype == torch.bfloat16 and config.calibration_file \
             and not calibrate.bf16_pays_off(Path(config.calibration_file)):
         dtype = torch.float32  # the CPU has bf16 instructions, but they are slower than fp32 here (measured)
+    # Imported after every check above: adapters + transformers take 5-8 s to import on 2 vCPUs, and a typo in a
+    # folder or device name should not wait for them.
+    from adapters import AutoAdapterModel
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(config.base_model)
         model = AutoAdapterModel.from_pretrained(config.base_model, attn_implementation=config.attn_implementation)
