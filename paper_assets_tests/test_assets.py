@@ -45,6 +45,17 @@ def test_definitions_validate_from_the_workspace(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
 
 
+def test_the_code_location_loads_without_the_model_libraries(tmp_path):
+    """The code server, the daemon, run coordinators and the steps that do not embed load the definitions: they
+    import neither torch nor transformers (the embedding step imports them when it loads the model)."""
+    env = dict(os.environ, PAPER_ASSETS_HOME=str(tmp_path / "home"), DAGSTER_HOME=str(tmp_path))
+    code = ("import sys\nfrom paper_assets.definitions import defs\n"
+            "assert len(defs.resolve_asset_graph().get_all_asset_keys()) == 7\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'adapters') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-3000:]
+
+
 def test_asset_graph_lineage(project):
     _, defs = project
     graph = defs.resolve_asset_graph()

@@ -6,11 +6,12 @@ import fcntl
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
-
-import torch
+from typing import TYPE_CHECKING, NamedTuple
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 _CLAIMED: dict[str, int] = {}  # lock file -> open descriptor, held for the life of the process
 
@@ -45,6 +46,8 @@ def claim_slot(lock_dir: str | os.PathLike, slots: int, prefix: str = "cuda") ->
 def resolve_device(requested: str = "auto", lock_dir: str | os.PathLike | None = None) -> torch.device:
     """``auto``: CUDA (with several GPUs and a ``lock_dir``: the first one no other process has claimed), then MPS,
     then the CPU. An explicit device is used as given."""
+    import torch
+
     if requested != "auto":
         try:
             device = torch.device(requested)
@@ -118,6 +121,8 @@ def default_token_budget(device: torch.device) -> int:
     (BERT-base at 64k tokens needs a few GiB of activations in bf16); on CPUs small batches run faster (measured on
     BERT-base, 2 cores: 2048 -> 3.9 papers/s, 16384 -> 2.1; see BENCHMARKS.md), as activations then stay in cache,
     and the CPU budget is measured per machine where a calibration file is configured (``calibrate``)."""
+    import torch
+
     if device.type == "cuda":
         memory_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
         return 65536 if memory_gib >= 40 else 32768 if memory_gib >= 16 else 16384
@@ -154,6 +159,8 @@ def compile_wanted(setting: str | bool, device: torch.device) -> bool:
 
 
 def resolve_precision(requested: str, device: torch.device) -> torch.dtype:
+    import torch
+
     if requested not in PRECISIONS:
         raise DeviceError(f"precision must be one of {PRECISIONS}, got {requested!r}")
     if requested == "fp32":
@@ -173,4 +180,6 @@ def resolve_precision(requested: str, device: torch.device) -> torch.dtype:
 
 
 def precision_name(dtype: torch.dtype) -> str:
+    import torch
+
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]

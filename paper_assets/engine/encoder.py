@@ -39,6 +39,7 @@ import torch
 from . import calibrate
 from .batching import bucket_rows, full_rows, pad_on_device, padded_width, plan_batches, warm_up_shapes
 from .device import compile_choice, compile_wanted, default_pad_multiple, default_token_budget
+from .encode_stats import EncodeStats
 from .model import LoadedModel
 from .tokenization import TextTokenizer, TokenArrays, TokenizerPool, default_workers
 
@@ -47,26 +48,6 @@ Payload = TypeVar("Payload")
 
 class NonFiniteEmbeddingError(RuntimeError):
     pass
-
-
-@dataclass
-class EncodeStats:
-    rows: int = 0
-    real_tokens: int = 0
-    padded_tokens: int = 0
-    batches: int = 0
-    forward_seconds: float = 0.0
-    nan_batches_recomputed: int = 0
-    oom_splits: int = 0
-    truncated_rows: int = 0
-
-    def add(self, other: EncodeStats) -> None:
-        for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
-    @property
-    def token_efficiency(self) -> float:
-        return self.real_tokens / self.padded_tokens if self.padded_tokens else 1.0
 
 
 @dataclass

@@ -7,15 +7,17 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import gate, quality
-from .encoder import Encoder
-from .model import adapter_warning_silenced
 from .quality import GatePolicy
 from .ranges import IdRange
 from .storage import ProjectHome, atomic_path, sha256_file
+
+if TYPE_CHECKING:
+    from .encoder import Encoder
 
 
 @dataclass
@@ -44,6 +46,8 @@ def canary_vectors(encoder: Encoder, layout: ProjectHome) -> dict[str, np.ndarra
     if encoder not in _WITHOUT_ADAPTER:
         active = loaded.model.active_adapters
         # Eager: a compiled graph would recompile for the switched-off adapter (~40 s on a CPU with freezing).
+        from .model import adapter_warning_silenced
+
         with adapter_warning_silenced(), encoder.eager():
             loaded.model.set_active_adapters(None)
             try:

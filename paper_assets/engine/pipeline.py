@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import text as text_rules
-from .encoder import Encoder, EncodeStats
+from .encode_stats import EncodeStats
 from .ranges import IdRange
 from .source import RangeReadStats
 from .storage import (
@@ -37,6 +37,9 @@ from .storage import (
     sha256_file,
     vectors_of,
 )
+
+if TYPE_CHECKING:
+    from .encoder import Encoder
 
 Progress = Callable[[int, int, float], None]  # rows done, rows total, seconds elapsed
 
