@@ -1,4 +1,7 @@
-"""Device and precision policy: CUDA -> MPS -> CPU; bf16 only where the hardware computes it natively."""
+"""Device and precision policy: CUDA -> MPS -> CPU; bf16 only where the hardware computes it natively.
+
+torch is imported inside the functions that use it: the Dagster code location parses the compile setting here
+(``compile_choice``) and stays free of the model libraries (``defs/resources.py``)."""
 
 from __future__ import annotations
 
