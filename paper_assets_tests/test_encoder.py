@@ -270,7 +270,7 @@ def test_a_wrong_folder_or_device_fails_before_the_model_libraries_load(tmp_path
     base, adapter = tiny_model
     code = (
         "import sys\n"
-        "from paper_assets.engine.model import ModelConfig, ModelLoadError, load_model\n"
+        "from paper_assets.engine.model import ModelConfig, load_model\n"
         "from paper_assets.engine.errors import UserError\n"
         f"for base, adapter, device in [({str(tmp_path / 'no-base')!r}, {adapter!r}, 'cpu'),\n"
         f"                              ({base!r}, './no/adapter', 'cpu'), ({base!r}, {adapter!r}, 'tpu7')]:\n"
