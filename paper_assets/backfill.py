@@ -2,7 +2,7 @@
 (`paper-assets ui`, or any Dagster webserver serving this code location) to launch a partition backfill through its
 GraphQL API, so the daemon, run queue, executor and workers are exactly the UI's; with ``--wait`` it follows the
 backfill and reports each partition from the instance (run status, and the worker, device and rows that
-``paper_embeddings`` recorded)."""
+``paper_embeddings`` recorded, or for a failed run the error that ended it)."""
 
 from __future__ import annotations
 
@@ -74,9 +74,28 @@ def wait(url: str, backfill_id: str, timeout: float, poll: float = 3.0,
         time.sleep(poll)
 
 
+def run_failure(instance, run_id: str) -> str | None:
+    """Why a run failed, from its event log: the first failed step's error (step key and message), else the run's
+    own failure message (a run can fail before any step starts: launch, executor or worker loss)."""
+    from dagster import DagsterEventType
+
+    for record in instance.all_logs(run_id, of_type={DagsterEventType.STEP_FAILURE, DagsterEventType.RUN_FAILURE}):
+        event = record.dagster_event
+        if event.event_type == DagsterEventType.STEP_FAILURE:
+            error = event.step_failure_data.error
+            while error is not None and error.cause is not None:  # Dagster wraps the step's own exception
+                error = error.cause
+            text = error.message.strip() if error else event.message or "step failed"
+            return f"{event.step_key}: {text}"
+    for record in instance.all_logs(run_id, of_type=DagsterEventType.RUN_FAILURE):
+        return record.dagster_event.message or record.message or "run failed"
+    return None
+
+
 def partition_reports(instance, backfill_id: str) -> list[dict]:
-    """One entry per partition the backfill ran: range, run status, and what paper_embeddings recorded."""
-    from dagster import AssetKey, AssetRecordsFilter, RunsFilter
+    """One entry per partition the backfill ran: range, run status, what paper_embeddings recorded, and for a run
+    that did not succeed, the error that ended it."""
+    from dagster import AssetKey, AssetRecordsFilter, DagsterRunStatus, RunsFilter
 
     reports = []
     runs = instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id}))
@@ -89,4 +108,6 @@ def partition_reports(instance, backfill_id: str) -> list[dict]:
         reports.append({"range": key, "status": run.status.value, "run_id": run.run_id,
                         "worker": meta.get("worker"), "device": meta.get("device"),
                         "rows": meta.get("dagster/row_count")})
+        if run.status != DagsterRunStatus.SUCCESS:
+            reports[-1]["error"] = run_failure(instance, run.run_id)
     return reports

@@ -198,3 +198,27 @@ def test_the_ui_process_logs_no_warnings_we_cause(dagster_dev):
     assert "Launching Dagster services" in log
     flagged = [line for line in log.splitlines() if "Warning" in line or "none are activated" in line]
     assert not flagged, flagged
+
+
+def test_the_backfill_report_gives_each_failed_partition_the_error_that_ended_it(tmp_path):
+    """`paper-assets backfill --wait` reads its per-partition report from the instance: a run that succeeded shows
+    what paper_embeddings recorded, a run whose step raised shows the step and its error."""
+    from dagster import DagsterInstance, MaterializeResult, StaticPartitionsDefinition, asset, materialize
+
+    from paper_assets.backfill import partition_reports
+
+    @asset(partitions_def=StaticPartitionsDefinition(["000000000-000999999", "001000000-001999999"]))
+    def paper_embeddings(context) -> MaterializeResult:
+        if context.partition_key.startswith("001"):
+            raise RuntimeError("papers file for 001000000-001999999 is truncated")
+        return MaterializeResult(metadata={"worker": "host:1", "device": "cpu", "dagster/row_count": 40})
+
+    with DagsterInstance.local_temp(str(tmp_path)) as instance:
+        for key in ("000000000-000999999", "001000000-001999999"):
+            materialize([paper_embeddings], instance=instance, partition_key=key, raise_on_error=False,
+                        tags={"dagster/backfill": "fill1"})
+        ok, failed = partition_reports(instance, "fill1")
+    assert ok == {"range": "000000000-000999999", "status": "SUCCESS", "run_id": ok["run_id"], "worker": "host:1",
+                  "device": "cpu", "rows": 40}
+    assert failed["status"] == "FAILURE" and failed["worker"] is None
+    assert failed["error"].startswith("paper_embeddings: RuntimeError: papers file for 001000000-001999999 is truncated")
