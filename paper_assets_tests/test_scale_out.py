@@ -121,6 +121,23 @@ def test_instance_config_follows_the_settings(tmp_path, monkeypatch):
     assert "postgres" in own.read_text()
 
 
+def test_a_redis_database_with_a_client_still_connected_is_not_handed_out(redis_url):
+    """A worker left running by an interrupted run polls its old database while it is empty: the next test must not
+    get that database, nor one another caller has just claimed."""
+    import redis
+
+    base, index = redis_url.rsplit("/", 1)
+    leftover = redis.Redis.from_url(redis_url)
+    leftover.ping()  # connected to the database, holding no keys, as an idle Celery worker's connection does
+    try:
+        with empty_redis_database(base) as first, empty_redis_database(base) as second:
+            assert len({redis_url, first, second}) == 3, (redis_url, first, second)
+            assert redis.Redis.from_url(first).dbsize() == 1  # the claim, until the caller is done
+        assert redis.Redis.from_url(first).dbsize() == 0
+    finally:
+        leftover.close()
+
+
 def test_worker_refuses_to_start_without_a_broker(tmp_path):
     env = dict(os.environ, PAPER_ASSETS_HOME=str(tmp_path))
     env.pop("PAPER_ASSETS_CELERY_BROKER", None)

@@ -32,17 +32,29 @@ def temporary_postgres_database(admin_url: str = DEFAULT_PG_ADMIN) -> Iterator[s
         admin.close()
 
 
+REDIS_CLAIM_KEY = "paper_assets:claimed-by"
+
+
 @contextmanager
 def empty_redis_database(base_url: str = DEFAULT_REDIS, candidates: range = range(15, 8, -1)) -> Iterator[str]:
-    """The URL of an empty Redis database among ``candidates`` (high numbers, left to ad-hoc use), emptied after."""
+    """The URL of a Redis database among ``candidates`` (high numbers, left to ad-hoc use) that is empty and that no
+    other client is connected to, claimed for the caller and emptied after. An empty database is not enough: a Celery
+    worker left running by an interrupted test or bench (workers start in their own session, so killing pytest does
+    not stop them) keeps polling its old database's queues and would take, and fail, the new caller's steps."""
     import redis
 
+    token = uuid.uuid4().hex
     for index in candidates:
         client = redis.Redis.from_url(f"{base_url}/{index}")
-        if client.dbsize() == 0:
+        own_id = client.client_id()
+        others = [c for c in client.client_list() if int(c["db"]) == index and int(c["id"]) != own_id]
+        # SET NX after the size check: of two callers racing for one empty database, only one claims it.
+        if not others and client.dbsize() == 0 and client.set(REDIS_CLAIM_KEY, token, nx=True):
             break
+        client.close()
     else:
-        raise RuntimeError(f"no empty Redis database among {list(candidates)} at {base_url}")
+        raise RuntimeError(f"no free Redis database among {list(candidates)} at {base_url}: each holds keys or has a "
+                           "client connected (a worker still running?); `redis-cli client list` shows who")
     try:
         yield f"{base_url}/{index}"
     finally:
