@@ -14,7 +14,14 @@ EXCLUDE=$(git rev-parse --git-path info/exclude)  # also right in a worktree, wh
 mkdir -p "$(dirname "$EXCLUDE")"
 grep -qx '/.gpu/' "$EXCLUDE" 2>/dev/null || echo /.gpu/ >> "$EXCLUDE"
 PYTHON=${PYTHON:-python3}
-for p in adapters==1.3.0 transformers==4.57.6 huggingface_hub==0.36.2 tokenizers==0.22.1 duckdb==2.0.1; do
+# The GPU machine gets the versions the project's own venv runs and its tests passed with (not a copy of a list
+# kept elsewhere): torch, pyarrow and pandas are already there, these travel as wheels.
+VENV_PYTHON=${VENV_PYTHON:-.venv/bin/python}
+[ -x "$VENV_PYTHON" ] || { echo "no $VENV_PYTHON: run \`make setup\` first (or set VENV_PYTHON)" >&2; exit 2; }
+PINS=$("$VENV_PYTHON" -c 'from importlib.metadata import version
+print(" ".join(f"{name}=={version(name)}" for name in ("adapters", "transformers", "huggingface_hub", "tokenizers", "duckdb")))')
+echo "wheels for the GPU machine: $PINS"
+for p in $PINS; do
   "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d .gpu/whl "$p"
