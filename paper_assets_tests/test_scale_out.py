@@ -15,6 +15,7 @@ from paper_assets.benchkit.services import (
     DEFAULT_PG_ADMIN,
     DEFAULT_REDIS,
     empty_redis_database,
+    end_with_this_process,
     temporary_postgres_database,
     temporary_rabbitmq_vhost,
 )
@@ -66,7 +67,8 @@ def amqp_url():
 def launch_worker(env: dict, log: Path, *args: str) -> subprocess.Popen:
     with open(log, "w") as handle:
         return subprocess.Popen([sys.executable, "-m", "paper_assets.cli", "worker", "--device", "cpu", *args],
-                                cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+                                cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=end_with_this_process)
 
 
 def wait_until_ready(worker: subprocess.Popen, log: Path) -> None:
@@ -138,6 +140,40 @@ def test_a_redis_database_with_a_client_still_connected_is_not_handed_out(redis_
         leftover.close()
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie waits for its reaper: it has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
+def test_a_service_started_by_a_killed_test_process_ends_with_it():
+    """What let a worker outlive an interrupted test run: services start in their own session (so a test can stop
+    one with its children), out of reach of whatever stops the test. With end_with_this_process they get SIGTERM
+    when the process that started them dies, even by SIGKILL."""
+    starter_code = ("import subprocess, sys, time\n"
+                    "from paper_assets.benchkit.services import end_with_this_process\n"
+                    "service = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'],\n"
+                    "                           start_new_session=True, preexec_fn=end_with_this_process)\n"
+                    "print(service.pid, flush=True)\n"
+                    "time.sleep(120)\n")
+    starter = subprocess.Popen([sys.executable, "-c", starter_code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    service_pid = int(starter.stdout.readline())
+    try:
+        assert _process_alive(service_pid)
+        starter.kill()
+        starter.wait()
+        deadline = time.time() + 20
+        while _process_alive(service_pid) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _process_alive(service_pid), "the service outlived the process that started it"
+    finally:
+        if _process_alive(service_pid):
+            os.kill(service_pid, 9)
+
+
 def test_worker_refuses_to_start_without_a_broker(tmp_path):
     env = dict(os.environ, PAPER_ASSETS_HOME=str(tmp_path))
     env.pop("PAPER_ASSETS_CELERY_BROKER", None)
@@ -172,7 +208,8 @@ def backfill_on_two_workers(tmp_path: Path, settings: Settings, while_running=No
     url = f"http://127.0.0.1:{port}"
     with open(tmp_path / "ui.log", "w") as log:
         ui = subprocess.Popen([sys.executable, "-m", "paper_assets.cli", "ui", "--port", str(port)], cwd=REPO, env=env,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              preexec_fn=end_with_this_process)
     try:
         for i, worker in enumerate(workers):
             wait_until_ready(worker, tmp_path / f"worker{i}.log")

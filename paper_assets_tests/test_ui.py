@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from paper_assets.benchkit.services import end_with_this_process
+
 from .conftest import REPO, stop_process_group
 
 ARTIFACTS = REPO / "test-artifacts" / "ui"
@@ -78,7 +80,7 @@ def dagster_dev(tmp_path_factory):
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if Path(p) != venv_bin)
     server = subprocess.Popen(
         [str(venv_bin / "paper-assets"), "ui", "--host", "127.0.0.1", "--port", str(port)], cwd=home, env=env,
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=end_with_this_process)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_webserver(url, server, home / "dagster-dev.log")

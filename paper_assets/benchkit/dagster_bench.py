@@ -23,6 +23,7 @@ from .services import (
     DEFAULT_PG_ADMIN,
     DEFAULT_REDIS,
     empty_redis_database,
+    end_with_this_process,
     stop_process_group,
     temporary_postgres_database,
 )
@@ -88,7 +89,8 @@ def run_dagster_bench(partitions: int, per_partition: int, work: Path, base: str
         log = work / "worker.log"
         with open(log, "w") as log_handle:
             worker = subprocess.Popen([python, "-m", "paper_assets.cli", "worker", "--device", device], env=env,
-                                      stdout=log_handle, stderr=subprocess.STDOUT, start_new_session=True)
+                                      stdout=log_handle, stderr=subprocess.STDOUT, start_new_session=True,
+                                      preexec_fn=end_with_this_process)
             try:
                 _wait_ready(worker, log)
                 materialize = [python, "-m", "dagster", "asset", "materialize", "-m", "paper_assets.definitions"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -62,6 +63,20 @@ def empty_redis_database(base_url: str = DEFAULT_REDIS, candidates: range = rang
         client.close()
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def end_with_this_process() -> None:
+    """``preexec_fn`` for a service a test or bench starts in its own session (a worker, a webserver, an S3 server):
+    Linux sends it SIGTERM when the process that started it dies. :func:`stop_process_group` stops it when the test
+    ends; this covers a test run that is killed instead (a timeout, SIGKILL), which would otherwise leave the service
+    running, a Celery worker still polling its broker database for the next run's steps."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def stop_process_group(process: subprocess.Popen, timeout: float = 30) -> None:
     """Stop a process started with ``start_new_session=True`` and everything it started (TERM, then KILL)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -101,7 +116,8 @@ def moto_s3_server(host: str = "127.0.0.1") -> Iterator[str]:
         probe.bind((host, 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                              preexec_fn=end_with_this_process)
     try:
         deadline = time.time() + 60
         while True:
