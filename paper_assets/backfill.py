@@ -79,17 +79,22 @@ def run_failure(instance, run_id: str) -> str | None:
     own failure message (a run can fail before any step starts: launch, executor or worker loss)."""
     from dagster import DagsterEventType
 
-    for record in instance.all_logs(run_id, of_type={DagsterEventType.STEP_FAILURE, DagsterEventType.RUN_FAILURE}):
+    for record in instance.all_logs(run_id, of_type=DagsterEventType.STEP_FAILURE):
         event = record.dagster_event
-        if event.event_type == DagsterEventType.STEP_FAILURE:
-            error = event.step_failure_data.error
-            while error is not None and error.cause is not None:  # Dagster wraps the step's own exception
-                error = error.cause
-            text = error.message.strip() if error else event.message or "step failed"
-            return f"{event.step_key}: {text}"
+        return f"{event.step_key}: {_innermost(event.step_failure_data.error) or event.message or 'step failed'}"
     for record in instance.all_logs(run_id, of_type=DagsterEventType.RUN_FAILURE):
-        return record.dagster_event.message or record.message or "run failed"
+        event = record.dagster_event
+        data = event.event_specific_data
+        return _innermost(getattr(data, "error", None)) or event.message or record.message or "run failed"
     return None
+
+
+def _innermost(error) -> str | None:
+    """The message of the exception at the bottom of a SerializableErrorInfo chain (Dagster wraps a step's own
+    exception, and an executor's error wraps the worker's)."""
+    while error is not None and error.cause is not None:
+        error = error.cause
+    return error.message.strip() if error is not None else None
 
 
 def partition_reports(instance, backfill_id: str) -> list[dict]:

@@ -204,23 +204,38 @@ def test_the_ui_process_logs_no_warnings_we_cause(dagster_dev):
 
 def test_the_backfill_report_gives_each_failed_partition_the_error_that_ended_it(tmp_path):
     """`paper-assets backfill --wait` reads its per-partition report from the instance: a run that succeeded shows
-    what paper_embeddings recorded, a run whose step raised shows the step and its error."""
-    from dagster import DagsterInstance, MaterializeResult, StaticPartitionsDefinition, asset, materialize
+    what paper_embeddings recorded, a run whose step raised shows the step and its error, and a run that failed
+    before any step (a lost run worker, marked failed by Dagster's run monitoring) shows the run's failure."""
+    from dagster import (
+        DagsterInstance,
+        Definitions,
+        MaterializeResult,
+        StaticPartitionsDefinition,
+        asset,
+        materialize,
+    )
 
     from paper_assets.backfill import partition_reports
 
-    @asset(partitions_def=StaticPartitionsDefinition(["000000000-000999999", "001000000-001999999"]))
+    keys = ["000000000-000999999", "001000000-001999999", "002000000-002999999"]
+
+    @asset(partitions_def=StaticPartitionsDefinition(keys))
     def paper_embeddings(context) -> MaterializeResult:
         if context.partition_key.startswith("001"):
             raise RuntimeError("papers file for 001000000-001999999 is truncated")
         return MaterializeResult(metadata={"worker": "host:1", "device": "cpu", "dagster/row_count": 40})
 
     with DagsterInstance.local_temp(str(tmp_path)) as instance:
-        for key in ("000000000-000999999", "001000000-001999999"):
+        for key in keys[:2]:
             materialize([paper_embeddings], instance=instance, partition_key=key, raise_on_error=False,
                         tags={"dagster/backfill": "fill1"})
-        ok, failed = partition_reports(instance, "fill1")
-    assert ok == {"range": "000000000-000999999", "status": "SUCCESS", "run_id": ok["run_id"], "worker": "host:1",
-                  "device": "cpu", "rows": 40}
+        job = Definitions(assets=[paper_embeddings]).resolve_implicit_global_asset_job_def()
+        lost = instance.create_run_for_job(job, tags={"dagster/backfill": "fill1", "dagster/partition": keys[2]})
+        instance.report_run_failed(lost, message="run worker lost: its process exited without reporting")
+        ok, failed, never_started = partition_reports(instance, "fill1")
+    assert ok == {"range": keys[0], "status": "SUCCESS", "run_id": ok["run_id"], "worker": "host:1", "device": "cpu",
+                  "rows": 40}
     assert failed["status"] == "FAILURE" and failed["worker"] is None
     assert failed["error"].startswith("paper_embeddings: RuntimeError: papers file for 001000000-001999999 is")
+    assert never_started["status"] == "FAILURE" and never_started["run_id"] == lost.run_id
+    assert never_started["error"] == "run worker lost: its process exited without reporting"
