@@ -39,7 +39,7 @@ def test_the_demo_runs_on_an_s3_home(tmp_path, s3_home):
                 f"embeddings/embeddings-{partition}.checks.json", "source/current.json",
                 f"source/{release}/papers.parquet", f"source/{release}/invalid_corpusid.parquet",
                 f"source/{release}/manifest.json", "index/current.json", f"index/{build}/manifest.json",
-                f"index/{build}/papers.parquet", f"index/{build}/vectors.npy", "stats/norms.json",
+                f"index/{build}/papers.parquet", f"index/{build}/vectors.npy", f"stats/norms/{partition}.json",
                 "stats/published.json"}
     novelty = {k for k in keys if k.startswith("novelty/")}
     assert set(keys) - novelty == expected  # no temporary or partial objects, no checkpoints left behind
@@ -104,3 +104,45 @@ def test_object_storage_writes_are_all_or_nothing(tmp_path, s3_home):
     assert ChunkCheckpoints(folder, {"papers": "a"}).has(0)
     assert not ChunkCheckpoints(folder, {"papers": "b"}).has(0)
     assert not layout.local.exists() or not any(layout.local.rglob("*.parquet"))
+
+
+def test_machines_sharing_a_home_record_partition_norms_without_losing_or_failing_any(tmp_path, s3_home):
+    """Every embedding step records its partition's norm statistics in the shared home and reads every partition's
+    back (the norms_in_band reference). Two machines doing so at once (their locks are their own) must neither lose
+    one another's partitions nor fail a read because the other replaced a record meanwhile (S3's 412
+    PreconditionFailed on an object replaced between a read's HEAD and its GET)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from paper_assets.engine.gate import norm_registry, update_norm_registry
+    from paper_assets.engine.ranges import range_for
+
+    machines = [ProjectHome(s3_home, local=tmp_path / f"machine-{i}") for i in range(2)]
+    keys = [range_for(i * 1_000_000, 1_000_000).key for i in range(24)]
+
+    def record(machine: int) -> None:
+        for key in keys[machine::2]:
+            stats = {"count": 40, "median": 1.0 + int(key[:3]) / 100, "mad": 0.01}
+            seen = update_norm_registry(machines[machine], key, "fp-1", stats)
+            assert seen[key]["median"] == stats["median"]  # its own record is part of what it reads back
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(record, range(2)))
+    registry = norm_registry(machines[0])
+    assert sorted(registry) == keys
+    assert all(registry[key]["fingerprint"] == "fp-1" and registry[key]["count"] == 40 for key in keys)
+
+
+def test_a_norm_registry_of_an_earlier_version_still_counts(tmp_path):
+    """Homes written before per-partition records kept every partition in one ``stats/norms.json``: its entries
+    stay part of the reference, and a partition embedded again replaces its own entry."""
+    from paper_assets.engine.gate import norm_registry, update_norm_registry
+
+    layout = ProjectHome(tmp_path)
+    layout.stats_dir.mkdir(parents=True)
+    (layout.stats_dir / "norms.json").write_text(json.dumps({
+        "000000000-000999999": {"fingerprint": "fp-1", "count": 10, "median": 1.0, "mad": 0.1},
+        "001000000-001999999": {"fingerprint": "fp-1", "count": 10, "median": 2.0, "mad": 0.1}}))
+    update_norm_registry(layout, "001000000-001999999", "fp-2", {"count": 20, "median": 3.0, "mad": 0.2})
+    registry = norm_registry(layout)
+    assert registry["000000000-000999999"]["median"] == 1.0
+    assert registry["001000000-001999999"] == {"fingerprint": "fp-2", "count": 20, "median": 3.0, "mad": 0.2}

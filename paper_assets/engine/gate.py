@@ -3,7 +3,10 @@ publish`, a worker) applies the same quality gate without importing the asset mo
 
 - ``embeddings-<range>.checks.json``: the embeddings file's sha256, rows, model, passed / failed checks. A shard is
   published only when this record matches the current file and passed.
-- ``stats/norms.json``: per-partition norm statistics, the reference for the ``norms_in_band`` check.
+- ``stats/norms/<range>.json``: each partition's norm statistics, together the reference for the ``norms_in_band``
+  check. One record per partition, written only by that partition's step: machines sharing an object-storage home
+  have no lock in common, so one registry file rewritten by every step lost records and failed reads (homes written
+  before keep their ``stats/norms.json``, still read, below the per-partition records).
 - ``stats/published.json``: what the last publish left on its target (path -> sha256), for the release planner.
 """
 
@@ -17,7 +20,16 @@ from .card import dataset_card
 from .errors import UserError
 from .publish import Shard, shard_path
 from .ranges import IdRange, parse_range
-from .storage import ProjectHome, atomic_path, file_metadata, parquet_metadata, parquet_schema, sha256_file
+from .storage import (
+    ProjectHome,
+    atomic_path,
+    file_metadata,
+    parquet_metadata,
+    parquet_schema,
+    read_record,
+    read_records,
+    sha256_file,
+)
 
 
 class PublishRefused(UserError):
@@ -46,16 +58,26 @@ def read_gate(layout: ProjectHome, rng: IdRange) -> Gate | None:
     path = layout.gate_file(rng)
     if not path.exists():
         return None
-    return Gate(**json.loads(path.read_text(encoding="utf-8")))
+    return Gate(**json.loads(read_record(path)))
+
+
+LEGACY_NORM_REGISTRY = "norms.json"
 
 
 def update_norm_registry(layout: ProjectHome, key: str, fingerprint: str, stats: dict) -> dict:
-    path = layout.stats_dir / "norms.json"
-    with layout.lock("norms"):
-        registry = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-        registry[key] = {"fingerprint": fingerprint, **stats}
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(registry, indent=1, sort_keys=True), encoding="utf-8")
+    """Record partition ``key``'s norm statistics; returns every partition's (see :func:`norm_registry`)."""
+    with atomic_path(layout.stats_dir / "norms" / f"{key}.json") as tmp:
+        tmp.write_text(json.dumps({"fingerprint": fingerprint, **stats}, indent=1, sort_keys=True), encoding="utf-8")
+    return norm_registry(layout)
+
+
+def norm_registry(layout: ProjectHome) -> dict:
+    """Partition key -> its norm statistics and model fingerprint: the single registry file of earlier versions,
+    overridden by the per-partition records."""
+    legacy = layout.stats_dir / LEGACY_NORM_REGISTRY
+    registry = json.loads(read_record(legacy)) if legacy.exists() else {}
+    for name, record in read_records(layout.stats_dir / "norms").items():
+        registry[name.removesuffix(".json")] = record
     return registry
 
 
@@ -133,4 +155,4 @@ def record_published(layout: ProjectHome, target: str, remote_sha256: dict[str, 
 
 def read_published(layout: ProjectHome) -> dict:
     path = layout.stats_dir / "published.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"target": None, "shards": {}}
+    return json.loads(read_record(path)) if path.exists() else {"target": None, "shards": {}}

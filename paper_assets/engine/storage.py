@@ -106,6 +106,36 @@ def parquet_schema(path: HomePath) -> pa.Schema:
     return pq.read_schema(_arrow_path(path), **_arrow(path))
 
 
+def read_record(path: HomePath) -> str:
+    """A small shared record (JSON) as text, in one read. On object storage that is one GET, which returns one whole
+    version of the object; reading it as an open file instead (s3fs) sends each read with ``If-Match`` on the ETag
+    seen when it was opened, which fails (412 PreconditionFailed) when another machine replaced it in between."""
+    if is_local(path):
+        return path.read_text(encoding="utf-8")
+    return path.fs.cat_file(path.path).decode("utf-8")
+
+
+_RECORDS_BY_ETAG: dict[tuple[str, str], dict] = {}
+
+
+def read_records(folder: HomePath) -> dict[str, dict]:
+    """Every ``*.json`` record directly in ``folder`` by file name (none when the folder does not exist). On object
+    storage: one listing, then GETs, concurrent, of only the records not already read in this process at the same
+    ETag (a long-lived worker reads each partition's record once); one removed since the listing is left out."""
+    if is_local(folder):
+        return {path.name: json.loads(path.read_text(encoding="utf-8")) for path in sorted(folder.glob("*.json"))}
+    try:
+        listing = [entry for entry in folder.fs.ls(folder.path, detail=True) if entry["name"].endswith(".json")]
+    except FileNotFoundError:
+        return {}
+    tagged = {entry["name"]: (entry["name"], str(entry.get("ETag", ""))) for entry in listing}
+    missing = [name for name, tag in tagged.items() if not tag[1] or tag not in _RECORDS_BY_ETAG]
+    for name, content in folder.fs.cat(missing, on_error="omit").items() if missing else ():
+        _RECORDS_BY_ETAG[tagged[name]] = json.loads(content)
+    return {name.rsplit("/", 1)[-1]: _RECORDS_BY_ETAG[tag] for name, tag in sorted(tagged.items())
+            if tag in _RECORDS_BY_ETAG}
+
+
 def remove_tree(path: HomePath) -> None:
     if is_local(path):
         shutil.rmtree(path, ignore_errors=True)
@@ -249,7 +279,7 @@ def current_name(root: HomePath, field: str) -> str | None:
     """The version folder ``root/current.json`` points at, or None before the first switch (or when that folder
     has lost its manifest: a reader then sees no version rather than a broken one)."""
     with contextlib.suppress(FileNotFoundError):
-        name = json.loads((root / CURRENT_FILE).read_text(encoding="utf-8"))[field]
+        name = json.loads(read_record(root / CURRENT_FILE))[field]
         if (root / name / "manifest.json").exists():
             return name
     return None
