@@ -505,7 +505,7 @@ class ChunkCheckpoints:
         stored = folder / "state.json"
         if folder.exists():
             try:
-                matches = json.loads(stored.read_text(encoding="utf-8")) == state
+                matches = json.loads(read_record(stored)) == state
             except (OSError, ValueError):
                 matches = False
             if not matches:
