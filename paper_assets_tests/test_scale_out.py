@@ -257,6 +257,9 @@ def assert_every_valid_id_once_and_checks_passed(tmp_path: Path, s3_home: str, p
     assert sorted(ids) == sorted(valid)  # every valid id, once
     gates = [json.loads((layout.root / k).read_text()) for k in keys if k.endswith(".checks.json")]
     assert len(gates) == partitions and all(g["passed"] for g in gates)
+    # Each partition's norm statistics, recorded by whichever machine embedded it, none lost to the other's writes.
+    norms = sorted(k.removeprefix("stats/norms/").removesuffix(".json") for k in keys if k.startswith("stats/norms/"))
+    assert norms == sorted(k.removeprefix("embeddings/embeddings-").removesuffix(".parquet") for k in embedded)
     os.environ["PAPER_ASSETS_PG_URL"] = pg_url
     try:
         instance = DagsterInstance.from_config(str(tmp_path / "ui-machine" / "dagster"))
