@@ -130,6 +130,9 @@ def test_machines_sharing_a_home_record_partition_norms_without_losing_or_failin
     registry = norm_registry(machines[0])
     assert sorted(registry) == keys
     assert all(registry[key]["fingerprint"] == "fp-1" and registry[key]["count"] == 40 for key in keys)
+    # A partition embedded again: every reader sees its new record, also one that read the old one before.
+    update_norm_registry(machines[1], keys[0], "fp-2", {"count": 41, "median": 2.0, "mad": 0.02})
+    assert norm_registry(machines[0])[keys[0]] == {"fingerprint": "fp-2", "count": 41, "median": 2.0, "mad": 0.02}
 
 
 def test_a_norm_registry_of_an_earlier_version_still_counts(tmp_path):

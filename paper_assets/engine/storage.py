@@ -129,6 +129,8 @@ def read_records(folder: HomePath) -> dict[str, dict]:
     except FileNotFoundError:
         return {}
     tagged = {entry["name"]: (entry["name"], str(entry.get("ETag", ""))) for entry in listing}
+    for stale in [key for key in _RECORDS_BY_ETAG if key[0] in tagged and key != tagged[key[0]]]:
+        del _RECORDS_BY_ETAG[stale]  # a record rewritten since: its old version is not read again
     missing = [name for name, tag in tagged.items() if not tag[1] or tag not in _RECORDS_BY_ETAG]
     for name, content in folder.fs.cat(missing, on_error="omit").items() if missing else ():
         _RECORDS_BY_ETAG[tagged[name]] = json.loads(content)
