@@ -134,7 +134,7 @@ def read_records(folder: HomePath) -> dict[str, dict]:
     missing = [name for name, tag in tagged.items() if not tag[1] or tag not in _RECORDS_BY_ETAG]
     for name, content in folder.fs.cat(missing, on_error="omit").items() if missing else ():
         _RECORDS_BY_ETAG[tagged[name]] = json.loads(content)
-    return {name.rsplit("/", 1)[-1]: _RECORDS_BY_ETAG[tag] for name, tag in sorted(tagged.items())
+    return {name.rsplit("/", 1)[-1]: dict(_RECORDS_BY_ETAG[tag]) for name, tag in sorted(tagged.items())
             if tag in _RECORDS_BY_ETAG}
 
 
