@@ -5,18 +5,27 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import duckdb
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from dagster import AssetKey, build_sensor_context, instance_for_test, materialize
+from dagster import AssetKey, DagsterRunStatus, build_sensor_context, instance_for_test, materialize
+from dagster._core.test_utils import create_run_for_test
 
 from paper_assets import cli
 from paper_assets.benchkit import sample_source
 from paper_assets.definitions import build_definitions
 from paper_assets.defs import embeddings, shards, source
 from paper_assets.defs.partitions import CORPUSID_RANGES
+from paper_assets.defs.release import (
+    PID_TAG,
+    PROCESS_START_TAG,
+    process_start,
+    recover_abandoned_runs,
+    this_process_tags,
+)
 from paper_assets.defs.resources import S2SourceResource, Specter2Resource
 from paper_assets.defs.sensors import s2_release_ranges_sensor, s2_source_release_sensor
 from paper_assets.engine.ranges import parse_range
@@ -341,3 +350,38 @@ def test_kill_during_update_then_update_again_reaches_the_same_state(release_hom
     published = {p.name.removeprefix("embeddings-").removesuffix(".parquet")
                  for p in (layout.hub_folder / "data").glob("*.parquet")}
     assert published == {k for k in current_snapshot(layout.source_dir).manifest.ranges}
+
+
+def test_runs_of_a_dead_update_are_recovered_even_when_their_pid_lives_again():
+    """An update's runs carry its pid and start; a run is abandoned when that process is gone, is a zombie, or when
+    its pid now belongs to another process (a restarted container hands the same pids out again)."""
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])  # exits and stays a zombie until waited for
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            with open(f"/proc/{ended.pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.05)
+        mine = this_process_tags()
+        sleeper_tags = {**mine, PID_TAG: str(sleeper.pid), PROCESS_START_TAG: process_start(sleeper.pid)}
+        cases = {
+            "this process": (mine, False),
+            "a live process": (sleeper_tags, False),
+            "a live process, legacy tags": ({**sleeper_tags, PROCESS_START_TAG: ""}, False),
+            "a zombie": ({**mine, PID_TAG: str(ended.pid), PROCESS_START_TAG: ""}, True),
+            "a reused pid": ({**sleeper_tags, PROCESS_START_TAG: mine[PROCESS_START_TAG] + "0"}, True),
+            "this pid, an earlier process": ({**mine, PROCESS_START_TAG: "another-boot/1"}, True),
+        }
+        with instance_for_test() as instance:
+            run_ids = {name: create_run_for_test(instance, status=DagsterRunStatus.STARTED, tags=tags).run_id
+                       for name, (tags, _) in cases.items()}
+            assert recover_abandoned_runs(instance, lambda _: None) == 3
+            for name, (_, abandoned) in cases.items():
+                status = instance.get_run_by_id(run_ids[name]).status
+                assert status == (DagsterRunStatus.FAILURE if abandoned else DagsterRunStatus.STARTED), name
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        ended.wait()
