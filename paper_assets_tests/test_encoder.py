@@ -1,4 +1,6 @@
+import copy
 import json
+import os
 
 import numpy as np
 import pytest
@@ -670,6 +672,24 @@ def test_worker_process_tokenisation_equals_in_process_tokenisation(tiny_model, 
         np.testing.assert_allclose(np.concatenate([v for _, v, _ in streamed]), in_process.encode(texts), atol=1e-5)
     finally:
         pooled.close()
+
+
+def test_a_tokenizer_pool_is_ready_when_built_and_a_worker_that_cannot_start_is_raised_there(fp32):
+    from concurrent.futures.process import BrokenProcessPool
+
+    from paper_assets.engine.tokenization import TokenizerPool
+
+    encoder = Encoder(fp32, token_budget=2048)
+    pool = TokenizerPool(encoder.text_tokenizer, 2, cores=2)
+    try:
+        assert len(pool.worker_pids) == 2 and os.getpid() not in pool.worker_pids
+        assert pool.worker_pids == set(pool._pool._processes)  # every process the pool has, each started
+    finally:
+        pool.close()
+    broken = copy.copy(encoder.text_tokenizer)
+    broken.backend_json = "{not a tokenizer"  # what each worker rebuilds its tokenizer from
+    with pytest.raises(BrokenProcessPool):
+        TokenizerPool(broken, 2, cores=2)
 
 
 def test_on_a_cpu_a_chunk_runs_when_it_is_collected(fp32, texts):

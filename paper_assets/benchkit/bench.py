@@ -291,8 +291,6 @@ def _pipeline_child(n: int, work: str, cores: int = 0, data_path_only: bool = Fa
     base, adapter = str(work_dir / "pipeline-model" / "base"), str(work_dir / "pipeline-model" / "adapter")
     encoder = Encoder(load_model(ModelConfig(base_model=base, adapter=adapter, precision="fp32", device="cpu",
                                              tokenizer_workers=tokenizer_workers)))
-    if tokenizer_workers:
-        encoder.tokenize(["start the workers [SEP] before the clock"] * tokenizer_workers)
     papers, out, checkpoints = (work_dir / f"{stem}-{n}" for stem in ("papers", "embeddings", "checkpoints"))
     with PeakRSS() as rss:  # sampled: ru_maxrss would carry the parent's peak across fork + exec
         timing = time_data_path(source, papers.with_suffix(".parquet"),

@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import re
+import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -237,6 +238,11 @@ def _start_worker(tokenizer: TextTokenizer, rayon_threads: int) -> None:
     _WORKER_TOKENIZER = TextTokenizer(tokenizer.backend_json, tokenizer.max_length, tokenizer.use_word_cache)
 
 
+def _worker_pid() -> int:
+    time.sleep(0.01)  # long enough that one worker cannot take every task of a round while the others start
+    return os.getpid()
+
+
 def _encode_in_worker(texts: list[str]) -> TokenArrays:
     assert _WORKER_TOKENIZER is not None, "worker started without a tokenizer"
     return _WORKER_TOKENIZER.encode(texts)
@@ -244,16 +250,35 @@ def _encode_in_worker(texts: list[str]) -> TokenArrays:
 
 class TokenizerPool:
     """``workers`` processes (spawned, so nothing of the parent's CUDA or threads is inherited) each holding a
-    :class:`TextTokenizer`; :meth:`encode` splits the texts between them and joins the arrays in order."""
+    :class:`TextTokenizer`; :meth:`encode` splits the texts between them and joins the arrays in order. The pool is
+    ready when built: every worker has started and built its tokenizer (a worker that cannot is raised here), so
+    no worker is still importing while the first chunk is timed or embedded."""
 
-    def __init__(self, tokenizer: TextTokenizer, workers: int, cores: int | None = None):
+    def __init__(self, tokenizer: TextTokenizer, workers: int, cores: int | None = None,
+                 start_timeout_s: float = 300.0):
         if workers < 1:
             raise ValueError(f"a tokenizer pool needs at least one worker, got {workers}")
         self.workers = workers
+        self.worker_pids: set[int] = set()
         cores = cores or usable_cores()
         self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=_start_worker,
                                          initargs=(tokenizer, max(1, cores // workers)))
+        try:
+            self._wait_for_workers(start_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_for_workers(self, timeout_s: float) -> None:
+        started = self.worker_pids
+        deadline = time.monotonic() + timeout_s
+        while len(started) < self.workers:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(started)} of {self.workers} tokenizer workers started in {timeout_s:.0f} s")
+            # One round submits a task per worker: the first round spawns them all, later ones meet those started.
+            started.update(future.result() for future in [self._pool.submit(_worker_pid)
+                                                          for _ in range(self.workers)])
 
     def encode(self, texts: list[str]) -> TokenArrays:
         if not texts:

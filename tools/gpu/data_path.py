@@ -31,9 +31,7 @@ def measure(tokenizer_dir: str, source: str, work: str, cores: int, mode: str, w
     backend = AutoTokenizer.from_pretrained(tokenizer_dir).backend_tokenizer.to_str()
     tokenizer = TextTokenizer(backend, 512, word_cache=mode != "rust")
     workers = (workers or default_workers("cuda", cores)) if mode == "workers" else 0
-    pool = TokenizerPool(tokenizer, workers, cores) if workers else None
-    if pool is not None:
-        pool.encode(["start the workers [SEP] before the clock"] * workers)
+    pool = TokenizerPool(tokenizer, workers, cores) if workers else None  # returns with every worker started
     encode = pool.encode if pool is not None else tokenizer.encode
     timing = time_data_path(Path(source), Path(work) / f"papers-{cores}-{mode}.parquet",
                             lambda texts: int(encode(texts).lengths.sum()))
