@@ -191,7 +191,8 @@ class Encoder:
         """``compile`` on/off as given; ``auto``: on CUDA, and on a CPU with a calibration file where a compiled
         forward pass, measured once per CPU kind and model, beats the eager one by enough to repay the compilation
         in this run (``calibrate.compile_pays_off``). A run too short to repay any compilation (its eager forward
-        time under ``calibrate.COMPILE_WORTH_MEASURING_SECONDS``) neither measures nor compiles."""
+        time under ``calibrate.COMPILE_WORTH_MEASURING_SECONDS``) neither measures nor compiles; a run that measured
+        (and so compiled) the model itself keeps it compiled wherever it is faster, its compilation being paid."""
         config, calibration = self.loaded.config, self._calibration()
         if compile_choice(config.compile) != "auto" or calibration is None:
             return compile_wanted(config.compile, self.device)
@@ -212,6 +213,8 @@ class Encoder:
                 return rates["eager"][budget], rates["compiled"][budget], seconds
 
             measured = calibrate.compile_measurement(*calibration, measure)
+            if self._compiled_fn is not None:  # measured in this process: the compilation is paid, only the gain counts
+                expected_tokens = None
         return calibrate.compile_pays_off(measured, expected_tokens)
 
     def _default_token_budget(self) -> int:
