@@ -359,11 +359,9 @@ def test_runs_of_a_dead_update_are_recovered_even_when_their_pid_lives_again():
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         deadline = time.time() + 30
-        while time.time() < deadline:
-            with open(f"/proc/{ended.pid}/stat") as stat:
-                if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    break
+        while process_start(ended.pid) is not None and time.time() < deadline:
             time.sleep(0.05)
+        assert os.path.exists(f"/proc/{ended.pid}")  # ended, not yet waited for: a zombie
         mine = this_process_tags()
         sleeper_tags = {**mine, PID_TAG: str(sleeper.pid), PROCESS_START_TAG: process_start(sleeper.pid)}
         cases = {

@@ -20,6 +20,7 @@ from paper_assets.benchkit.services import (
     temporary_rabbitmq_vhost,
 )
 from paper_assets.defs.executor import CELERY_QUEUE_TAG, EMBED_QUEUE
+from paper_assets.defs.release import process_start
 from paper_assets.settings import Settings
 
 from .conftest import make_source, stop_process_group
@@ -141,11 +142,7 @@ def test_a_redis_database_with_a_client_still_connected_is_not_handed_out(redis_
 
 
 def _process_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie waits for its reaper: it has ended
-    except FileNotFoundError:
-        return False
+    return process_start(pid) is not None  # None also for a zombie: it has ended, its reaper has not waited yet
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
