@@ -628,21 +628,26 @@ def test_cpu_compile_auto_is_measured_once_per_machine_and_compiles_with_frozen_
 def test_a_run_that_measured_the_compile_itself_keeps_the_compiled_model_its_time_being_paid(
         tiny_model, tmp_path, monkeypatch):
     from paper_assets.engine import calibrate
+    from paper_assets.engine.device import default_token_budget
 
     base, adapter = tiny_model
     cache = tmp_path / "calibration.json"
     loaded = load_model(ModelConfig(base_model=base, adapter=adapter, device="cpu", precision="fp32",
-                                    token_budget=2048, calibration_file=str(cache)))
+                                    calibration_file=str(cache)))
     monkeypatch.setattr(calibrate, "COMPILE_WORTH_MEASURING_SECONDS", 0.0)  # even 10 rows are worth measuring
     monkeypatch.setattr(calibrate, "COMPILE_MIN_GAIN", 0.0)  # whatever this CPU measures, compiled is "faster"
+    key = calibrate.machine_key(loaded.hidden_size, loaded.num_layers, "fp32")
     torch._dynamo.reset()
     first = Encoder(loaded, expected_rows=10)
-    measured = json.loads(cache.read_text())[calibrate.machine_key(loaded.hidden_size, loaded.num_layers, "fp32")
-                                              + "|compile"]
+    cached = json.loads(cache.read_text())
     tokens = 10 * calibrate.ROW_TOKENS
-    assert not calibrate.compile_pays_off(measured, tokens)  # 10 rows never repay a compilation still to come...
+    assert not calibrate.compile_pays_off(cached[key + "|compile"], tokens)  # 10 rows never repay a compile to come...
     assert first.compiled  # ...but this one already happened, for the measurement
-    assert not Encoder(loaded, expected_rows=10).compiled  # a later run of the same size reads it and stays eager
+    # Nor does this short run spend time measuring the compiled model's budgets: it takes the default here.
+    assert key + "|compiled" not in cached and first.token_budget == default_token_budget(torch.device("cpu"))
+    second = Encoder(loaded, expected_rows=10)
+    assert not second.compiled  # a later run of the same size reads the measurement and stays eager
+    assert second.token_budget == json.loads(cache.read_text())[key]["token_budget"]  # with its measured budget
 
 
 def test_canary_of_a_compiled_encoder_runs_without_recompiling_and_its_adapter_less_pass_once(

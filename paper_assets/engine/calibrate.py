@@ -162,6 +162,12 @@ def calibrated_budget(cache_file: Path, key: str, measure: Callable[[], dict[int
     return int(_cached(cache_file, key, compute)["token_budget"])
 
 
+def cached_budget(cache_file: Path, key: str) -> int | None:
+    """The stored budget for ``key``, None where none was measured (nothing is measured here)."""
+    entry = _read(cache_file).get(key)
+    return int(entry["token_budget"]) if entry else None
+
+
 def _compile_key(key: str) -> str:
     return f"{key}|compile"
 

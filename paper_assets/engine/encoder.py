@@ -121,6 +121,7 @@ class Encoder:
         self._pool = TokenizerPool(self.text_tokenizer, workers) if workers and self.text_tokenizer else None
         self._positions = torch.arange(max(self.max_length, 1), device=self.device)
         self._compiled_fn: torch.nn.Module | None = None
+        self._budget_without_measuring = False
         self.compiled = self._should_compile(expected_rows)
         self.token_budget = token_budget or loaded.config.token_budget or self._default_token_budget()
         if self.compiled or self.device.type == "cuda":
@@ -213,8 +214,12 @@ class Encoder:
                 return rates["eager"][budget], rates["compiled"][budget], seconds
 
             measured = calibrate.compile_measurement(*calibration, measure)
-            if self._compiled_fn is not None:  # measured in this process: the compilation is paid, only the gain counts
-                expected_tokens = None
+            if self._compiled_fn is not None and calibrate.compile_pays_off(measured) \
+                    and not calibrate.compile_pays_off(measured, expected_tokens):
+                # Measured in this process, so the compilation is paid: keep the faster model, but do not also spend
+                # this short run measuring the compiled model's budgets (a run that repays a compile will).
+                self._budget_without_measuring = True
+                return True
         return calibrate.compile_pays_off(measured, expected_tokens)
 
     def _default_token_budget(self) -> int:
@@ -223,6 +228,9 @@ class Encoder:
         if calibration is None:
             return default_token_budget(self.device)
         cache_file, key = calibration
+        if self._budget_without_measuring:
+            return (calibrate.cached_budget(cache_file, key + "|compiled") or calibrate.cached_budget(cache_file, key)
+                    or default_token_budget(self.device))
         key += "|compiled" if self.compiled else ""
 
         def measure() -> dict[int, list[float]]:
