@@ -715,6 +715,8 @@ def test_a_tokenizer_pool_is_ready_when_built_and_a_worker_that_cannot_start_is_
     broken.backend_json = "{not a tokenizer"  # what each worker rebuilds its tokenizer from
     with pytest.raises(BrokenProcessPool):
         TokenizerPool(broken, 2, cores=2)
+    with pytest.raises(TimeoutError, match="tokenizer workers started in"):  # spawning takes longer than this
+        TokenizerPool(encoder.text_tokenizer, 2, cores=2, start_timeout_s=0.001)
 
 
 def test_on_a_cpu_a_chunk_runs_when_it_is_collected(fp32, texts):

@@ -273,12 +273,14 @@ class TokenizerPool:
     def _wait_for_workers(self, timeout_s: float) -> None:
         started = self.worker_pids
         deadline = time.monotonic() + timeout_s
-        while len(started) < self.workers:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{len(started)} of {self.workers} tokenizer workers started in {timeout_s:.0f} s")
-            # One round submits a task per worker: the first round spawns them all, later ones meet those started.
-            started.update(future.result() for future in [self._pool.submit(_worker_pid)
-                                                          for _ in range(self.workers)])
+        try:
+            while len(started) < self.workers:
+                # One round submits a task per worker: the first round spawns them all, later ones meet those started.
+                started.update(future.result(timeout=max(0.0, deadline - time.monotonic()))
+                               for future in [self._pool.submit(_worker_pid) for _ in range(self.workers)])
+        except TimeoutError:
+            raise TimeoutError(f"{len(started)} of {self.workers} tokenizer workers started in {timeout_s:.0f} s") \
+                from None
 
     def encode(self, texts: list[str]) -> TokenArrays:
         if not texts:
