@@ -43,8 +43,10 @@ def _calibrate(base: str, adapter: str, device: str, precision: str, calibration
     from ..engine.encoder import Encoder
     from ..engine.model import ModelConfig, load_model
 
-    Encoder(load_model(ModelConfig(base_model=base, adapter=adapter, device=device, precision=precision,
-                                   calibration_file=calibration_file))).close()
+    loaded = load_model(ModelConfig(base_model=base, adapter=adapter, device=device, precision=precision,
+                                    calibration_file=calibration_file))
+    if loaded.device.type == "cpu":  # a GPU has no calibration (a compile here would only spend lease time)
+        Encoder(loaded).close()
 
 
 def _run(argv: list[str], env: dict, what: str, timeout: float = 6 * 3600) -> None:
