@@ -25,7 +25,7 @@ demo: setup
 # whole run, so more workers do not help; on a 2-vCPU Zen 3 fresh-clone CI took 22-23 min before session 21's cuts
 # (no torch in the code location, no scikit-learn, lighter scale-out kill test) and 17:11 after (160 tests); on a
 # 2-vCPU AMX Xeon (model 167, session 22) the pytest part took 10:08 (165 tests), on a 2-vCPU Zen 4 (session 23)
-# 12:23 (166 tests).
+# 12:23 (166 and 168 tests).
 TEST_WORKERS ?= 2
 PYTEST := HF_HUB_DISABLE_XET=1 $(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile
 
