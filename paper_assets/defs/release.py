@@ -26,12 +26,20 @@ def process_start(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/stat") as stat:
             fields = stat.read().rsplit(")", 1)[1].split()  # the command name, in parentheses, may hold spaces
-        with open("/proc/sys/kernel/random/boot_id") as boot:
-            boot_id = boot.read().strip()
     except OSError:
         return None
     state, start_ticks = fields[0], fields[19]  # stat(5) fields 3 and 22
-    return None if state in ("Z", "X") else f"{boot_id}/{start_ticks}"
+    return None if state in ("Z", "X") else f"{_boot_id()}/{start_ticks}"
+
+
+def _boot_id() -> str:
+    """This boot's id ("" where the kernel does not expose it: then the start ticks alone tell processes apart, and a
+    live process is never taken for a dead one for want of this file)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as boot:
+            return boot.read().strip()
+    except OSError:
+        return ""
 
 
 def _process_alive(pid: int, started: str | None) -> bool:
