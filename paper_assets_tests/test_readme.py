@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from paper_assets.benchkit.services import end_with_this_process
+from paper_assets.processes import start_bound
 
 from .conftest import REPO, stop_process_group
 
@@ -87,9 +87,8 @@ def check_make_demo(copy: Path, env: dict) -> None:
 
 def check_make_ui(copy: Path, env: dict) -> None:
     with socket_free(UI_PORT):
-        server = subprocess.Popen(["bash", "-c", "make ui"], cwd=copy, env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                                  preexec_fn=end_with_this_process)
+        server = start_bound(["bash", "-c", "make ui"], cwd=copy, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
         try:
             deadline = time.time() + 180
             while True:

@@ -22,7 +22,6 @@ from paper_assets.defs.partitions import CORPUSID_RANGES
 from paper_assets.defs.release import (
     PID_TAG,
     PROCESS_START_TAG,
-    process_start,
     recover_abandoned_runs,
     this_process_tags,
 )
@@ -32,6 +31,7 @@ from paper_assets.engine.ranges import parse_range
 from paper_assets.engine.snapshot import build_snapshot, current_snapshot
 from paper_assets.engine.source import inspect_source
 from paper_assets.engine.storage import ProjectHome, vectors_of
+from paper_assets.processes import process_start
 from paper_assets.settings import Settings
 
 from .conftest import REPO, make_source

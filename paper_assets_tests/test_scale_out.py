@@ -15,12 +15,11 @@ from paper_assets.benchkit.services import (
     DEFAULT_PG_ADMIN,
     DEFAULT_REDIS,
     empty_redis_database,
-    end_with_this_process,
     temporary_postgres_database,
     temporary_rabbitmq_vhost,
 )
 from paper_assets.defs.executor import CELERY_QUEUE_TAG, EMBED_QUEUE
-from paper_assets.defs.release import process_start
+from paper_assets.processes import process_alive, start_bound
 from paper_assets.settings import Settings
 
 from .conftest import make_source, stop_process_group
@@ -67,9 +66,8 @@ def amqp_url():
 
 def launch_worker(env: dict, log: Path, *args: str) -> subprocess.Popen:
     with open(log, "w") as handle:
-        return subprocess.Popen([sys.executable, "-m", "paper_assets.cli", "worker", "--device", "cpu", *args],
-                                cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=end_with_this_process)
+        return start_bound([sys.executable, "-m", "paper_assets.cli", "worker", "--device", "cpu", *args],
+                           cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
 
 
 def wait_until_ready(worker: subprocess.Popen, log: Path) -> None:
@@ -141,33 +139,40 @@ def test_a_redis_database_with_a_client_still_connected_is_not_handed_out(redis_
         leftover.close()
 
 
-def _process_alive(pid: int) -> bool:
-    return process_start(pid) is not None  # None also for a zombie: it has ended, its reaper has not waited yet
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
-def test_a_service_started_by_a_killed_test_process_ends_with_it():
-    """What let a worker outlive an interrupted test run: services start in their own session (so a test can stop
-    one with its children), out of reach of whatever stops the test. With end_with_this_process they get SIGTERM
-    when the process that started them dies, even by SIGKILL."""
-    starter_code = ("import subprocess, sys, time\n"
-                    "from paper_assets.benchkit.services import end_with_this_process\n"
-                    "service = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'],\n"
-                    "                           start_new_session=True, preexec_fn=end_with_this_process)\n"
-                    "print(service.pid, flush=True)\n"
+@pytest.mark.parametrize("starter_state", ["plain", "sigterm_blocked_and_ignored_in_a_thread"])
+def test_a_service_started_by_a_killed_test_process_ends_with_it(starter_state):
+    """Services start in their own session (so a test can stop one with its children), out of reach of whatever
+    stops the test; start_bound has Linux send them SIGTERM when their starter dies, even by SIGKILL, and even when
+    the starter runs with SIGTERM blocked and ignored (both are inherited through fork and exec) and starts the
+    service from a thread other than the main one (Linux ties the signal to the starting thread, which here waits
+    on the service as a supervisor's would)."""
+    setup = ("signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])\n"
+             "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n") if starter_state != "plain" else ""
+    starter_code = ("import signal, subprocess, sys, threading, time\n"
+                    "from paper_assets.processes import start_bound\n"
+                    f"{setup}"
+                    "started = []\n"
+                    "sleeper = [sys.executable, '-c', 'import time; time.sleep(120)']\n"
+                    "def start_and_watch():\n"
+                    "    started.append(start_bound(sleeper))\n"
+                    "    started[0].wait()\n"
+                    "threading.Thread(target=start_and_watch, daemon=True).start()\n"
+                    "while not started: time.sleep(0.01)\n"
+                    "print(started[0].pid, flush=True)\n"
                     "time.sleep(120)\n")
     starter = subprocess.Popen([sys.executable, "-c", starter_code], cwd=REPO, stdout=subprocess.PIPE, text=True)
     service_pid = int(starter.stdout.readline())
     try:
-        assert _process_alive(service_pid)
+        assert process_alive(service_pid)
         starter.kill()
         starter.wait()
         deadline = time.time() + 20
-        while _process_alive(service_pid) and time.time() < deadline:
+        while process_alive(service_pid) and time.time() < deadline:
             time.sleep(0.1)
-        assert not _process_alive(service_pid), "the service outlived the process that started it"
+        assert not process_alive(service_pid), "the service outlived the process that started it"
     finally:
-        if _process_alive(service_pid):
+        if process_alive(service_pid):
             os.kill(service_pid, 9)
 
 
@@ -204,9 +209,8 @@ def backfill_on_two_workers(tmp_path: Path, settings: Settings, while_running=No
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with open(tmp_path / "ui.log", "w") as log:
-        ui = subprocess.Popen([sys.executable, "-m", "paper_assets.cli", "ui", "--port", str(port)], cwd=REPO, env=env,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                              preexec_fn=end_with_this_process)
+        ui = start_bound([sys.executable, "-m", "paper_assets.cli", "ui", "--port", str(port)], cwd=REPO, env=env,
+                         stdout=log, stderr=subprocess.STDOUT)
     try:
         for i, worker in enumerate(workers):
             wait_until_ready(worker, tmp_path / f"worker{i}.log")

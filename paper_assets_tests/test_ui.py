@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from paper_assets.benchkit.services import end_with_this_process
+from paper_assets.processes import start_bound
 
 from .conftest import REPO, stop_process_group
 
@@ -78,9 +78,9 @@ def dagster_dev(tmp_path_factory):
     # `paper-assets ui` as a user starts it: no venv activated (its bin is not on PATH), from another folder.
     venv_bin = Path(sys.executable).parent
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if Path(p) != venv_bin)
-    server = subprocess.Popen(
+    server = start_bound(
         [str(venv_bin / "paper-assets"), "ui", "--host", "127.0.0.1", "--port", str(port)], cwd=home, env=env,
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=end_with_this_process)
+        stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_webserver(url, server, home / "dagster-dev.log")

@@ -24,7 +24,7 @@ from .services import (
     DEFAULT_PG_ADMIN,
     DEFAULT_REDIS,
     empty_redis_database,
-    end_with_this_process,
+    start_bound,
     stop_process_group,
     temporary_postgres_database,
 )
@@ -103,9 +103,8 @@ def run_dagster_bench(partitions: int, per_partition: int, work: Path, base: str
                    DAGSTER_HOME=str(layout.dagster_home))
         log = work / "worker.log"
         with open(log, "w") as log_handle:
-            worker = subprocess.Popen([python, "-m", "paper_assets.cli", "worker", "--device", device], env=env,
-                                      stdout=log_handle, stderr=subprocess.STDOUT, start_new_session=True,
-                                      preexec_fn=end_with_this_process)
+            worker = start_bound([python, "-m", "paper_assets.cli", "worker", "--device", device], env=env,
+                                 stdout=log_handle, stderr=subprocess.STDOUT)
             try:
                 _wait_ready(worker, log)
                 materialize = [python, "-m", "dagster", "asset", "materialize", "-m", "paper_assets.definitions"]

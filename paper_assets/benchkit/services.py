@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from ..processes import start_bound, stop_process_group  # noqa: F401 - the tests' and benches' helpers
 
 DEFAULT_PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS = "redis://127.0.0.1:6379"
@@ -63,31 +63,6 @@ def empty_redis_database(base_url: str = DEFAULT_REDIS, candidates: range = rang
         client.close()
 
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def end_with_this_process() -> None:
-    """``preexec_fn`` for a service a test or bench starts in its own session (a worker, a webserver, an S3 server):
-    Linux sends it SIGTERM when the process that started it dies. :func:`stop_process_group` stops it when the test
-    ends; this covers a test run that is killed instead (a timeout, SIGKILL), which would otherwise leave the service
-    running, a Celery worker still polling its broker database for the next run's steps."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def stop_process_group(process: subprocess.Popen, timeout: float = 30) -> None:
-    """Stop a process started with ``start_new_session=True`` and everything it started (TERM, then KILL)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-            process.wait(timeout=timeout)
-            return
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            continue
-
-
 @contextmanager
 def temporary_rabbitmq_vhost(host: str = "127.0.0.1", user: str = "guest", password: str = "guest") -> Iterator[str]:
     """A fresh RabbitMQ virtual host (made with ``rabbitmqctl`` on this machine); its AMQP URL, deleted after."""
@@ -109,15 +84,13 @@ S3_TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": 
 def moto_s3_server(host: str = "127.0.0.1") -> Iterator[str]:
     """moto's S3 server on a free local port (a real HTTP S3 endpoint, objects in memory); its endpoint URL."""
     import socket
-    import sys
     import time
 
     with socket.socket() as probe:
         probe.bind((host, 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                              preexec_fn=end_with_this_process)
+    server = start_bound([sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 60
         while True:

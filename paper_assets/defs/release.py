@@ -12,51 +12,12 @@ from ..engine.errors import UserError
 from ..engine.novelty import plan_novelty
 from ..engine.planner import plan_release
 from ..engine.snapshot import current_snapshot
+from ..processes import process_alive, process_start
 from . import embeddings, novelty, shards, source
 from .partitions import CORPUSID_RANGES
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 PID_TAG, HOST_TAG, PROCESS_START_TAG = "paper_assets/pid", "paper_assets/host", "paper_assets/process_start"
-
-
-def process_start(pid: int) -> str | None:
-    """When the kernel started `pid`, as '<boot id>/<clock ticks since boot>' (unique to one process on a host, unlike
-    the pid, which a restarted container hands out again), or None where there is no /proc, the pid is gone, or it
-    is a zombie (ended, waiting for its parent to reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()  # the command name, in parentheses, may hold spaces
-    except OSError:
-        return None
-    state, start_ticks = fields[0], fields[19]  # stat(5) fields 3 and 22
-    return None if state in ("Z", "X") else f"{_boot_id()}/{start_ticks}"
-
-
-def _boot_id() -> str:
-    """This boot's id ("" where the kernel does not expose it: then the start ticks alone tell processes apart, and a
-    live process is never taken for a dead one for want of this file)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as boot:
-            return boot.read().strip()
-    except OSError:
-        return ""
-
-
-def _process_alive(pid: int, started: str | None) -> bool:
-    """Whether the process that tagged a run still runs: the same pid and, where the run recorded it, the same start
-    (a pid alone may now be another process, this one included, after a container restarts)."""
-    if os.path.exists("/proc/self/stat"):
-        now = process_start(pid)
-        return now is not None and (not started or now == started)
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def this_process_tags() -> dict[str, str]:
@@ -73,7 +34,7 @@ def recover_abandoned_runs(instance: DagsterInstance, log: Callable[[str], None]
     recovered = 0
     for run in runs:
         pid = int(run.tags.get(PID_TAG, "0") or 0)
-        if pid and not _process_alive(pid, run.tags.get(PROCESS_START_TAG)):
+        if pid and not process_alive(pid, run.tags.get(PROCESS_START_TAG)):
             instance.report_run_failed(run, f"the process that ran it (pid {pid}) is gone")
             instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
             log(f"  run {run.run_id} of a killed update (pid {pid}) marked failed; its pool slot freed")
