@@ -28,15 +28,24 @@ class BackfillError(UserError, RuntimeError):
     pass
 
 
+class WebserverUnavailable(BackfillError):
+    """The webserver did not answer (nothing listening, connection dropped) or answered with a server error (5xx),
+    as it does while it or its database restarts: worth asking again."""
+
+
 def graphql(url: str, query: str, variables: dict) -> dict:
     request = urllib.request.Request(f"{url.rstrip('/')}/graphql", headers={"Content-Type": "application/json"},
                                      data=json.dumps({"query": query, "variables": variables}).encode())
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             payload = json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        if err.code >= 500:
+            raise WebserverUnavailable(f"the Dagster webserver at {url} answered HTTP {err.code}") from None
+        raise BackfillError(f"the Dagster webserver at {url} refused the request: HTTP {err.code}") from None
     except (urllib.error.URLError, OSError) as err:
-        raise BackfillError(f"no Dagster webserver at {url} ({err}); start one with `paper-assets ui` or pass "
-                            "--url") from None
+        raise WebserverUnavailable(f"no Dagster webserver answering at {url} ({getattr(err, 'reason', err)}); "
+                                   "start one with `paper-assets ui` or pass --url") from None
     if payload.get("errors"):
         raise BackfillError(f"the webserver refused the request: {payload['errors'][0].get('message')}")
     return payload["data"]
@@ -56,11 +65,26 @@ def launch(url: str, partition_keys: list[str] | None, assets: list[str]) -> str
 
 
 def wait(url: str, backfill_id: str, timeout: float, poll: float = 3.0,
-         on_status: Callable[[str], None] | None = None) -> str:
-    """The backfill's final status (raises after ``timeout`` seconds without one)."""
+         on_status: Callable[[str], None] | None = None, retry_for: float = 600.0) -> str:
+    """The backfill's final status (raises after ``timeout`` seconds without one). A webserver that does not answer,
+    or answers with a server error, is asked again with a growing pause until it has failed for ``retry_for``
+    seconds in a row: a head that restarts, or a database that fails over, does not end the wait."""
     deadline, last = time.time() + timeout, None
+    failing_since, pause = None, poll
     while True:
-        result = graphql(url, _STATUS, {"id": backfill_id})["partitionBackfillOrError"]
+        try:
+            result = graphql(url, _STATUS, {"id": backfill_id})["partitionBackfillOrError"]
+        except WebserverUnavailable as err:
+            now = time.time()
+            failing_since = failing_since or now
+            if now - failing_since > retry_for or now > deadline:
+                raise WebserverUnavailable(f"{err}; gave up after {now - failing_since:.0f} s of retries") from None
+            if on_status:
+                on_status(f"{last or 'unknown'} ({err}; asking again in {pause:.0f} s)")
+            time.sleep(pause)
+            pause = min(pause * 2, 30.0)
+            continue
+        failing_since, pause = None, poll
         if result["__typename"] != "PartitionBackfill":
             raise BackfillError(f"backfill {backfill_id}: {result.get('message', result['__typename'])}")
         status = result["status"]
@@ -98,21 +122,24 @@ def _innermost(error) -> str | None:
 
 
 def partition_reports(instance, backfill_id: str) -> list[dict]:
-    """One entry per partition the backfill ran: range, run status, what paper_embeddings recorded, and for a run
-    that did not succeed, the error that ended it."""
+    """One entry per partition the backfill ran: range, the status of its latest run (a run that failed and was
+    retried counts by its retry), how many runs it took, what paper_embeddings recorded, and for a partition that
+    did not succeed, the error that ended its latest run."""
     from dagster import AssetKey, AssetRecordsFilter, DagsterRunStatus, RunsFilter
 
     reports = []
-    runs = instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id}))
-    for run in sorted(runs, key=lambda r: r.tags.get("dagster/partition", "")):
-        key = run.tags.get("dagster/partition", "")
+    attempts: dict[str, list] = {}  # a partition's runs, newest first: the first try and its automatic retries
+    for run in instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id})):
+        attempts.setdefault(run.tags.get("dagster/partition", ""), []).append(run)
+    for key in sorted(attempts):
+        run = attempts[key][0]
         records = instance.fetch_materializations(
             AssetRecordsFilter(asset_key=AssetKey("paper_embeddings"), asset_partitions=[key]), limit=20).records
         meta = next(({k: v.value for k, v in r.asset_materialization.metadata.items()} for r in records
                      if r.run_id == run.run_id), {})
         reports.append({"range": key, "status": run.status.value, "run_id": run.run_id,
                         "worker": meta.get("worker"), "device": meta.get("device"),
-                        "rows": meta.get("dagster/row_count")})
+                        "rows": meta.get("dagster/row_count"), "runs": len(attempts[key])})
         if run.status != DagsterRunStatus.SUCCESS:
             reports[-1]["error"] = run_failure(instance, run.run_id)
     return reports

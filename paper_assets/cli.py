@@ -258,41 +258,62 @@ def cmd_bench(args) -> int:
         retrieval=args.retrieval, novelty_papers=args.novelty, novelty_months=args.novelty_months))
 
 
-SUPERSEDED_DEV_WARNING = "ignore:Function `dev_command` is superseded:Warning"
+def cmd_chaos(args) -> int:
+    import tempfile
+
+    from .benchkit import chaos, sample_source
+    from .benchkit.bench import SHARED_PAPERS
+    from .benchkit.tiny_model import build_model
+
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="paper-assets-chaos-"))
+    papers = (sample_source.read_jsonl_papers(SHARED_PAPERS) if SHARED_PAPERS.exists()
+              else sample_source.generate_papers(2000, seed=args.seed))
+    base, adapter = build_model(work / "model", [f"{p['title']} {p['abstract'] or ''}" for p in papers[:600]])
+    result = chaos.run_trials(args.trials, work, str(base), str(adapter), papers, seed=args.seed,
+                              faults=tuple(args.fault or chaos.FAULTS), log=lambda line: print(line, flush=True))
+    totals = result["totals"]
+    print(json.dumps(totals), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    passed = totals["complete"] == totals["trials"] and not (totals["lost"] or totals["duplicated"] or totals["stuck"])
+    return 0 if passed else 1
 
 
-def dagster_executable() -> str:
-    """The ``dagster`` installed beside this interpreter (works without an activated venv), else the one on PATH."""
-    beside = Path(sys.executable).parent / "dagster"
+def dagster_executable(name: str = "dagster") -> str:
+    """An executable of Dagster's installed beside this interpreter (works without an activated venv), else the one on
+    PATH."""
+    beside = Path(sys.executable).parent / name
     if beside.exists():
         return str(beside)
-    found = shutil.which("dagster")
+    found = shutil.which(name)
     if found is None:
-        raise CommandError(f"no `dagster` executable beside {sys.executable} or on PATH; install paper_assets "
+        raise CommandError(f"no `{name}` executable beside {sys.executable} or on PATH; install paper_assets "
                            "with its dependencies (make setup)")
     return found
 
 
 def cmd_ui(args) -> int:
+    from .supervisor import Supervisor
+
     settings = load_settings()
     home = _dagster_home(settings)
-    if settings.pg_url:
-        from .instance import migrate_instance
+    from .instance import migrate_instance
 
-        # Before the webserver and the daemon start: both would otherwise create a fresh PostgreSQL instance's
-        # tables at once, and race with workers starting on other machines (they all take the same lock).
-        migrate_instance(settings)
+    # Before the webserver and the daemon start: both (and their code servers) would otherwise create a fresh
+    # instance's tables at once, and with PostgreSQL race with workers starting on other machines (they all take
+    # the same lock).
+    migrate_instance(settings)
     workspace = Path(__file__).resolve().parent.parent / "workspace.yaml"
     if not workspace.exists():
         raise CommandError(f"{workspace} not found: `paper-assets ui` runs from a checkout of paper_assets")
-    argv = [dagster_executable(), "dev", "-w", str(workspace), "-h", args.host, "-p", str(args.port)]
-    print(f"DAGSTER_HOME={home} {' '.join(argv)}", flush=True)
-    os.chdir(workspace.parent)  # workspace.yaml's working_directory is relative to it
-    # `dagster dev` warns that `dg dev` supersedes it; `dg` needs the dagster-dg project layout, which this
-    # workspace.yaml project does not use (yet). That one warning, in this one process, is the one we silence.
-    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), SUPERSEDED_DEV_WARNING]))
-    os.execv(argv[0], argv)
-    return 0
+    services = {
+        "dagster-webserver": [dagster_executable("dagster-webserver"), "-w", str(workspace), "-h", args.host,
+                              "-p", str(args.port)],
+        "dagster-daemon": [dagster_executable("dagster-daemon"), "run", "-w", str(workspace)],
+    }
+    print(f"DAGSTER_HOME={home}; serving http://{args.host}:{args.port}", flush=True)
+    # workspace.yaml's working_directory is relative to its folder.
+    return Supervisor(services, log=lambda line: print(line, flush=True), cwd=workspace.parent).run()
 
 
 def cmd_backfill(args) -> int:
@@ -300,13 +321,18 @@ def cmd_backfill(args) -> int:
     from .engine.ranges import parse_range
 
     settings = load_settings()
-    keys = [parse_range(text).key for text in args.ranges] if args.ranges else None
-    assets = [name.strip() for name in args.assets.split(",") if name.strip()]
-    backfill_id = backfill.launch(args.url, keys, assets)
-    print(json.dumps({"backfill_id": backfill_id, "assets": assets, "ranges": keys or "all"}), flush=True)
-    if not args.wait:
-        return 0
-    status = backfill.wait(args.url, backfill_id, args.timeout,
+    if args.id:
+        if args.ranges:
+            raise CommandError("--id waits on a backfill that is already running: give it no ranges")
+        backfill_id = args.id
+    else:
+        keys = [parse_range(text).key for text in args.ranges] if args.ranges else None
+        assets = [name.strip() for name in args.assets.split(",") if name.strip()]
+        backfill_id = backfill.launch(args.url, keys, assets)
+        print(json.dumps({"backfill_id": backfill_id, "assets": assets, "ranges": keys or "all"}), flush=True)
+        if not args.wait:
+            return 0
+    status = backfill.wait(args.url, backfill_id, args.timeout, retry_for=args.retry_for,
                            on_status=lambda s: print(f"backfill {backfill_id}: {s}", file=sys.stderr, flush=True))
     instance = _instance(settings)
     reports = backfill.partition_reports(instance, backfill_id)
@@ -544,7 +570,21 @@ def build_parser() -> argparse.ArgumentParser:
                       "exit 1 if any partition failed")
     fill.add_argument("--url", default="http://127.0.0.1:3000", help="Dagster webserver (default %(default)s)")
     fill.add_argument("--timeout", type=float, default=24 * 3600, help="seconds --wait waits (default one day)")
+    fill.add_argument("--id", help="wait on this backfill, already running, instead of launching one (implies --wait)")
+    fill.add_argument("--retry-for", type=float, default=600, help="seconds --wait keeps asking a webserver that "
+                      "does not answer or answers 5xx, as during a restart (default %(default)s)")
     fill.set_defaults(func=cmd_backfill)
+
+    chaos = sub.add_parser("chaos", help="fault trials: a whole deployment on this machine (own PostgreSQL, RabbitMQ, "
+                           "Redis, moto S3, two workers, ui), one process failed mid-backfill; the backfill must "
+                           "finish by itself with every paper once")
+    chaos.add_argument("--trials", type=int, default=20, help="trials (default %(default)s), a fault drawn for each")
+    chaos.add_argument("--fault", action="append", choices=("daemon", "webserver", "run_worker", "celery_worker",
+                                                            "postgres"), help="draw only from these (repeatable)")
+    chaos.add_argument("--seed", type=int, default=0, help="random seed of the faults and their moments")
+    chaos.add_argument("--work", help="working folder (default: a new temporary one)")
+    chaos.add_argument("--json", help="write every trial's figures here")
+    chaos.set_defaults(func=cmd_chaos)
 
     worker = sub.add_parser("worker", help="a Celery worker bound to one device that executes Dagster steps and "
                             "keeps the model loaded between them (needs PAPER_ASSETS_CELERY_BROKER)")

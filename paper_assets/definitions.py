@@ -14,6 +14,7 @@ from .defs.resources import (
     ShardPublisherResource,
     Specter2Resource,
 )
+from .defs.run_worker import recording_run_worker
 from .defs.sensors import novelty_sensor, s2_release_ranges_sensor, s2_source_release_sensor
 from .engine.device import compile_choice
 from .engine.storage import ProjectHome
@@ -65,7 +66,7 @@ def build_definitions(settings: Settings | None = None) -> Definitions:
         asset_checks=load_asset_checks_from_modules([embeddings, shards, novelty]),
         sensors=[s2_source_release_sensor, s2_release_ranges_sensor, novelty_sensor],
         resources=build_resources(settings),
-        executor=executor_for(settings),
+        executor=recording_run_worker(executor_for(settings)),
     )
 
 

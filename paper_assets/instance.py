@@ -20,6 +20,8 @@ PG_URL_VARIABLE = "PAPER_ASSETS_PG_URL"
 # Serialises `dagster instance migrate` across processes and machines: two workers initialising an empty
 # PostgreSQL instance at once race on its tables.
 _MIGRATE_LOCK_KEY = 0x70617065  # "pape"
+MONITOR_POLL_SECONDS = 15
+RUN_RETRIES = 3
 
 
 def instance_yaml(settings: Settings) -> str:
@@ -31,8 +33,15 @@ def instance_yaml(settings: Settings) -> str:
         # device each are that limit themselves, so the pool stays unlimited there.
         lines.append("# Raise with: dagster instance concurrency set gpu <number of GPUs>\n"
                      "concurrency:\n  pools:\n    default_limit: 1\n")
-    # A run whose process died keeps its pool slot until the run is marked ended; free it soon after.
-    lines.append("run_monitoring:\n  enabled: true\n  free_slots_after_run_end_seconds: 30\n")
+    # The daemon checks every started run's worker (MonitoredRunLauncher) and fails a run whose worker is gone; a
+    # run that failed for any reason but one of its own steps (worker lost, database or storage error in the run
+    # worker) is launched again, at most RUN_RETRIES times. A failed step (a missing model, a failed quality gate)
+    # fails its run for good: retrying a deterministic error only repeats it.
+    lines.append(f"run_launcher:\n  module: paper_assets.defs.run_worker\n  class: MonitoredRunLauncher\n"
+                 f"run_monitoring:\n  enabled: true\n  poll_interval_seconds: {MONITOR_POLL_SECONDS}\n"
+                 f"  free_slots_after_run_end_seconds: 30\n"
+                 f"run_retries:\n  enabled: true\n  max_retries: {RUN_RETRIES}\n"
+                 f"  retry_on_asset_or_op_failure: false\n")
     return "".join(lines)
 
 

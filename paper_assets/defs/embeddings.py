@@ -32,6 +32,7 @@ from . import catalog as catalog_views
 from .executor import CELERY_QUEUE_TAG, EMBED_QUEUE, K8S_CONFIG_TAG, K8S_GPU_STEP
 from .partitions import corpusid_ranges
 from .resources import ProjectHomeResource, Specter2Resource
+from .transient import retry_transient_errors
 
 EMBEDDING_CHECKS = {
     "row_count": "one embedding per eligible source row of the range (skipped rows reported by reason)",
@@ -54,6 +55,7 @@ def partition_range(context: AssetExecutionContext) -> IdRange:
     code_version="3",
     description="Embeddable rows of one corpusid range: id, text (title [SEP] abstract), text sha256, text rule.",
 )
+@retry_transient_errors
 def papers(
     context: AssetExecutionContext,
     specter2: Specter2Resource,
@@ -114,6 +116,7 @@ class _ProgressLog:
     "model (allenai/specter2_base + the proximity adapter unless configured otherwise; the offline demo's stand-in "
     "makes 64-d vectors, SPECTER2 768-d), with text hash and model fingerprint.",
 )
+@retry_transient_errors
 def paper_embeddings(
     context: AssetExecutionContext,
     specter2: Specter2Resource,

@@ -2,7 +2,6 @@
 s2_source (when the release is new), then papers + paper_embeddings for the planned ranges, then hub_shards.
 Used by `paper-assets update` (cron users without the daemon) and `paper-assets demo`."""
 
-import os
 import socket
 from collections.abc import Callable
 
@@ -12,17 +11,11 @@ from ..engine.errors import UserError
 from ..engine.novelty import plan_novelty
 from ..engine.planner import plan_release
 from ..engine.snapshot import current_snapshot
-from ..processes import process_alive, process_start
 from . import embeddings, novelty, shards, source
 from .partitions import CORPUSID_RANGES
+from .run_worker import HOST_TAG, PID_TAG, run_worker_alive, this_process_tags
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-PID_TAG, HOST_TAG, PROCESS_START_TAG = "paper_assets/pid", "paper_assets/host", "paper_assets/process_start"
-
-
-def this_process_tags() -> dict[str, str]:
-    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname(),
-            PROCESS_START_TAG: process_start(os.getpid()) or ""}
 
 
 def recover_abandoned_runs(instance: DagsterInstance, log: Callable[[str], None]) -> int:
@@ -34,7 +27,7 @@ def recover_abandoned_runs(instance: DagsterInstance, log: Callable[[str], None]
     recovered = 0
     for run in runs:
         pid = int(run.tags.get(PID_TAG, "0") or 0)
-        if pid and not process_alive(pid, run.tags.get(PROCESS_START_TAG)):
+        if pid and run_worker_alive(run.tags) is False:
             instance.report_run_failed(run, f"the process that ran it (pid {pid}) is gone")
             instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
             log(f"  run {run.run_id} of a killed update (pid {pid}) marked failed; its pool slot freed")

@@ -19,6 +19,7 @@ from ..engine.publish import PublishReport, Shard, publish_shards
 from ..engine.snapshot import current_snapshot
 from ..engine.storage import ProjectHome
 from .resources import ProjectHomeResource, ShardPublisherResource
+from .transient import retry_transient_errors
 
 
 def publish_home(layout: ProjectHome, publisher: ShardPublisherResource, range_keys: list[str] | None = None,
@@ -60,6 +61,7 @@ def mismatches(shards: list[Shard], report: PublishReport) -> list[str]:
     description="Every range's embeddings as one Parquet shard in a Hub dataset repo, with a dataset card naming "
     "the source release; only changed shards are uploaded, emptied ranges are deleted.",
 )
+@retry_transient_errors
 def hub_shards(context: AssetExecutionContext, publisher: ShardPublisherResource,
                home: ProjectHomeResource) -> MaterializeResult:
     shards, report = publish_home(home.layout(), publisher)
