@@ -1,5 +1,5 @@
-"""The Dagster UI for real: `dagster dev -w workspace.yaml` on 127.0.0.1 with a temporary project home, driven through
-headless Chromium (Debian's package, via Playwright) and through its GraphQL API."""
+"""The Dagster UI for real: `paper-assets ui` (webserver + daemon on workspace.yaml) on 127.0.0.1 with a temporary
+project home, driven through headless Chromium (Debian's package, via Playwright) and through its GraphQL API."""
 
 import json
 import os
@@ -37,7 +37,7 @@ def wait_for_webserver(url: str, server: subprocess.Popen, log: Path, timeout: f
                 return
         except OSError as err:
             if time.time() > deadline or server.poll() is not None:
-                raise RuntimeError(f"dagster dev did not start: {log.read_text()[-3000:]}") from err
+                raise RuntimeError(f"paper-assets ui did not start: {log.read_text()[-3000:]}") from err
             time.sleep(1)
 
 
@@ -74,7 +74,7 @@ def dagster_dev(tmp_path_factory):
     subprocess.run([sys.executable, "-c", prepare], env=env, check=True, cwd=REPO, timeout=600,
                    capture_output=True)
     port = free_port()
-    log = open(home / "dagster-dev.log", "w")  # noqa: SIM115 - closed in teardown
+    log = open(home / "ui.log", "w")  # noqa: SIM115 - closed in teardown
     # `paper-assets ui` as a user starts it: no venv activated (its bin is not on PATH), from another folder.
     venv_bin = Path(sys.executable).parent
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if Path(p) != venv_bin)
@@ -83,7 +83,7 @@ def dagster_dev(tmp_path_factory):
         stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for_webserver(url, server, home / "dagster-dev.log")
+        wait_for_webserver(url, server, home / "ui.log")
         yield url, home
     finally:
         stop_process_group(server)
@@ -196,8 +196,8 @@ def test_backfill_without_a_webserver_says_how_to_start_one(tmp_path):
 
 def test_the_ui_process_logs_no_warnings_we_cause(dagster_dev):
     _, home = dagster_dev
-    log = (home / "dagster-dev.log").read_text(encoding="utf-8", errors="replace")
-    assert "Launching Dagster services" in log
+    log = (home / "ui.log").read_text(encoding="utf-8", errors="replace")
+    assert "paper-assets ui: dagster-webserver started" in log and "paper-assets ui: dagster-daemon started" in log
     flagged = [line for line in log.splitlines() if "Warning" in line or "none are activated" in line]
     assert not flagged, flagged
 
@@ -205,7 +205,8 @@ def test_the_ui_process_logs_no_warnings_we_cause(dagster_dev):
 def test_the_backfill_report_gives_each_failed_partition_the_error_that_ended_it(tmp_path):
     """`paper-assets backfill --wait` reads its per-partition report from the instance: a run that succeeded shows
     what paper_embeddings recorded, a run whose step raised shows the step and its error, and a run that failed
-    before any step (a lost run worker, marked failed by Dagster's run monitoring) shows the run's failure."""
+    before any step (a lost run worker, marked failed by Dagster's run monitoring) shows the run's failure; a
+    partition whose lost run was retried counts by its retry."""
     from dagster import (
         DagsterInstance,
         Definitions,
@@ -217,7 +218,7 @@ def test_the_backfill_report_gives_each_failed_partition_the_error_that_ended_it
 
     from paper_assets.backfill import partition_reports
 
-    keys = ["000000000-000999999", "001000000-001999999", "002000000-002999999"]
+    keys = ["000000000-000999999", "001000000-001999999", "002000000-002999999", "003000000-003999999"]
 
     @asset(partitions_def=StaticPartitionsDefinition(keys))
     def paper_embeddings(context) -> MaterializeResult:
@@ -232,9 +233,13 @@ def test_the_backfill_report_gives_each_failed_partition_the_error_that_ended_it
         job = Definitions(assets=[paper_embeddings]).resolve_implicit_global_asset_job_def()
         lost = instance.create_run_for_job(job, tags={"dagster/backfill": "fill1", "dagster/partition": keys[2]})
         instance.report_run_failed(lost, message="run worker lost: its process exited without reporting")
-        ok, failed, never_started = partition_reports(instance, "fill1")
+        retried = instance.create_run_for_job(job, tags={"dagster/backfill": "fill1", "dagster/partition": keys[3]})
+        instance.report_run_failed(retried, message="run worker lost")
+        materialize([paper_embeddings], instance=instance, partition_key=keys[3], tags={"dagster/backfill": "fill1"})
+        ok, failed, never_started, retry = partition_reports(instance, "fill1")
     assert ok == {"range": keys[0], "status": "SUCCESS", "run_id": ok["run_id"], "worker": "host:1", "device": "cpu",
-                  "rows": 40}
+                  "rows": 40, "runs": 1}
+    assert retry["status"] == "SUCCESS" and retry["runs"] == 2 and "error" not in retry
     assert failed["status"] == "FAILURE" and failed["worker"] is None
     assert failed["error"].startswith("paper_embeddings: RuntimeError: papers file for 001000000-001999999 is")
     assert never_started["status"] == "FAILURE" and never_started["run_id"] == lost.run_id
