@@ -21,11 +21,7 @@ demo: setup
 
 # Tests run in TEST_WORKERS processes, one test file per process at a time (--dist loadfile): the UI backfill tests
 # spend about a minute each waiting for Dagster's backfill daemon (it ticks every 30 s), which the other process
-# fills with work. 17:13 serial vs 14:15 with 2 workers on a 2-vCPU Zen 4 (session 13). Both vCPUs stay busy the
-# whole run, so more workers do not help; on a 2-vCPU Zen 3 fresh-clone CI took 22-23 min before session 21's cuts
-# (no torch in the code location, no scikit-learn, lighter scale-out kill test) and 17:11 after (160 tests); on a
-# 2-vCPU AMX Xeon (model 167, session 22) the pytest part took 10:08 (165 tests), on a 2-vCPU Zen 4 (session 23)
-# 12:23 (166 and 168 tests).
+# fills with work. Both vCPUs of a 2-vCPU machine stay busy the whole run, so more workers do not help there.
 TEST_WORKERS ?= 2
 PYTEST := HF_HUB_DISABLE_XET=1 $(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile
 

@@ -115,7 +115,7 @@ def test_bench_pipeline_reports_the_data_path_and_memory_of_processes_that_did_n
 
 
 def test_gpu_hosts_data_path_probe_tokenises_every_paper_alike_in_every_mode(tmp_path, tiny_model, generated_papers):
-    """``tools/gpu/data_path.py``, which a GPU lease runs unattended: every core count and tokenising mode (word
+    """``tools/gpu/data_path.py``, which a GPU machine runs unattended: every core count and tokenising mode (word
     cache, Rust tokenizer alone, worker processes) reads every paper of the source and produces the same token ids
     count, through the same timed loop as ``bench --pipeline-papers``."""
     source = make_source(tmp_path / "source.duckdb", generated_papers)

@@ -45,7 +45,7 @@ def _calibrate(base: str, adapter: str, device: str, precision: str, calibration
 
     loaded = load_model(ModelConfig(base_model=base, adapter=adapter, device=device, precision=precision,
                                     calibration_file=calibration_file))
-    if loaded.device.type == "cpu":  # a GPU has no calibration (a compile here would only spend lease time)
+    if loaded.device.type == "cpu":  # a GPU has no calibration: compiling here would only add untimed minutes
         Encoder(loaded).close()
 
 

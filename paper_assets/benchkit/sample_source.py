@@ -75,7 +75,7 @@ def generate_papers(count: int, seed: int = 0, first_id: int = 1000, id_gap: int
                 sentences.append(_sentence(rng, n) + ".")
                 left -= n
             abstract = " ".join(sentences)
-        rng.randint(1990, 2025)  # was the year: still drawn, so every text stays what it was
+        rng.randint(1990, 2025)  # keeps the generator's stream, so a seed names the same texts in every test
         published = DEMO_FIRST_DAY + datetime.timedelta(days=dates.randrange(DEMO_DAYS))
         papers.append(
             {"corpusid": corpusid, "title": title, "abstract": abstract, "publication_date": published,

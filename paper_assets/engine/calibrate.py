@@ -13,7 +13,7 @@ smallest budget whose median share of its round's fastest is within 3% of the be
 stored in the home (``stats/calibration.json``) under a key naming the CPU (model name, family and model numbers),
 its native-bf16 flags, the core count, the model shape and the precision, so each machine kind measures once (~20–60 s
 for BERT-base on 2 vCPUs) and every later run reuses it.
-GPUs keep their fixed default (measured there when a GPU is lent).
+GPUs keep their fixed default (measured on an H200, BENCHMARKS.md).
 
 Compile: inductor with freezing folds the weights' bf16 casts and packs them for oneDNN once, with bias, GELU and
 residual adds fused into the matmuls; where oneDNN has native bf16 kernels (AMX) that is most of the forward time
@@ -22,10 +22,10 @@ So ``auto`` times the eager and the compiled forward once per machine kind and m
 (``compile_measurement``), and compiles where the gain repays the compilation within the run (``compile_pays_off``).
 
 Every decision compares candidates round by round and takes the median of the rounds (``median_gain``, ``choose``);
-the best round of each is what gets recorded as its rate. Best-of alone decided until session 17, and on a 2-vCPU
-Emerald Rapids VM, whose speed changed up to 2.7x between two calls a second apart, it chose the eager forward once
-although compiled was 1.3-1.6x faster: one fast moment had met eager only. Over 21 rounds measured there, a 7-round
-median of per-round ratios made the right choice in every window, best-of in 14 of 15 (BENCHMARKS.md).
+the best round of each is what gets recorded as its rate. Best-of alone would let one fast moment decide: on a
+2-vCPU Emerald Rapids VM, whose speed changed up to 2.7x between two calls a second apart, best-of chose the eager
+forward although compiled was 1.3-1.6x faster, because one fast moment had met eager only. Over 21 rounds measured
+there, a 7-round median of per-round ratios made the right choice in every window, best-of in 14 of 15.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def _cached(cache_file: Path, key: str, compute: Callable[[], dict]) -> dict:
 def interleaved_seconds(runs: Mapping[K, Callable[[], object]], rounds: int) -> dict[K, list[float]]:
     """Each run's wall time in each of ``rounds`` interleaved rounds, after one warm-up each. Each round runs every
     candidate once, starting one further along each time. On a shared VM the speed drifts for seconds at a time (a
-    2-vCPU AMX Xeon, session 12: the same GEMM took 4.3 to 19 ms from call to call), so candidates timed one after
+    2-vCPU AMX Xeon the same GEMM took 4.3 to 19 ms from call to call), so candidates timed one after
     another would compare the machine's phases, not themselves; interleaved, each round compares them in about
     the same phase (``rounds=0``: the warm-ups only, no times)."""
     for run in runs.values():
@@ -195,10 +195,10 @@ def compile_measurement(cache_file: Path, key: str,
 def compile_pays_off(measured: dict, expected_tokens: int | None = None) -> bool:
     """Whether to compile: the compiled forward is ``COMPILE_MIN_GAIN`` times faster and, where the run's size is
     known, the time it saves on ``expected_tokens`` exceeds the compilation (a process compiles again every run;
-    on a 2-vCPU Sapphire Rapids, BERT-base bf16 paid back its ~40 s after ~3,000 papers; BENCHMARKS.md). The gain is
-    the median of rounds; a file written before session 17 has only the best rounds, whose ratio is used then."""
+    on a 2-vCPU Sapphire Rapids, BERT-base bf16 paid back its ~40 s after ~3,000 papers). The gain is the median
+    of the rounds' ratios."""
     eager = measured["eager_tokens_per_second"]
-    gain = measured.get("compiled_gain_median_of_rounds") or measured["compiled_tokens_per_second"] / eager
+    gain = measured["compiled_gain_median_of_rounds"]
     if gain < COMPILE_MIN_GAIN:
         return False
     return expected_tokens is None or expected_tokens / eager * (1 - 1 / gain) > measured["compile_seconds"]

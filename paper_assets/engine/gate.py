@@ -5,8 +5,7 @@ publish`, a worker) applies the same quality gate without importing the asset mo
   published only when this record matches the current file and passed.
 - ``stats/norms/<range>.json``: each partition's norm statistics, together the reference for the ``norms_in_band``
   check. One record per partition, written only by that partition's step: machines sharing an object-storage home
-  have no lock in common, so one registry file rewritten by every step lost records and failed reads (homes written
-  before keep their ``stats/norms.json``, still read, below the per-partition records).
+  have no lock in common, so one registry file rewritten by every step would lose records.
 - ``stats/published.json``: what the last publish left on its target (path -> sha256), for the release planner.
 """
 
@@ -61,9 +60,6 @@ def read_gate(layout: ProjectHome, rng: IdRange) -> Gate | None:
     return Gate(**json.loads(read_record(path)))
 
 
-LEGACY_NORM_REGISTRY = "norms.json"
-
-
 def update_norm_registry(layout: ProjectHome, key: str, fingerprint: str, stats: dict) -> dict:
     """Record partition ``key``'s norm statistics; returns every partition's (see :func:`norm_registry`)."""
     with atomic_path(layout.stats_dir / "norms" / f"{key}.json") as tmp:
@@ -72,13 +68,8 @@ def update_norm_registry(layout: ProjectHome, key: str, fingerprint: str, stats:
 
 
 def norm_registry(layout: ProjectHome) -> dict:
-    """Partition key -> its norm statistics and model fingerprint: the single registry file of earlier versions,
-    overridden by the per-partition records."""
-    legacy = layout.stats_dir / LEGACY_NORM_REGISTRY
-    registry = json.loads(read_record(legacy)) if legacy.exists() else {}
-    for name, record in read_records(layout.stats_dir / "norms").items():
-        registry[name.removesuffix(".json")] = record
-    return registry
+    """Partition key -> its norm statistics and model fingerprint (one record per partition, ``stats/norms/``)."""
+    return {name.removesuffix(".json"): record for name, record in read_records(layout.stats_dir / "norms").items()}
 
 
 def norm_band(registry: dict, fingerprint: str, k: float, fixed: list[float] | None = None) -> tuple[float, float]:

@@ -1,9 +1,9 @@
 #!/bin/bash
-# One lent-GPU call for the default engine (~500 s on an H200; run with timeout_s ~560): a cold compile first (so
+# One GPU-machine call for the default engine (~500 s on an H200; run with timeout_s ~560): a cold compile first (so
 # check.sh's two runs both find a warm inductor cache), check.sh bf16 with the defaults, the compiled stream's first
 # and second pass over the same chunks with its profile (65,536-token budget only), then check.sh with
-# --tokenizer-workers 0 (in-process tokenising) for the same-lease comparison. Session 10's lease ran this sequence.
-# Session 8's lease also ran --no-compile and fp32 (see BENCHMARKS.md); add them with EXTRA_RUNS=1. Results in $OUT.
+# --tokenizer-workers 0 (in-process tokenising) for a same-machine comparison; EXTRA_RUNS=1 adds --no-compile and
+# fp32. Results in $OUT.
 ROOT=$(pwd); G=$ROOT/.gpu; export OUT=${OUT:-/tmp/gpuout}; mkdir -p $OUT; W=/tmp/gw; mkdir -p $W
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 s0=$(date +%s); el() { echo "[+$(( $(date +%s) - s0 )) s]"; }

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Prepare .gpu/ for a GPU lease, from the project root on a machine with PyPI access (../shared/gpu/README.md's
+# Prepare .gpu/ for a GPU machine, from the project root on a machine with PyPI access (../shared/gpu/README.md's
 # steps, then this folder's probes beside check.sh). Afterwards: one device run with carry [".gpu"] and
 # command `bash .gpu/compile_default.sh 2>&1` (timeout ~560 s), then give_back.
 set -euo pipefail

@@ -1,5 +1,5 @@
 #!/bin/bash
-# One lent-GPU call: check.sh (bf16, fp32) on the new engine, then the profile / budget x pad sweep, then bench.
+# One GPU-machine call: check.sh (bf16, fp32) on the new engine, then the profile / budget x pad sweep, then bench.
 ROOT=$(pwd); export OUT=${OUT:-/tmp/gpuout}; mkdir -p $OUT
 PRECISIONS="bf16 fp32" bash .gpu/check.sh
 export PYTHONPATH=/tmp/site:$ROOT PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
