@@ -287,6 +287,8 @@ def run_trial(work: Path, fault: str, base_model: str, adapter: str, papers: lis
         and len(reports) == partitions,
         "lost": len(set(expected) - set(ids)), "duplicated": len(ids) - len(set(ids)),
         "stuck": fill.returncode is None or not lines,
+        "not_succeeded": [{k: r.get(k) for k in ("range", "status", "runs", "error")} for r in reports
+                          if r["status"] != "SUCCESS"],
         "backfill_stderr_tail": fill_log.read_text(errors="replace")[-600:],
     }
 
@@ -301,7 +303,8 @@ def run_trials(trials: int, work: Path, base_model: str, adapter: str, papers: l
         result = run_trial(work / f"trial-{trial}", fault, base_model, adapter, papers, seed=rng.randrange(1 << 30))
         log(json.dumps(result))
         results.append(result)
-        shutil.rmtree(work / f"trial-{trial}", ignore_errors=True)
+        if result["complete"] and not (result["lost"] or result["duplicated"] or result["stuck"]):
+            shutil.rmtree(work / f"trial-{trial}", ignore_errors=True)  # a failed trial's logs stay for reading
     totals = {"trials": trials, "complete": sum(r["complete"] for r in results),
               "lost": sum(r["lost"] for r in results), "duplicated": sum(r["duplicated"] for r in results),
               "stuck": sum(r["stuck"] for r in results),
