@@ -10,9 +10,10 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .engine.home import ProjectHome
 from .engine.novelty_params import IndexParams, NoveltyParams
 from .engine.quality import GatePolicy
-from .engine.storage import DEFAULT_CHUNK_ROWS, ProjectHome
+from .engine.schemas import DEFAULT_CHUNK_ROWS
 
 
 def default_home() -> Path:

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from paper_assets.engine.storage import file_metadata
+from paper_assets.engine.schemas import file_metadata
 from paper_assets.engine.text import paper_texts
 
 from .conftest import REPO, make_source
@@ -209,8 +209,8 @@ def test_embed_per_machine_into_one_home_then_publish_once(tmp_path, tiny_model,
     included), then one `publish` takes them all through the same gate as hub_shards."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from paper_assets.engine.home import ProjectHome
     from paper_assets.engine.ranges import parse_range
-    from paper_assets.engine.storage import ProjectHome
 
     home, machine_env = shared_home
     base, adapter = tiny_model

@@ -29,8 +29,8 @@ from ..engine.errors import UserError
 from ..engine.model import ModelConfig, load_model
 from ..engine.pipeline import build_papers, embed_papers
 from ..engine.ranges import IdRange
+from ..engine.schemas import vectors_of
 from ..engine.source import inspect_source
-from ..engine.storage import vectors_of
 from . import sample_source, tokenizer_bench
 from .data_path import pin_to_cores, time_data_path
 from .reference import read_reference, run_seed_recipe

@@ -23,11 +23,12 @@ from dagster import (
 from dagster_duckdb import DuckDBResource
 
 from ..engine import quality
+from ..engine.fs import parquet_metadata
 from ..engine.partition_gate import evaluate_partition
 from ..engine.pipeline import build_papers, embed_papers
 from ..engine.ranges import IdRange, parse_range
+from ..engine.schemas import METADATA_KEY
 from ..engine.snapshot import current_snapshot
-from ..engine.storage import METADATA_KEY, parquet_metadata
 from . import catalog as catalog_views
 from .executor import CELERY_QUEUE_TAG, EMBED_QUEUE, K8S_CONFIG_TAG, K8S_GPU_STEP
 from .partitions import corpusid_ranges
