@@ -19,7 +19,7 @@ from ..engine.home import ProjectHome
 from ..engine.ranges import range_for
 from ..settings import Settings
 from . import sample_source
-from .bench import in_a_fresh_process
+from .measure import in_a_fresh_process
 from .services import (
     DEFAULT_PG_ADMIN,
     DEFAULT_REDIS,
