@@ -72,6 +72,9 @@ class Settings:
     celery_broker: str = ""
     celery_backend: str = ""
 
+    def gate_policy(self) -> GatePolicy:
+        return GatePolicy(norm_k=self.norm_k, max_norm_outlier_fraction=self.max_norm_outlier_fraction)
+
     def save(self) -> Path:
         path = ProjectHome(self.home).config_file
         path.parent.mkdir(parents=True, exist_ok=True)

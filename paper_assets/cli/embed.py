@@ -62,11 +62,10 @@ def papers_prefetcher():
 def run(args) -> int:
     import tempfile
 
+    from ..engine.embed_home import RangeToEmbed, embed_ranges, embedding_file_metadata
     from ..engine.encoder import Encoder
     from ..engine.model import ModelConfig, load_model
-    from ..engine.partition_gate import evaluate_partition
     from ..engine.pipeline import EmbedJob, build_papers, embed_partitions
-    from ..engine.quality import GatePolicy
     from ..engine.ranges import parse_range, range_for
     from ..engine.source import inspect_source, range_rows, range_stats
 
@@ -116,31 +115,34 @@ def run(args) -> int:
         encoder = Encoder(load_model(config, setting_names=flags), expected_rows=expected_rows)
         loaded = encoder.loaded
         print(f"adapter {config.adapter_name} active ({loaded.precision} on {loaded.device})")
-        model_meta = loaded.metadata()
         started = time.perf_counter()
 
-        def jobs():
+        def papers_in_turn():
+            """Each range's papers file once built, the next one's build started: (range, file, its report)."""
             nonlocal upcoming
             for index, rng in enumerate(ranges):
                 papers_file, papers = upcoming[0], upcoming[1].result()
                 if index + 1 < len(ranges):
                     upcoming = submit_papers(ranges[index + 1])
-                meta = {"model": model_meta, "range": rng.key, "papers_content_hash": papers.content_hash,
-                        "source_release": info.version}
-                out_file = layout.embeddings_file(rng) if into_home else out / f"embeddings-{rng.key}.parquet"
-                checkpoints = layout.checkpoint_dir(rng) if into_home else Path(work) / "checkpoints" / rng.key
-                yield EmbedJob(papers_file, out_file, checkpoints, meta, context=(rng, papers))
+                yield rng, papers_file, papers
 
         # One encoder stream over every range: the device goes on with the next range while one is written.
-        for job, report in embed_partitions(jobs(), encoder, chunk_rows=settings.chunk_rows):
-            rng, papers = job.context
+        if into_home:
+            todo = (RangeToEmbed(rng, file, papers.as_metadata(), context=papers)
+                    for rng, file, papers in papers_in_turn())
+            done = ((item.rng, item.report, item.context, item.verdict.gate)
+                    for item in embed_ranges(todo, layout, encoder, settings.gate_policy(), settings.chunk_rows))
+        else:
+            model_meta = loaded.metadata()
+            jobs = (EmbedJob(file, out / f"embeddings-{rng.key}.parquet", Path(work) / "checkpoints" / rng.key,
+                             embedding_file_metadata(model_meta, rng, papers.as_metadata()), context=(rng, papers))
+                    for rng, file, papers in papers_in_turn())
+            done = ((job.context[0], report, job.context[1], None)
+                    for job, report in embed_partitions(jobs, encoder, chunk_rows=settings.chunk_rows))
+        for rng, report, papers, decision in done:
             total += report.rows
             verdict = ""
-            if into_home:
-                decision = evaluate_partition(layout, rng, job.out_path, encoder, papers.as_metadata(), model_meta,
-                                              GatePolicy(norm_k=settings.norm_k,
-                                                         max_norm_outlier_fraction=settings.max_norm_outlier_fraction),
-                                              ).gate
+            if decision is not None:
                 verdict = ", quality gate passed" if decision.passed else f", quality gate FAILED: {decision.failed}"
                 if not decision.passed:
                     gate_failed.append(rng.key)
