@@ -17,7 +17,7 @@ from .defs.resources import (
 from .defs.run_worker import recording_run_worker
 from .defs.sensors import novelty_sensor, s2_release_ranges_sensor, s2_source_release_sensor
 from .engine.device import compile_choice
-from .engine.storage import ProjectHome
+from .engine.home import ProjectHome
 from .settings import Settings, load_settings
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .engine.storage import ProjectHome
+from .engine.home import ProjectHome
 from .settings import Settings
 
 MARKER = "# written by paper-assets from its settings; remove this line to keep your own edits\n"

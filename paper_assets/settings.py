@@ -10,9 +10,10 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .engine.home import ProjectHome
 from .engine.novelty_params import IndexParams, NoveltyParams
 from .engine.quality import GatePolicy
-from .engine.storage import DEFAULT_CHUNK_ROWS, ProjectHome
+from .engine.schemas import DEFAULT_CHUNK_ROWS
 
 
 def default_home() -> Path:
@@ -70,6 +71,9 @@ class Settings:
     novelty_graph: str = IndexParams.graph
     celery_broker: str = ""
     celery_backend: str = ""
+
+    def gate_policy(self) -> GatePolicy:
+        return GatePolicy(norm_k=self.norm_k, max_norm_outlier_fraction=self.max_norm_outlier_fraction)
 
     def save(self) -> Path:
         path = ProjectHome(self.home).config_file

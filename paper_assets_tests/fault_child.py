@@ -39,7 +39,7 @@ def main() -> int:
 
     from paper_assets.definitions import build_definitions
     from paper_assets.defs import embeddings, shards
-    from paper_assets.engine import storage
+    from paper_assets.engine import checkpoints
     from paper_assets.settings import Settings
 
     settings = Settings(**json.loads(settings_json))
@@ -51,7 +51,7 @@ def main() -> int:
         resources["publisher"] = ShardPublisherResource(hub_repo=os.environ["PUBLISH_REPO"],
                                                         endpoint=os.environ["PUBLISH_ENDPOINT"])
     if mode == "kill-during-embedding":
-        kill_after(storage.ChunkCheckpoints, "write", 2)
+        kill_after(checkpoints.ChunkCheckpoints, "write", 2)
     elif mode == "kill-during-parquet-write":
         kill_after(pq.ParquetWriter, "write_table", 1)
     elif mode == "kill-during-publish":
@@ -68,7 +68,7 @@ def main() -> int:
     if mode == "kill-during-update":
         from paper_assets.defs.release import apply_release
 
-        kill_after(storage.ChunkCheckpoints, "write", int(key))
+        kill_after(checkpoints.ChunkCheckpoints, "write", int(key))
         print(json.dumps(apply_release(defs, instance, publish=True)))
         return 0
     if mode in ("kill-during-publish", "publish"):

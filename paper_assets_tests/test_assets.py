@@ -13,9 +13,10 @@ from dagster import DagsterInstance, instance_for_test, materialize
 from paper_assets.definitions import build_definitions
 from paper_assets.defs import embeddings, shards, source
 from paper_assets.defs.partitions import CORPUSID_RANGES
+from paper_assets.engine.home import ProjectHome
 from paper_assets.engine.partition_gate import canary_vectors
 from paper_assets.engine.ranges import parse_range
-from paper_assets.engine.storage import ProjectHome, vectors_of
+from paper_assets.engine.schemas import vectors_of
 from paper_assets.settings import Settings
 
 from .conftest import REPO, make_source

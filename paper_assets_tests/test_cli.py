@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from paper_assets.engine.storage import file_metadata
+from paper_assets.engine.schemas import file_metadata
 from paper_assets.engine.text import paper_texts
 
 from .conftest import REPO, make_source
@@ -95,7 +95,7 @@ def test_bench_pipeline_reports_the_data_path_and_memory_of_processes_that_did_n
     """`bench --pipeline-papers N`: N and 10N papers each in a fresh process, data path on 1..all cores; the sources
     are written by a process of their own (generated papers left in the measured heap inflated its peak RSS), and a
     measured process that fails is an error, not a hang."""
-    from paper_assets.benchkit.bench import _pipeline_child, pipeline_source, run_pipeline
+    from paper_assets.benchkit.pipeline_bench import _pipeline_child, pipeline_source, run_pipeline
     from paper_assets.engine.model import ModelLoadError
 
     result = run_pipeline(30, tmp_path)
@@ -169,7 +169,8 @@ def test_engine_ab_tool_runs_each_checkout_from_its_own_folder_alternately(tmp_p
 def test_bench_tokenises_the_real_abstracts_both_ways_to_the_same_ids(tmp_path, shared_papers):
     """The word cache against the Rust tokenizer on the SciRepEval abstracts, pinned to one core in a process of its
     own; the measurement itself refuses to report if the two disagree on any id."""
-    from paper_assets.benchkit.bench import SHARED_PAPERS, in_a_fresh_process
+    from paper_assets.benchkit.bench import SHARED_PAPERS
+    from paper_assets.benchkit.measure import in_a_fresh_process
     from paper_assets.benchkit.tokenizer_bench import measure
 
     result = in_a_fresh_process(measure, str(SHARED_PAPERS), str(tmp_path))
@@ -182,7 +183,7 @@ def test_bench_tokenises_the_real_abstracts_both_ways_to_the_same_ids(tmp_path, 
 def test_bench_takes_the_calibrations_fastest_gemm_call_in_the_engines_precision(tmp_path, monkeypatch):
     import torch
 
-    from paper_assets.benchkit.bench import best_gemm_call_gflops
+    from paper_assets.benchkit.measure import best_gemm_call_gflops
     from paper_assets.engine import calibrate
 
     cache = tmp_path / "calibration.json"
@@ -209,8 +210,8 @@ def test_embed_per_machine_into_one_home_then_publish_once(tmp_path, tiny_model,
     included), then one `publish` takes them all through the same gate as hub_shards."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from paper_assets.engine.home import ProjectHome
     from paper_assets.engine.ranges import parse_range
-    from paper_assets.engine.storage import ProjectHome
 
     home, machine_env = shared_home
     base, adapter = tiny_model

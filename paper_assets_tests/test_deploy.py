@@ -25,7 +25,7 @@ from dagster_k8s.models import k8s_model_from_dict, k8s_snake_case_dict
 
 from paper_assets.definitions import build_definitions
 from paper_assets.defs.executor import K8S_CONFIG_TAG, K8S_GPU_STEP
-from paper_assets.engine.storage import LOCAL_HOME_ENV, ProjectHome
+from paper_assets.engine.home import LOCAL_HOME_ENV, ProjectHome
 from paper_assets.settings import Settings
 
 from .conftest import REPO

@@ -655,8 +655,8 @@ def test_canary_of_a_compiled_encoder_runs_without_recompiling_and_its_adapter_l
     from torch._dynamo.utils import counters
 
     from paper_assets.engine import quality
+    from paper_assets.engine.home import ProjectHome
     from paper_assets.engine.partition_gate import canary_vectors
-    from paper_assets.engine.storage import ProjectHome
 
     base, adapter = tiny_model
     torch._dynamo.reset()

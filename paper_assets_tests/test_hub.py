@@ -11,8 +11,9 @@ from paper_assets.defs import embeddings, shards, source
 from paper_assets.defs.partitions import CORPUSID_RANGES
 from paper_assets.defs.resources import S2SourceResource
 from paper_assets.engine.card import dataset_card
+from paper_assets.engine.fs import sha256_file
 from paper_assets.engine.publish import HubTarget, PublishError, Shard, publish_shards
-from paper_assets.engine.storage import embeddings_batch, embeddings_schema, sha256_file
+from paper_assets.engine.schemas import embeddings_batch, embeddings_schema
 from paper_assets.settings import Settings
 
 from .conftest import HUB, make_source

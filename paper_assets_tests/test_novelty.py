@@ -17,6 +17,7 @@ from paper_assets.defs import embeddings, novelty, source
 from paper_assets.defs.partitions import CORPUSID_RANGES, PUBLICATION_MONTHS
 from paper_assets.defs.sensors import novelty_sensor
 from paper_assets.engine import novelty as engine
+from paper_assets.engine.home import ProjectHome
 from paper_assets.engine.paper_index import (
     IndexParams,
     PaperIndex,
@@ -24,7 +25,6 @@ from paper_assets.engine.paper_index import (
     month_start_day,
     write_index,
 )
-from paper_assets.engine.storage import ProjectHome
 from paper_assets.settings import Settings
 
 from .conftest import make_source
@@ -267,14 +267,10 @@ def test_retrieval_model_has_trained_weights_and_an_active_adapter(tmp_path):
 
 def test_the_index_refuses_embeddings_of_two_models(tmp_path):
     from paper_assets.engine import gate
+    from paper_assets.engine.fs import atomic_parquet_writer, sha256_file
     from paper_assets.engine.paper_index import IndexError_, build_index
     from paper_assets.engine.ranges import parse_range
-    from paper_assets.engine.storage import (
-        atomic_parquet_writer,
-        embeddings_batch,
-        embeddings_schema,
-        sha256_file,
-    )
+    from paper_assets.engine.schemas import embeddings_batch, embeddings_schema
 
     layout = ProjectHome(tmp_path / "home")
     for key, fingerprint in (("000000000-000999999", "model-a"), ("001000000-001999999", "model-b")):

@@ -11,16 +11,11 @@ import duckdb
 import pyarrow as pa
 import pytest
 
+from paper_assets.engine.checkpoints import ChunkCheckpoints
+from paper_assets.engine.fs import atomic_parquet_writer, read_parquet
+from paper_assets.engine.home import ProjectHome
 from paper_assets.engine.ranges import parse_range
-from paper_assets.engine.storage import (
-    ChunkCheckpoints,
-    ProjectHome,
-    atomic_parquet_writer,
-    current_name,
-    read_parquet,
-    staged_version,
-    switch_current,
-)
+from paper_assets.engine.versions import current_name, staged_version, switch_current
 
 from .conftest import REPO, s3_keys
 

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 
 from paper_assets.engine.encoder import Encoder
+from paper_assets.engine.fs import read_parquet
 from paper_assets.engine.model import ModelConfig, load_model
 from paper_assets.engine.pipeline import EmbedJob, build_papers, embed_papers, embed_partitions
 from paper_assets.engine.ranges import range_for
+from paper_assets.engine.schemas import vectors_of
 from paper_assets.engine.source import inspect_source, range_stats
-from paper_assets.engine.storage import read_parquet, vectors_of
 
 from .conftest import make_source
 
@@ -91,7 +92,7 @@ def test_an_interrupted_stream_resumes_each_partition_where_it_stopped(encoder, 
 
 def test_files_are_written_off_the_embedding_thread_and_a_failed_write_is_raised(encoder, papers_files, tmp_path,
                                                                                  monkeypatch):
-    from paper_assets.engine.storage import ChunkCheckpoints
+    from paper_assets.engine.checkpoints import ChunkCheckpoints
 
     writing_threads = []
     write = ChunkCheckpoints.write
@@ -165,7 +166,7 @@ def test_streaming_a_parquet_file_holds_about_one_row_group(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from paper_assets.engine.storage import parquet_file
+    from paper_assets.engine.fs import parquet_file
 
     rng = np.random.default_rng(5)
     path = tmp_path / "long.parquet"

@@ -23,10 +23,11 @@ from paper_assets.defs.release import recover_abandoned_runs
 from paper_assets.defs.resources import S2SourceResource, Specter2Resource
 from paper_assets.defs.run_worker import PID_TAG, PROCESS_START_TAG, this_process_tags
 from paper_assets.defs.sensors import s2_release_ranges_sensor, s2_source_release_sensor
+from paper_assets.engine.home import ProjectHome
 from paper_assets.engine.ranges import parse_range
+from paper_assets.engine.schemas import vectors_of
 from paper_assets.engine.snapshot import build_snapshot, current_snapshot
 from paper_assets.engine.source import inspect_source
-from paper_assets.engine.storage import ProjectHome, vectors_of
 from paper_assets.processes import process_start
 from paper_assets.settings import Settings
 

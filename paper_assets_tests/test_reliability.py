@@ -17,9 +17,9 @@ from paper_assets.benchkit import sample_source
 from paper_assets.definitions import build_definitions
 from paper_assets.defs import embeddings, shards, source
 from paper_assets.defs.partitions import CORPUSID_RANGES
+from paper_assets.engine.home import ProjectHome
 from paper_assets.engine.ranges import parse_range
 from paper_assets.engine.snapshot import current_snapshot
-from paper_assets.engine.storage import ProjectHome
 from paper_assets.settings import Settings
 
 from .conftest import HUB, REPO, make_source

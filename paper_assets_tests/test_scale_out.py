@@ -242,7 +242,8 @@ def assert_every_valid_id_once_and_checks_passed(tmp_path: Path, s3_home: str, p
 
     from dagster import AssetKey, DagsterEventType, DagsterInstance
 
-    from paper_assets.engine.storage import ProjectHome, read_parquet
+    from paper_assets.engine.fs import read_parquet
+    from paper_assets.engine.home import ProjectHome
 
     from .conftest import s3_keys
 

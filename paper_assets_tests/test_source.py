@@ -4,8 +4,8 @@ import pytest
 
 from paper_assets.engine.pipeline import build_papers
 from paper_assets.engine.ranges import IdRange
+from paper_assets.engine.schemas import file_metadata
 from paper_assets.engine.source import SourceError, inspect_source, range_stats, read_range
-from paper_assets.engine.storage import file_metadata
 
 from .conftest import make_source
 

@@ -15,7 +15,7 @@ import time
 import torch
 
 from paper_assets.benchkit.bench import bench_dir
-from paper_assets.engine import pipeline, storage
+from paper_assets.engine import checkpoints, pipeline
 from paper_assets.engine.encoder import Encoder
 from paper_assets.engine.model import ModelConfig, load_model
 
@@ -46,7 +46,7 @@ def main() -> None:
     loaded = load_model(ModelConfig(base_model=str(model / "base"), adapter=str(model / "adapter"), device="cpu",
                                     precision="fp32", compile=False, tokenizer_workers=workers))
     encoder = FreeEncoder(loaded, token_budget=65536)
-    storage.ChunkCheckpoints.write = timed("checkpoint write (writer thread)", storage.ChunkCheckpoints.write)
+    checkpoints.ChunkCheckpoints.write = timed("checkpoint write (writer thread)", checkpoints.ChunkCheckpoints.write)
     pipeline._assemble = timed("partition assembly (writer thread)", pipeline._assemble)
     Encoder.tokenize = timed("tokenise (tokenizer thread)", Encoder.tokenize)
     stream = Encoder.encode_stream

@@ -6,14 +6,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import multiprocessing
 import os
-import platform
 import tempfile
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -22,45 +17,30 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from ..engine.calibrate import gemm_measurement, matmul_call_gflops
-from ..engine.device import NATIVE_BF16_FLAGS, cpu_info
+from ..engine.calibrate import matmul_call_gflops
 from ..engine.encoder import Encoder
 from ..engine.errors import UserError
 from ..engine.model import ModelConfig, load_model
 from ..engine.pipeline import build_papers, embed_papers
 from ..engine.ranges import IdRange
+from ..engine.schemas import vectors_of
 from ..engine.source import inspect_source
-from ..engine.storage import vectors_of
 from . import sample_source, tokenizer_bench
-from .data_path import pin_to_cores, time_data_path
+from .measure import (
+    PeakRSS,
+    best_gemm_call_gflops,
+    cpu_description,
+    device_name,
+    flops_per_token,
+    in_a_fresh_process,
+    non_embedding_params,
+)
+from .pipeline_bench import run_pipeline
 from .reference import read_reference, run_seed_recipe
-from .tiny_model import BERT_BASE, PIPELINE, build_model
+from .tiny_model import BERT_BASE, build_model
 
 T = TypeVar("T")
 SHARED_PAPERS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "scirepeval_sample_papers.jsonl"
-
-
-class PeakRSS:
-    """Peak resident memory of this process while the block runs (sampled every 20 ms)."""
-
-    def __enter__(self) -> PeakRSS:
-        import psutil  # a bench dependency (paper_assets[bench]), not a runtime one
-
-        self._proc = psutil.Process()
-        self.peak = self._proc.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
 def default_source(work: Path) -> Path:
@@ -88,22 +68,6 @@ def benchmark_model(work: Path, source: Path, shape=BERT_BASE) -> tuple[str, str
     return str(folder / "base"), str(folder / "adapter")
 
 
-def flops_per_token(params_non_embedding: int, layers: int, hidden: int, mean_seq: float,
-                    cls_only_last_layer: bool = False) -> float:
-    """≈ 2·params (matmuls) + 4·layers·seq·hidden (QKᵀ and attention·V) per token: the full forward. With
-    ``cls_only_last_layer`` what the engine runs: in the last layer every token but the CLS row only goes through
-    the key and value projections (2 x 2·hidden² FLOPs)."""
-    full = 2.0 * params_non_embedding + 4.0 * layers * mean_seq * hidden
-    if not cls_only_last_layer or mean_seq <= 1:
-        return full
-    last_layer = 2.0 * params_non_embedding / layers + 4.0 * mean_seq * hidden
-    return full - (1 - 1 / mean_seq) * (last_layer - 4.0 * hidden * hidden)
-
-
-def _non_embedding_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
-
-
 def _first_ids(source: Path, n: int) -> int:
     import duckdb
 
@@ -112,18 +76,6 @@ def _first_ids(source: Path, n: int) -> int:
             "SELECT CAST(corpusid AS BIGINT) AS id FROM papers_with_abstracts ORDER BY corpusid LIMIT ?", [n]
         ).fetchall()
     return int(max(i[0] for i in ids))
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return cpu_info().kind or platform.processor() or device.type
-
-
-def _cpu_description() -> dict:
-    cpu = cpu_info()
-    return {"cpu": cpu.name or platform.processor() or platform.machine(), "family": cpu.family, "model": cpu.model,
-            "native_bf16": sorted(NATIVE_BF16_FLAGS & cpu.flags), "avx512": "avx512f" in cpu.flags}
 
 
 def run_pair(options: BenchOptions, source: Path, base: str, adapter: str, work: Path) -> dict:
@@ -199,7 +151,7 @@ def run_pair(options: BenchOptions, source: Path, base: str, adapter: str, work:
 
     model = engine_model.model
     mean_seq = report.encode.real_tokens / max(report.rows, 1)
-    shape = (_non_embedding_params(model), engine_model.num_layers, engine_model.hidden_size, mean_seq)
+    shape = (non_embedding_params(model), engine_model.num_layers, engine_model.hidden_size, mean_seq)
     full_fpt = flops_per_token(*shape)
     fpt = flops_per_token(*shape, cls_only_last_layer=engine_model.cls_only_last_layer)
     ref_rate, eng_rate = papers / ref_seconds, report.rows / eng_seconds
@@ -259,79 +211,6 @@ def run_pair(options: BenchOptions, source: Path, base: str, adapter: str, work:
                   "note": "utilisation of the FLOPs the engine runs, against a GEMM measured on this device in "
                           "this run; the notebook runs the full forward (per_token_full_forward)"},
     }
-
-
-def best_gemm_call_gflops(calibration: dict | None, precision: str) -> float | None:
-    """The fastest FFN GEMM call this CPU's calibration (the calibration file's entries) timed in ``precision`` (its
-    interleaved rounds catch a shared VM's fast moments, which the 2 s peak measurement can miss; an AMX VM: 1,827
-    against 744 GFLOP/s), if any."""
-    measured = gemm_measurement(calibration or {})
-    rate = (measured or {}).get(f"{precision}_gflops")
-    return None if rate is None else float(rate)
-
-
-def pipeline_source(n: int, work: Path) -> Path:
-    return work / f"pipeline-{n}.duckdb"
-
-
-def _write_pipeline_source(n: int, work: str) -> None:
-    source = pipeline_source(n, Path(work))
-    if not source.exists():
-        sample_source.write_source(source, sample_source.generate_papers(n, seed=3, id_gap=40))
-
-
-def _pipeline_child(n: int, work: str, cores: int = 0, data_path_only: bool = False,
-                    tokenizer_workers: int = 0) -> dict:
-    cores = pin_to_cores(cores)
-    torch.set_num_threads(cores)
-    work_dir = Path(work)
-    source = pipeline_source(n, work_dir)
-    if not source.exists():
-        raise FileNotFoundError(f"{source}: run_pipeline writes it in a process of its own before measuring")
-    base, adapter = str(work_dir / "pipeline-model" / "base"), str(work_dir / "pipeline-model" / "adapter")
-    encoder = Encoder(load_model(ModelConfig(base_model=base, adapter=adapter, precision="fp32", device="cpu",
-                                             tokenizer_workers=tokenizer_workers)))
-    papers, out, checkpoints = (work_dir / f"{stem}-{n}" for stem in ("papers", "embeddings", "checkpoints"))
-    with PeakRSS() as rss:  # sampled: ru_maxrss would carry the parent's peak across fork + exec
-        timing = time_data_path(source, papers.with_suffix(".parquet"),
-                                lambda texts: int(encoder.tokenize(texts).offsets[-1]))
-        data_path = {"cores": cores, **timing.rates()}
-        if data_path_only:
-            encoder.close()
-            return {**data_path, "tokenizer_workers": tokenizer_workers}
-        started = time.perf_counter()
-        report = embed_papers(papers.with_suffix(".parquet"), out.with_suffix(".parquet"), encoder, checkpoints)
-        embed_seconds = time.perf_counter() - started
-    return {**data_path, "embed_stage_papers_per_second": report.rows / embed_seconds,
-            "forward_seconds": report.encode.forward_seconds,
-            "end_to_end_papers_per_second": n / (timing.build_seconds + embed_seconds), "peak_rss_mb": rss.peak / 2**20}
-
-
-def in_a_fresh_process(fn: Callable[..., T], *args) -> T:
-    """``fn(*args)`` in a spawned process of its own (a fresh heap and thread pools, what a measurement needs); its
-    exception is raised here, and a process that dies without one raises ``BrokenProcessPool``."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
-
-
-def run_pipeline(n: int, work: Path) -> dict:
-    model_dir = work / "pipeline-model"
-    if not (model_dir / "adapter" / "adapter_config.json").exists():
-        build_model(model_dir, [p["title"] + " " + (p["abstract"] or "") for p in sample_source.generate_papers(500)],
-                    shape=PIPELINE)
-    for count in (n, 10 * n):  # in a process of its own: the papers generated in memory would stay in the
-        # measured process's heap and raise its peak RSS by the source's size (1.34 instead of 1.07 on Zen 4)
-        in_a_fresh_process(_write_pipeline_source, count, str(work))
-    results = [in_a_fresh_process(_pipeline_child, count, str(work)) for count in (n, 10 * n)]
-    available = len(os.sched_getaffinity(0))
-    by_cores = [in_a_fresh_process(_pipeline_child, n, str(work), cores, True) for cores in sorted({1, available})]
-    # The same data path with the tokenisation in one worker process per core (the GPU hosts' default).
-    with_workers = in_a_fresh_process(_pipeline_child, n, str(work), available, True, available)
-    return {"runs": results, "rss_ratio_10x": results[1]["peak_rss_mb"] / results[0]["peak_rss_mb"],
-            "data_path_by_cores": by_cores, "data_path_with_tokenizer_workers": with_workers,
-            "data_path_papers_per_second_per_core": {str(r["cores"]): r["data_path_papers_per_second"] / r["cores"]
-                                                     for r in by_cores},
-            "model": f"pipeline {PIPELINE}"}
 
 
 def _print(result: dict) -> None:
@@ -427,7 +306,7 @@ def run_benchmark(options: BenchOptions) -> int:
     if missing:
         raise UserError(f"paper-assets bench needs {', '.join(missing)}: pip install 'paper_assets[bench]'")
     work = bench_dir()
-    result: dict = {"machine": {**_cpu_description(), "cores": os.cpu_count(),
+    result: dict = {"machine": {**cpu_description(), "cores": os.cpu_count(),
                                 "torch": torch.__version__, "threads": torch.get_num_threads()}}
     if options.papers > 0:
         source = Path(options.source) if options.source else default_source(work)

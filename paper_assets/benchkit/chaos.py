@@ -202,7 +202,8 @@ def _home_ids(home: str, local: Path) -> list[int]:
     """Every corpusid in the S3 home's embedding files, listed with boto3 (not with the home's own listing)."""
     import boto3
 
-    from ..engine.storage import ProjectHome, read_parquet
+    from ..engine.fs import read_parquet
+    from ..engine.home import ProjectHome
 
     layout = ProjectHome(home, local=local)
     bucket, _, prefix = home.removeprefix("s3://").partition("/")

@@ -15,11 +15,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from ..engine.errors import UserError
+from ..engine.home import ProjectHome
 from ..engine.ranges import range_for
-from ..engine.storage import ProjectHome
 from ..settings import Settings
 from . import sample_source
-from .bench import in_a_fresh_process
+from .measure import in_a_fresh_process
 from .services import (
     DEFAULT_PG_ADMIN,
     DEFAULT_REDIS,

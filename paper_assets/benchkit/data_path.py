@@ -11,10 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..engine.fs import parquet_file
 from ..engine.pipeline import build_papers
 from ..engine.ranges import IdRange
+from ..engine.schemas import DEFAULT_CHUNK_ROWS
 from ..engine.source import inspect_source
-from ..engine.storage import DEFAULT_CHUNK_ROWS, parquet_file
 
 
 def pin_to_cores(cores: int) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from ..engine.storage import atomic_path
+from ..engine.fs import atomic_path
 from ..engine.text import _SURROGATES
 
 SOURCE_DDL = """

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dagster_duckdb import DuckDBResource
 
-from ..engine.storage import ProjectHome, refresh_catalog
+from ..engine.catalog import refresh_catalog
+from ..engine.home import ProjectHome
 
 
 def refresh(catalog: DuckDBResource, home: ProjectHome) -> list[str]:

@@ -23,11 +23,12 @@ from dagster import (
 from dagster_duckdb import DuckDBResource
 
 from ..engine import quality
-from ..engine.partition_gate import evaluate_partition
-from ..engine.pipeline import build_papers, embed_papers
+from ..engine.embed_home import RangeToEmbed, embed_ranges
+from ..engine.fs import parquet_metadata
+from ..engine.pipeline import build_papers
 from ..engine.ranges import IdRange, parse_range
+from ..engine.schemas import METADATA_KEY
 from ..engine.snapshot import current_snapshot
-from ..engine.storage import METADATA_KEY, parquet_metadata
 from . import catalog as catalog_views
 from .executor import CELERY_QUEUE_TAG, EMBED_QUEUE, K8S_CONFIG_TAG, K8S_GPU_STEP
 from .partitions import corpusid_ranges
@@ -135,19 +136,14 @@ def paper_embeddings(
     encoder = specter2.get_encoder()
     loaded = encoder.loaded
     load_seconds = time.perf_counter() - load_started
-    model_meta = loaded.metadata()
-    file_meta = {"model": model_meta, "range": rng.key, "papers_content_hash": papers_meta.get("content_hash"),
-                 "source_release": papers_meta.get("source_version")}
-    out = layout.embeddings_file(rng)
     worker = f"{socket.gethostname()}:{os.getpid()}"
     # Names the range in the worker's own log too: an operator (or a test) can tell which partition it holds.
     context.log.info(f"embedding {rng.key}: {papers_parquet.num_rows:,} papers on {loaded.device} "
                      f"({loaded.precision}) in {worker}")
-    report = embed_papers(papers_file, out, encoder, layout.checkpoint_dir(rng), chunk_rows=specter2.chunk_rows,
-                          file_metadata=file_meta, progress=_ProgressLog(context))
+    [embedded] = embed_ranges([RangeToEmbed(rng, papers_file, papers_meta)], layout, encoder, specter2.gate_policy(),
+                              chunk_rows=specter2.chunk_rows, progress=_ProgressLog(context))
     catalog_views.refresh(catalog, layout)
-
-    verdict = evaluate_partition(layout, rng, out, encoder, papers_meta, model_meta, specter2.gate_policy())
+    report, out, verdict = embedded.report, embedded.out_file, embedded.verdict
     scan, norm_stats, outcomes, decision = verdict.scan, verdict.norm_stats, verdict.outcomes, verdict.gate
 
     stats = report.encode

@@ -15,11 +15,11 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from ..engine import publish
+from ..engine.home import ProjectHome
 from ..engine.novelty_params import IndexParams, NoveltyParams
 from ..engine.quality import GatePolicy
 from ..engine.snapshot import release_id
 from ..engine.source import SourceError, SourceInfo, inspect_source, local_version
-from ..engine.storage import ProjectHome
 from ..settings import DEFAULTS
 
 if TYPE_CHECKING:

@@ -15,9 +15,9 @@ from dagster import (
 )
 
 from ..engine import gate
+from ..engine.home import ProjectHome
 from ..engine.publish import PublishReport, Shard, publish_shards
 from ..engine.snapshot import current_snapshot
-from ..engine.storage import ProjectHome
 from .resources import ProjectHomeResource, ShardPublisherResource
 from .transient import retry_transient_errors
 

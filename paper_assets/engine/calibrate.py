@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from .device import NATIVE_BF16_FLAGS, cpu_info
-from .storage import FileLock, atomic_path
+from .fs import FileLock, atomic_path
 
 CANDIDATE_BUDGETS = (1024, 2048, 4096, 8192)
 BUDGET_ROUNDS = 5  # each round times every candidate budget once (~15k tokens: 2-10 s for BERT-base on 2 vCPUs)

@@ -156,7 +156,7 @@ def compile_wanted(setting: str | bool, device: torch.device) -> bool:
     """Whether to ``torch.compile`` the model. ``auto``: on CUDA, where fusing the elementwise work around the
     matmuls (autocast casts, residual adds, LayerNorm, GELU) is most of the gain (BENCHMARKS.md, GPU section) and a
     run embeds enough papers to repay the compilation; off on CPUs and MPS, unless the encoder measured (once per
-    CPU kind, in the calibration file) that compiling pays on this CPU (``Encoder._should_compile``)."""
+    CPU kind, in the calibration file) that compiling pays on this CPU (``tuning.plan_encoding``)."""
     choice = compile_choice(setting)
     return device.type == "cuda" if choice == "auto" else choice == "on"
 

@@ -12,8 +12,9 @@ run this same algorithm; on the CPU the copies are no-ops. Reduced precision (bf
 device: weights stay fp32, matmuls run in the low precision, LayerNorm/softmax/residual sums stay fp32. One
 autocast context spans a chunk, but autocast's weight cache does not work under ``inference_mode``, so an eager
 model casts every weight in every batch. On CUDA the model is ``torch.compile``d by default (``device.compile_wanted``),
-which fuses those casts and sums; on a CPU, where compiling is measured to pay (``_should_compile``), inductor's
-freezing folds the casts and packs the weights for oneDNN once.
+which fuses those casts and sums; on a CPU, where compiling is measured to pay (``tuning``), inductor's
+freezing folds the casts and packs the weights for oneDNN once. How it runs (compiled or eager, the token budget)
+is decided before the first chunk by ``tuning.plan_encoding``; the forward pass itself is ``forward.ModelForward``.
 
 Failure rules (counted in :class:`EncodeStats`):
 - a batch whose output has NaN/Inf is recomputed one row at a time (no padding, the known trigger); a row that
@@ -28,20 +29,19 @@ import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Generic, TypeVar
 
 import numpy as np
 import torch
 
-from . import calibrate
-from .batching import bucket_rows, full_rows, pad_on_device, padded_width, plan_batches, warm_up_shapes
-from .device import compile_choice, compile_wanted, default_pad_multiple, default_token_budget
+from .batching import bucket_rows, full_rows, pad_on_device, padded_width, plan_batches
+from .device import default_pad_multiple
 from .encode_stats import EncodeStats
+from .forward import ModelForward
 from .model import LoadedModel
 from .tokenization import TextTokenizer, TokenArrays, TokenizerPool, default_workers
+from .tuning import plan_encoding
 
 Payload = TypeVar("Payload")
 
@@ -120,124 +120,15 @@ class Encoder:
             workers = default_workers(self.device.type)
         self._pool = TokenizerPool(self.text_tokenizer, workers) if workers and self.text_tokenizer else None
         self._positions = torch.arange(max(self.max_length, 1), device=self.device)
-        self._compiled_fn: torch.nn.Module | None = None
-        self._budget_without_measuring = False
-        self.compiled = self._should_compile(expected_rows)
-        self.token_budget = token_budget or loaded.config.token_budget or self._default_token_budget()
+        self._forward = ModelForward(loaded)
+        plan = plan_encoding(self._forward, expected_rows, token_budget)
+        self.compiled, self.token_budget = plan.compiled, plan.token_budget
         if self.compiled or self.device.type == "cuda":
             self.warm_up()
 
     def warm_up(self) -> None:
-        """Run one full batch of every padded width before the first chunk, so that compilation, kernel selection
-        per shape and the allocator's largest blocks are paid here, once, and not by the first range (on a GPU the
-        first 20k-paper range ran 27% below the rest without this; BENCHMARKS.md). On a GPU also every bucketed row
-        count (:func:`bucket_rows`) of the two narrowest widths, where a chunk's last, partial batch nearly always
-        falls: each new shape builds a cuDNN attention plan, which the first range would otherwise pay. A compiled
-        CPU model runs one batch (the call compiles the dynamic-shape graph)."""
-        shapes = warm_up_shapes(self.token_budget, self.max_batch_rows, self.pad_multiple, self.max_length,
-                                every_width=self.device.type == "cuda")
-        generator = torch.Generator().manual_seed(0)
-        vocab = int(self.model.config.vocab_size)
-        with torch.inference_mode(), self._autocast():
-            for rows, width in shapes:
-                ids = torch.randint(vocab, (rows, width), generator=generator).to(self.device)
-                self.forward(ids, torch.ones_like(ids))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def _compiled_model(self):
-        """The model under ``torch.compile`` (dynamic shapes: one graph for every batch shape). On the CPU it is
-        compiled with inductor's freezing, which folds the weights' bf16 casts and packs them for oneDNN once
-        (AMX / AVX-512 kernels with the bias, GELU and residual adds fused), instead of casting and re-laying out
-        every weight in every batch. Freezing must be on in inductor's config while the graph compiles:
-        ``torch.compile(options={"freezing": True})`` is silently not applied (torch 2.13), so every call of the
-        compiled model runs inside ``_compile_config``, recompilations included."""
-        if self._compiled_fn is None:
-            self._compiled_fn = torch.compile(self.model, dynamic=True)
-        return self._compiled_fn
-
-    def _compile_config(self):
-        if self.device.type == "cpu":
-            import torch._inductor.config as inductor_config
-
-            return inductor_config.patch(freezing=True)
-        return nullcontext()
-
-    def _calibration(self) -> tuple[Path, str] | None:
-        """The calibration file and this machine's key in it (CPU only; None: fixed defaults)."""
-        loaded = self.loaded
-        if self.device.type != "cpu" or not loaded.config.calibration_file:
-            return None
-        return (Path(loaded.config.calibration_file),
-                calibrate.machine_key(loaded.hidden_size, loaded.num_layers, loaded.precision,
-                                      loaded.config.attn_implementation))
-
-    def _forward_rates(self, forward_fns: dict, budgets: tuple[int, ...],
-                       rounds: int = calibrate.BUDGET_ROUNDS) -> dict[str, dict[int, list[float]]]:
-        """Tokens per second of each named forward (the eager or the compiled model) on batches of paper-length
-        rows, per token budget and round, timed interleaved (``calibrate.measure_rates``)."""
-
-        def as_forward(forward_fn):
-            def forward(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-                with torch.inference_mode(), self._autocast(), self._compile_config():
-                    out = forward_fn(input_ids=torch.from_numpy(ids).to(self.device),
-                                     attention_mask=torch.from_numpy(mask).to(self.device))
-                    return out.last_hidden_state[:, 0, :].float().cpu().numpy()
-            return forward
-
-        forwards = {name: as_forward(forward_fn) for name, forward_fn in forward_fns.items()}
-        return calibrate.measure_rates(forwards, int(self.model.config.vocab_size), budgets, rounds)
-
-    def _should_compile(self, expected_rows: int | None) -> bool:
-        """``compile`` on/off as given; ``auto``: on CUDA, and on a CPU with a calibration file where a compiled
-        forward pass, measured once per CPU kind and model, beats the eager one by enough to repay the compilation
-        in this run (``calibrate.compile_pays_off``). A run too short to repay any compilation (its eager forward
-        time under ``calibrate.COMPILE_WORTH_MEASURING_SECONDS``) neither measures nor compiles; a run that measured
-        (and so compiled) the model itself keeps it compiled wherever it is faster, its compilation being paid."""
-        config, calibration = self.loaded.config, self._calibration()
-        if compile_choice(config.compile) != "auto" or calibration is None:
-            return compile_wanted(config.compile, self.device)
-        budget = default_token_budget(self.device)
-        expected_tokens = None if expected_rows is None else expected_rows * calibrate.ROW_TOKENS
-        measured = calibrate.cached_compile_measurement(*calibration)
-        if measured is None:
-            eager = self._forward_rates({"eager": self.model}, (budget,), rounds=1)["eager"][budget][0]
-            if expected_tokens is not None and expected_tokens / eager < calibrate.COMPILE_WORTH_MEASURING_SECONDS:
-                return False
-
-            def measure() -> tuple[list[float], list[float], float]:
-                started = time.perf_counter()
-                self._forward_rates({"compiled": self._compiled_model()}, (budget,), rounds=0)  # compiles
-                seconds = time.perf_counter() - started
-                rates = self._forward_rates({"eager": self.model, "compiled": self._compiled_model()}, (budget,),
-                                            rounds=calibrate.COMPILE_ROUNDS)
-                return rates["eager"][budget], rates["compiled"][budget], seconds
-
-            measured = calibrate.compile_measurement(*calibration, measure)
-            if self._compiled_fn is not None and calibrate.compile_pays_off(measured) \
-                    and not calibrate.compile_pays_off(measured, expected_tokens):
-                # Measured in this process, so the compilation is paid: keep the faster model, but do not also spend
-                # this short run measuring the compiled model's budgets (a run that repays a compile will).
-                self._budget_without_measuring = True
-                return True
-        return calibrate.compile_pays_off(measured, expected_tokens)
-
-    def _default_token_budget(self) -> int:
-        """By device; on a CPU with a calibration file, measured once per CPU kind, model and compile choice."""
-        calibration = self._calibration()
-        if calibration is None:
-            return default_token_budget(self.device)
-        cache_file, key = calibration
-        if self._budget_without_measuring:
-            return (calibrate.cached_budget(cache_file, key + "|compiled") or calibrate.cached_budget(cache_file, key)
-                    or default_token_budget(self.device))
-        key += "|compiled" if self.compiled else ""
-
-        def measure() -> dict[int, list[float]]:
-            model = self._compiled_model() if self.compiled else self.model
-            return self._forward_rates({"model": model}, calibrate.CANDIDATE_BUDGETS)["model"]
-
-        return calibrate.calibrated_budget(cache_file, key, measure)
+        """Every padded width (and on a GPU the partial batches' row counts) once, before the first chunk."""
+        self._forward.warm_up(self.forward, self.token_budget, self.max_batch_rows, self.pad_multiple, self.max_length)
 
     @contextlib.contextmanager
     def eager(self) -> Iterator[Encoder]:
@@ -286,11 +177,6 @@ class Encoder:
         return chunk
 
     # -- forward --------------------------------------------------------------------------------------------------
-    def _autocast(self):
-        if self.loaded.dtype != torch.float32:
-            return torch.autocast(self.device.type, dtype=self.loaded.dtype)
-        return nullcontext()
-
     def _upload(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(np.ascontiguousarray(array))
         if self.device.type == "cuda":
@@ -300,16 +186,7 @@ class Encoder:
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """CLS vectors (float32, on the device) of one padded batch already on the device; may contain NaN
         (checked per chunk). Runs inside the ``inference_mode`` + autocast context held for a whole chunk."""
-        if self.compiled and input_ids.shape[0] == 1:
-            # A compiled graph specialises on a batch of one (a new multi-second compilation); a row's vector
-            # does not depend on the other rows of its batch, so the row is run as a batch of two.
-            return self.forward(input_ids.repeat(2, 1), attention_mask.repeat(2, 1))[:1]
-        if self.compiled:
-            with self._compile_config():
-                out = self._compiled_model()(input_ids=input_ids, attention_mask=attention_mask)
-        else:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        return out.last_hidden_state[:, 0, :].float()
+        return self._forward.cls(input_ids, attention_mask, self.compiled)
 
     def _encode_slice(self, launched: _LaunchedChunk, first: int, end: int, width: int,
                       run_rows: int | None = None) -> torch.Tensor:
@@ -358,7 +235,7 @@ class Encoder:
         if not chunk.rows:
             launched.vectors = torch.empty((0, self.loaded.hidden_size), dtype=torch.float32)
             return
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self._forward.autocast():
             launched.flat_ids = self._upload(chunk.flat_ids).long()
             launched.starts = self._upload(chunk.offsets[:-1][chunk.order])
             launched.lengths = self._upload(launched.sorted_lengths)
@@ -387,7 +264,7 @@ class Encoder:
             first, end = int(chunk.bounds[batch]), int(chunk.bounds[batch + 1])
             if end - first > 1:
                 stats.nan_batches_recomputed += 1
-                with torch.inference_mode(), self._autocast():
+                with torch.inference_mode(), self._forward.autocast():
                     for row in range(first, end):
                         sorted_vectors[row] = self._encode_slice(launched, row, row + 1,
                                                                  int(sorted_lengths[row])).cpu().numpy()

@@ -17,18 +17,11 @@ from dataclasses import dataclass
 from . import quality
 from .card import dataset_card
 from .errors import UserError
+from .fs import atomic_path, parquet_metadata, parquet_schema, read_record, read_records, sha256_file
+from .home import ProjectHome
 from .publish import Shard, shard_path
 from .ranges import IdRange, parse_range
-from .storage import (
-    ProjectHome,
-    atomic_path,
-    file_metadata,
-    parquet_metadata,
-    parquet_schema,
-    read_record,
-    read_records,
-    sha256_file,
-)
+from .schemas import file_metadata
 
 
 class PublishRefused(UserError):

@@ -54,7 +54,7 @@ class ModelConfig:
     device: str = "auto"
     precision: str = "auto"
     max_length: int = 512
-    compile: str | bool = "auto"  # auto: on CUDA; on a CPU by measurement (Encoder._should_compile)
+    compile: str | bool = "auto"  # auto: on CUDA; on a CPU by measurement (tuning.plan_encoding)
     # Processes that tokenise (-1: by device, tokenization.default_workers; 0: in this process).
     tokenizer_workers: int = -1
     # Seq-len-sorted batches are cut so that rows * longest row <= token_budget (padded tokens); 0: by device.

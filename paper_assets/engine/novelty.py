@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 
+from .fs import atomic_parquet_writer
+from .home import ProjectHome
 from .novelty_params import NoveltyParams
 from .paper_index import (
     MAX_EF_SEARCH,
@@ -36,7 +38,7 @@ from .paper_index import (
     month_start_day,
     recall_at_k,
 )
-from .storage import METADATA_KEY, ProjectHome, atomic_parquet_writer, file_metadata
+from .schemas import METADATA_KEY, file_metadata
 
 METRICS = ("novelty_mean", "novelty_max", "novelty_min", "novelty_median", "novelty_harmonic")
 NOVELTY_SCHEMA = pa.schema(

@@ -33,23 +33,13 @@ import pyarrow.parquet as pq
 
 from . import gate
 from .errors import UserError
+from .fs import HomePath, atomic_path, is_local, read_parquet
+from .home import ProjectHome
 from .novelty_params import IndexParams
 from .ranges import parse_range
+from .schemas import file_metadata, vectors_of
 from .snapshot import Snapshot
-from .storage import (
-    HomePath,
-    ProjectHome,
-    atomic_path,
-    current_name,
-    file_metadata,
-    is_local,
-    local_version,
-    prune_versions,
-    read_parquet,
-    staged_version,
-    switch_current,
-    vectors_of,
-)
+from .versions import current_name, local_version, prune_versions, staged_version, switch_current
 
 UNDATED = np.iinfo(np.int32).max  # sort key of papers without a publication date: after every real date
 KEEP_BUILDS = 2

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import gate, quality
+from .fs import atomic_path, sha256_file
+from .home import ProjectHome
 from .quality import GatePolicy
 from .ranges import IdRange
-from .storage import ProjectHome, atomic_path, sha256_file
 
 if TYPE_CHECKING:
     from .encoder import Encoder

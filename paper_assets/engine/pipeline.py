@@ -20,23 +20,20 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import text as text_rules
+from .checkpoints import ChunkCheckpoints
 from .encode_stats import EncodeStats
+from .fs import atomic_parquet_writer, parquet_file, read_parquet, sha256_file
 from .ranges import IdRange
-from .source import RangeReadStats
-from .storage import (
+from .schemas import (
     DEFAULT_CHUNK_ROWS,
     EMBEDDING_ROW_GROUP,
     METADATA_KEY,
     PAPERS_SCHEMA,
-    ChunkCheckpoints,
-    atomic_parquet_writer,
     embeddings_batch,
     embeddings_schema,
-    parquet_file,
-    read_parquet,
-    sha256_file,
     vectors_of,
 )
+from .source import RangeReadStats
 
 if TYPE_CHECKING:
     from .encoder import Encoder

@@ -18,11 +18,13 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from .fs import parquet_metadata
 from .gate import embedded_ranges, read_gate, read_published
+from .home import ProjectHome
 from .publish import shard_path
 from .ranges import parse_range
+from .schemas import METADATA_KEY
 from .snapshot import Snapshot
-from .storage import METADATA_KEY, ProjectHome, parquet_metadata
 
 
 @dataclass

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .errors import UserError
-from .storage import FileLock, HomePath, atomic_path, local_copies, sha256_file
+from .fs import FileLock, HomePath, atomic_path, local_copies, sha256_file
 
 SHARD_DIR = "data"
 CARD_PATH = "README.md"

@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .fs import parquet_file
 from .ranges import IdRange
-from .storage import parquet_file, vectors_of
+from .schemas import vectors_of
 
 CANARY_TEXT = (
     "SPECTER2 canary [SEP] A fixed paper used to verify that the proximity adapter is active and that the "

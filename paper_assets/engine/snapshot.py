@@ -37,16 +37,10 @@ import duckdb
 import pyarrow as pa
 
 from .errors import UserError
+from .fs import HomePath, register_home_filesystem
 from .ranges import IdRange, range_for
 from .source import RangeReadStats, SourceInfo, id_expression
-from .storage import (
-    HomePath,
-    current_name,
-    prune_versions,
-    register_home_filesystem,
-    staged_version,
-    switch_current,
-)
+from .versions import current_name, prune_versions, staged_version, switch_current
 
 SNAPSHOT_ROW_GROUP = 8192
 SNAPSHOT_MEMORY_LIMIT = "2GB"
