@@ -13,10 +13,10 @@ import os
 from pathlib import Path
 
 from .engine.home import ProjectHome
-from .settings import Settings
+from .settings import Settings, variable
 
 MARKER = "# written by paper-assets from its settings; remove this line to keep your own edits\n"
-PG_URL_VARIABLE = "PAPER_ASSETS_PG_URL"
+PG_URL_VARIABLE = variable("pg_url")
 # Serialises `dagster instance migrate` across processes and machines: two workers initialising an empty
 # PostgreSQL instance at once race on its tables.
 _MIGRATE_LOCK_KEY = 0x70617065  # "pape"

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .engine.home import ProjectHome
+from .engine.home import LOCAL_HOME_ENV, ProjectHome
 from .engine.novelty_params import IndexParams, NoveltyParams
 from .engine.quality import GatePolicy
 from .engine.schemas import DEFAULT_CHUNK_ROWS
@@ -25,52 +25,74 @@ def default_home() -> Path:
 
 def home_path() -> str:
     """``PAPER_ASSETS_HOME`` (a folder, resolved; or an ``s3://bucket/prefix`` kept as written), else the default."""
-    raw = os.environ.get("PAPER_ASSETS_HOME") or str(default_home())
+    raw = os.environ.get(variable("home")) or str(default_home())
     return raw.rstrip("/") if "://" in raw else str(Path(raw).resolve())
+
+
+def setting(default, help: str, shown: str | None = None):
+    """One setting: its default and what it means (``shown``: how the reference shows a computed default). Its
+    environment variable is ``PAPER_ASSETS_<NAME>`` (:func:`variable`)."""
+    return field(default=default, metadata={"help": help, "shown": shown})
+
+
+def variable(name: str) -> str:
+    """The environment variable of setting ``name``."""
+    return f"PAPER_ASSETS_{name.upper()}"
 
 
 @dataclass
 class Settings:
-    home: str
-    source: str
-    source_table: str = "papers_with_abstracts"
-    source_hub_repo: str = ""
-    source_hub_file: str = "S2_papers_cleaned.db"
-    source_revision: str = "main"
-    range_width: int = 1_000_000
-    base_model: str = "allenai/specter2_base"
-    adapter: str = "allenai/specter2"
-    device: str = "auto"
-    precision: str = "auto"
-    token_budget: int = 0  # 0: by device
-    chunk_rows: int = DEFAULT_CHUNK_ROWS
-    compile: str = "auto"  # auto: torch.compile on CUDA and on CPUs where it measured faster; on / off
-    attn_implementation: str = "sdpa"  # sdpa or eager (matmul-softmax-matmul: faster on Zen 5, slower on AMX)
-    tokenizer_workers: int = -1  # processes that tokenise; -1: by device (GPU hosts: cores / 4, at most 8), 0: none
-    hub_repo: str = ""
-    hub_revision: str = "main"
-    hub_private: bool = False
-    # Quality gate, shared by paper_embeddings and `paper-assets embed` into a home: norms must lie within median ±
-    # norm_k·MAD of the home's partitions, with at most this fraction of outliers.
-    norm_k: float = GatePolicy.norm_k
-    max_norm_outlier_fraction: float = GatePolicy.max_norm_outlier_fraction
-    # Scale-out (empty: one machine, SQLite instance, local processes). pg_url: the Dagster instance's PostgreSQL
-    # (postgresql://user@host:5432/db); celery_broker/backend: Celery workers execute the steps (redis://host:6379/0).
-    pg_url: str = ""
-    executor: str = "auto"  # auto (celery when a broker is set, else local processes), multiprocess, celery, k8s
-    # Novelty metrics and the similar-paper index (defaults: the metrics' authors' settings; see engine/novelty.py).
-    # novelty: `update`/`demo` and novelty_sensor keep paper_index and paper_novelty current (the assets can always
-    # be materialised from the UI).
-    novelty: bool = True
-    novelty_k: int = NoveltyParams.k
-    novelty_search: str = NoveltyParams.search
-    novelty_ef_search: int = NoveltyParams.ef_search
-    novelty_min_recall: float = NoveltyParams.min_recall
-    novelty_hnsw_m: int = IndexParams.hnsw_m
-    novelty_ef_construction: int = IndexParams.ef_construction
-    novelty_graph: str = IndexParams.graph
-    celery_broker: str = ""
-    celery_backend: str = ""
+    home: str = setting("", "project home: a folder, or `s3://bucket/prefix` (endpoint and credentials from the AWS "
+                        "variables)", shown="`.paper_assets` in the checkout")
+    source: str = setting("", "cleaned S2 DuckDB file(s), comma-separated (merged by corpusid)",
+                          shown="`$PAPER_ASSETS_HOME/demo/source.duckdb`")
+    source_table: str = setting("papers_with_abstracts", "the source table")
+    source_hub_repo: str = setting("", "read the source from this Hub dataset instead (at `source_revision`)")
+    source_hub_file: str = setting("S2_papers_cleaned.db", "file(s) in `source_hub_repo`, comma-separated")
+    source_revision: str = setting("main", "commit sha, tag or branch of `source_hub_repo` (pin a sha)")
+    range_width: int = setting(1_000_000, "corpus ids per partition (do not change on an existing home)")
+    base_model: str = setting("allenai/specter2_base", "base model: Hub id or folder")
+    adapter: str = setting("allenai/specter2", "proximity adapter: Hub id or folder (adapters format)")
+    device: str = setting("auto", "`auto` (cuda → mps → cpu), `cpu`, `cuda`, `cuda:N`, `mps`")
+    precision: str = setting("auto", "`auto` (bf16 on CUDA ≥ 8.0; on CPUs with AMX/AVX512-BF16 only where a bf16 "
+                             "GEMM, measured once and cached, beats fp32; else fp32), `fp32`, `bf16`, `fp16`")
+    token_budget: int = setting(0, "padded tokens per forward batch; `0`: by device (on a CPU measured once per CPU "
+                                "kind, model and precision and cached in the home's `stats/calibration.json`; "
+                                "65,536 on a GPU of ≥ 40 GiB)")
+    chunk_rows: int = setting(DEFAULT_CHUNK_ROWS, "rows per checkpointed chunk inside a partition (a crash redoes "
+                              "at most one)")
+    compile: str = setting("auto", "`torch.compile` the model: `auto` (on CUDA; on CPUs where it measured faster and "
+                           "the run repays it; for Dagster steps only on Celery workers), `on`, `off`")
+    attn_implementation: str = setting("sdpa", "attention kernel: `sdpa` (torch's fused attention, as the notebook) "
+                                       "or `eager` (matmul-softmax-matmul, which a compiled CPU model fuses); each "
+                                       "keeps its own calibration, and the files record which one made the vectors")
+    tokenizer_workers: int = setting(-1, "processes that tokenise; `-1`: one per 4 cores on GPU hosts (at most 8), "
+                                     "none on CPUs; `0`: in the embedding process")
+    hub_repo: str = setting("", "publishing target (a Hub dataset repo); unset: `$PAPER_ASSETS_HOME/hub`, same "
+                            "layout")
+    hub_revision: str = setting("main", "branch of `hub_repo` to publish to")
+    hub_private: bool = setting(False, "create `hub_repo` private")
+    norm_k: float = setting(GatePolicy.norm_k, "quality gate: norms within median ± k·MAD of the home's partitions")
+    max_norm_outlier_fraction: float = setting(GatePolicy.max_norm_outlier_fraction, "quality gate: at most this "
+                                               "fraction of a partition's norms outside the band")
+    pg_url: str = setting("", "Dagster instance storage in PostgreSQL (`postgresql://user@host:5432/db`); unset: "
+                          "SQLite in the home")
+    executor: str = setting("auto", "`auto` (Celery when a broker is set, else local processes), `multiprocess`, "
+                            "`celery`, `k8s` (a pod per step; needs `paper_assets[k8s]`)")
+    celery_broker: str = setting("", "Celery executor: steps run on `paper-assets worker`s (RabbitMQ hands a dead "
+                                 "worker's step on at once; Redis after its visibility timeout)")
+    celery_backend: str = setting("", "Celery result backend (default: the broker)")
+    novelty: bool = setting(True, "`update`, `demo` and `novelty_sensor` keep `paper_index` and `paper_novelty` "
+                            "current (`0`: embeddings only; the assets stay materialisable from the UI)")
+    novelty_k: int = setting(NoveltyParams.k, "neighbours per paper")
+    novelty_search: str = setting(NoveltyParams.search, "`auto` (exact while a month's queries × prior papers ≤ "
+                                  "10⁸, else the HNSW graph), `exact`, `hnsw`")
+    novelty_ef_search: int = setting(NoveltyParams.ef_search, "HNSW search beam (the authors')")
+    novelty_min_recall: float = setting(NoveltyParams.min_recall, "the `recall_at_k` check's threshold")
+    novelty_hnsw_m: int = setting(IndexParams.hnsw_m, "HNSW graph degree (the authors')")
+    novelty_ef_construction: int = setting(IndexParams.ef_construction, "HNSW build beam (the authors')")
+    novelty_graph: str = setting(IndexParams.graph, "build the HNSW graph: `auto` (from 200,000 papers), `always`, "
+                                 "`never`")
 
     def gate_policy(self) -> GatePolicy:
         return GatePolicy(norm_k=self.norm_k, max_norm_outlier_fraction=self.max_norm_outlier_fraction)
@@ -84,7 +106,58 @@ class Settings:
 
 
 # Every default of every setting, for the resources and the CLI (one place to change one).
-DEFAULTS = Settings(home="", source="")
+DEFAULTS = Settings()
+
+# Variables that are not settings of a home: read where they are used, listed here for the reference.
+OTHER_VARIABLES = (
+    (LOCAL_HOME_ENV, "this machine's part of an S3 home (catalog file, Dagster instance folder, locks, calibration, "
+     "index copy, demo, local publishing folder); a local home is its own",
+     "`~/.cache/paper_assets/s3/<bucket>/<prefix>`"),
+    ("PAPER_ASSETS_BENCH_DIR", "where `paper-assets bench` keeps its models and sources between runs",
+     "`$TMPDIR/paper_assets_bench`"),
+    ("HF_TOKEN", "Hub token (write access to publish); the publisher resource takes it as `EnvVar(\"HF_TOKEN\")`, so "
+     "the UI and run records show only its name, and only publishing steps need it", "—"),
+    ("HF_ENDPOINT", "another Hub endpoint", "huggingface.co"),
+    ("AWS_ENDPOINT_URL", "S3-compatible endpoint of an `s3://` home (MinIO, Ceph, moto); credentials from the "
+     "standard AWS variables", "AWS"),
+)
+
+
+# Where a user sets each model path: named in the hints of a model that fails to load.
+MODEL_SETTING_NAMES = {"base model": variable("base_model"), "adapter": variable("adapter")}
+
+
+def help_of(name: str) -> str:
+    """What setting ``name`` means (for resource field descriptions and CLI help)."""
+    return next(spec.metadata["help"] for spec in fields(Settings) if spec.name == name)
+
+
+def from_setting(name: str):
+    """A Dagster resource field that is setting ``name``: its default and description come from :class:`Settings`."""
+    from pydantic import Field
+
+    return Field(default=getattr(DEFAULTS, name), description=help_of(name))
+
+
+def _shown(spec) -> str:
+    if spec.metadata.get("shown"):
+        return spec.metadata["shown"]
+    default = spec.default
+    if isinstance(default, bool):
+        return f"`{int(default)}`"
+    return f"`{default}`" if default not in ("", None) else "unset"
+
+
+def configuration_document() -> str:
+    """docs/configuration.md, generated from :class:`Settings` (``tools/write_configuration_doc.py``)."""
+    rows = [f"| `{variable(spec.name)}` | {spec.metadata['help']} | {_shown(spec)} |" for spec in fields(Settings)]
+    rows += [f"| `{name}` | {meaning} | {default} |" for name, meaning, default in OTHER_VARIABLES]
+    return ("# Configuration reference\n\n"
+            "Generated from `paper_assets/settings.py` by `tools/write_configuration_doc.py`; a test keeps it "
+            "current.\n"
+            "Each setting is read from its environment variable, then from `paper_assets.json` in the home's local "
+            "folder\n(written by `paper-assets demo`), then its default.\n\n"
+            "| variable | meaning | default |\n|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
 def _coerce(kind: type, raw: str | object):
@@ -107,7 +180,7 @@ def load_settings() -> Settings:
     for spec in fields(Settings):
         if spec.name == "home":
             continue
-        env = os.environ.get(f"PAPER_ASSETS_{spec.name.upper()}")
+        env = os.environ.get(variable(spec.name))
         if env is not None and env != "":
             values[spec.name] = _coerce(spec.type, env)
         elif spec.name in stored:

@@ -11,6 +11,7 @@ The chart's own values.schema.json is not installable offline (it ships with the
 package), so the chart-level keys are checked only by the structure the chart's templates read.
 """
 
+import dataclasses
 import re
 import tomllib
 
@@ -113,31 +114,34 @@ def test_dockerfile_matches_the_project():
             assert (REPO / name).exists(), name
 
 
-def test_resources_and_cli_take_their_defaults_from_the_settings():
-    from paper_assets.cli import build_parser
-    from paper_assets.defs.resources import NoveltyResource, S2SourceResource, ShardPublisherResource, Specter2Resource
-    from paper_assets.settings import DEFAULTS
+def test_the_configuration_reference_is_generated_from_the_settings():
+    """docs/configuration.md is what tools/write_configuration_doc.py writes today; every setting and every variable
+    read elsewhere is in it."""
+    from paper_assets.settings import OTHER_VARIABLES, Settings, configuration_document, variable
 
-    pairs = {
-        (S2SourceResource, "table"): "source_table", (S2SourceResource, "hub_file"): "source_hub_file",
-        (S2SourceResource, "revision"): "source_revision", (S2SourceResource, "range_width"): "range_width",
-        (Specter2Resource, "base_model"): "base_model", (Specter2Resource, "adapter"): "adapter",
-        (Specter2Resource, "device"): "device", (Specter2Resource, "precision"): "precision",
-        (Specter2Resource, "token_budget"): "token_budget", (Specter2Resource, "chunk_rows"): "chunk_rows",
-        (Specter2Resource, "compile"): "compile", (Specter2Resource, "norm_k"): "norm_k",
-        (Specter2Resource, "tokenizer_workers"): "tokenizer_workers",
-        (Specter2Resource, "attn_implementation"): "attn_implementation",
-        (Specter2Resource, "max_norm_outlier_fraction"): "max_norm_outlier_fraction",
-        (ShardPublisherResource, "revision"): "hub_revision", (ShardPublisherResource, "private"): "hub_private",
-        (NoveltyResource, "k"): "novelty_k", (NoveltyResource, "search"): "novelty_search",
-        (NoveltyResource, "ef_search"): "novelty_ef_search", (NoveltyResource, "min_recall"): "novelty_min_recall",
-        (NoveltyResource, "hnsw_m"): "novelty_hnsw_m", (NoveltyResource, "ef_construction"): "novelty_ef_construction",
-        (NoveltyResource, "graph"): "novelty_graph", (NoveltyResource, "enabled"): "novelty",
-    }
-    for (resource, field), setting in pairs.items():
-        assert resource.model_fields[field].default == getattr(DEFAULTS, setting), (resource.__name__, field)
-    embed = build_parser()._subparsers._group_actions[0].choices["embed"]
-    assert embed.get_default("table") == DEFAULTS.source_table
+    text = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert text == configuration_document(), "run: .venv/bin/python tools/write_configuration_doc.py"
+    for spec in dataclasses.fields(Settings):
+        assert f"`{variable(spec.name)}`" in text
+    for name, _, _ in OTHER_VARIABLES:
+        assert f"`{name}`" in text
+
+
+def test_every_settings_variable_is_read_through_the_settings():
+    """No module but settings.py reads or sets a settings variable by its literal name (a string that is exactly
+    the name, or a keyword argument): each is declared once. Messages that name a variable for the user are fine."""
+    import ast
+
+    from paper_assets.settings import Settings, variable
+
+    names = {variable(spec.name) for spec in dataclasses.fields(Settings)}
+    for path in sorted((REPO / "paper_assets").rglob("*.py")):
+        if path.name == "settings.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            literal = node.value if isinstance(node, ast.Constant) else node.arg if isinstance(node, ast.keyword) \
+                else None
+            assert literal not in names, f"{path.relative_to(REPO)}:{node.lineno}: {literal}: use settings.variable()"
 
 
 def test_dagster_steps_compile_the_model_only_on_long_lived_workers(tmp_path):

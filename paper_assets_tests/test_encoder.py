@@ -257,7 +257,8 @@ def test_unreachable_weights_explain_how_to_use_a_local_copy(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "empty-cache"))
     code = (
         "from paper_assets.engine.model import ModelConfig, ModelLoadError, load_model\n"
-        "try:\n    load_model(ModelConfig(device='cpu'))\n"
+        "from paper_assets.settings import MODEL_SETTING_NAMES\n"
+        "try:\n    load_model(ModelConfig(device='cpu'), setting_names=MODEL_SETTING_NAMES)\n"
         "except ModelLoadError as err:\n    print(err)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout

@@ -29,7 +29,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from ..processes import start_bound, stop_process_group
-from ..settings import Settings
+from ..settings import Settings, variable
 from . import sample_source
 from .services import (
     DEFAULT_REDIS,
@@ -106,8 +106,8 @@ def machine_env(settings: Settings, local: Path, **extra: str) -> dict:
     env.pop("DAGSTER_HOME", None)
     for name, value in vars(settings).items():
         if value not in ("", None) and name != "home":
-            env[f"PAPER_ASSETS_{name.upper()}"] = str(value)
-    return dict(env, PAPER_ASSETS_HOME=settings.home, **extra)
+            env[variable(name)] = str(value)
+    return {**env, variable("home"): settings.home, **extra}
 
 
 def _wait_for(what: str, ready, timeout: float, process: subprocess.Popen | None = None, log: Path | None = None):
@@ -169,7 +169,7 @@ class Deployment:
     def instance(self):
         from dagster import DagsterInstance
 
-        os.environ["PAPER_ASSETS_PG_URL"] = self.settings.pg_url
+        os.environ[variable("pg_url")] = self.settings.pg_url
         return DagsterInstance.from_config(str(self.work / "ui-machine" / "dagster"))
 
     def stop(self) -> None:
@@ -246,7 +246,7 @@ def run_trial(work: Path, fault: str, base_model: str, adapter: str, papers: lis
         broker = stack.enter_context(temporary_rabbitmq_vhost())
         backend = stack.enter_context(empty_redis_database(DEFAULT_REDIS))
         endpoint = stack.enter_context(moto_s3_server())
-        stack.enter_context(_environment(**S3_TEST_CREDENTIALS, AWS_ENDPOINT_URL=endpoint, PAPER_ASSETS_PG_URL=""))
+        stack.enter_context(_environment(**S3_TEST_CREDENTIALS, AWS_ENDPOINT_URL=endpoint, **{variable("pg_url"): ""}))
         bucket = stack.enter_context(temporary_bucket(endpoint))
         settings = Settings(home=f"s3://{bucket}/home", source=str(source), base_model=base_model, adapter=adapter,
                             chunk_rows=50, device="cpu", pg_url=postgres.url, celery_broker=broker,

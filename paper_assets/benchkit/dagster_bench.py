@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from ..engine.errors import UserError
 from ..engine.home import ProjectHome
 from ..engine.ranges import range_for
-from ..settings import Settings
+from ..settings import Settings, variable
 from . import sample_source
 from .measure import in_a_fresh_process
 from .services import (
@@ -74,9 +74,9 @@ def run_dagster_bench(partitions: int, per_partition: int, work: Path, base: str
     python = sys.executable
     model_flags = ["--base-model", base, "--adapter", adapter, "--device", device, "--precision", precision]
     engine_home = work / "engine-home"
-    env = dict(os.environ, PAPER_ASSETS_HOME=str(engine_home))
-    for name in ("PAPER_ASSETS_PG_URL", "PAPER_ASSETS_CELERY_BROKER", "PAPER_ASSETS_CELERY_BACKEND"):
-        env.pop(name, None)
+    env = {**os.environ, variable("home"): str(engine_home)}
+    for name in ("pg_url", "celery_broker", "celery_backend"):
+        env.pop(variable(name), None)
     # Untimed: a first run on this machine (caches warm), then every CPU measurement `compile=auto` may want (the
     # token budgets, eager vs compiled), cached in the home as a machine's first long run leaves them, so that
     # neither side pays for them: measured inside the timed `embed`, they were charged to it alone.
@@ -99,8 +99,8 @@ def run_dagster_bench(partitions: int, per_partition: int, work: Path, base: str
     ranges = [range_for(p * RANGE_WIDTH, RANGE_WIDTH) for p in range(partitions)]
     keys = [rng.key for rng in ranges]
     with temporary_postgres_database(pg_admin_url) as pg_url, empty_redis_database(redis_url) as broker:
-        env = dict(env, PAPER_ASSETS_HOME=str(home), PAPER_ASSETS_PG_URL=pg_url, PAPER_ASSETS_CELERY_BROKER=broker,
-                   DAGSTER_HOME=str(layout.dagster_home))
+        env = {**env, variable("home"): str(home), variable("pg_url"): pg_url, variable("celery_broker"): broker,
+               "DAGSTER_HOME": str(layout.dagster_home)}
         log = work / "worker.log"
         with open(log, "w") as log_handle:
             worker = start_bound([python, "-m", "paper_assets.cli", "worker", "--device", device], env=env,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..engine.fs import ensure_dir, is_local
 from ..engine.home import ProjectHome
-from ..settings import DEFAULTS, load_settings
+from ..settings import DEFAULTS, load_settings, variable
 from .common import CommandError
 
 
@@ -93,8 +93,8 @@ def run(args) -> int:
                                             else args.tokenizer_workers),
                          pad_multiple=args.pad_multiple or 0,
                          calibration_file=str(ProjectHome(settings.home).calibration_file))
-    flags = {"base model": "--base-model" if args.base_model else "PAPER_ASSETS_BASE_MODEL",
-             "adapter": "--adapter" if args.adapter else "PAPER_ASSETS_ADAPTER"}
+    flags = {"base model": "--base-model" if args.base_model else variable("base_model"),
+             "adapter": "--adapter" if args.adapter else variable("adapter")}
     layout = ProjectHome(settings.home)
     into_home = args.out is None  # the home's own layout, quality gate included: `publish` can take it from there
     out = layout.embeddings_dir if into_home else Path(args.out)

@@ -6,7 +6,7 @@ import os
 import sys
 
 from ..engine.home import ProjectHome
-from ..settings import load_settings
+from ..settings import load_settings, variable
 from .common import CommandError
 
 
@@ -36,7 +36,7 @@ def run(args) -> int:
     device = str(resolve_device(args.device))  # fails now, not in the first step, if the device is absent
     queues = args.queue or [EMBED_QUEUE, GENERAL_QUEUE]
     # The steps this worker executes load the code location in its processes: they read the device from here.
-    os.environ["PAPER_ASSETS_DEVICE"] = device
+    os.environ[variable("device")] = device
     from ..instance import migrate_instance
 
     migrate_instance(settings)

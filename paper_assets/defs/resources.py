@@ -20,7 +20,7 @@ from ..engine.novelty_params import IndexParams, NoveltyParams
 from ..engine.quality import GatePolicy
 from ..engine.snapshot import release_id
 from ..engine.source import SourceError, SourceInfo, inspect_source, local_version
-from ..settings import DEFAULTS
+from ..settings import MODEL_SETTING_NAMES, from_setting, variable
 
 if TYPE_CHECKING:
     from ..engine.encoder import Encoder
@@ -47,11 +47,11 @@ class S2SourceResource(ConfigurableResource):
     """
 
     path: str = Field(default="", description="local DuckDB file(s), comma-separated (used when hub_repo is empty)")
-    table: str = DEFAULTS.source_table
+    table: str = from_setting("source_table")
     hub_repo: str = Field(default="", description="dataset repo id holding the source file(s)")
-    hub_file: str = Field(default=DEFAULTS.source_hub_file, description="file(s) in hub_repo, comma-separated")
-    revision: str = Field(default=DEFAULTS.source_revision, description="commit sha, tag or branch of hub_repo")
-    range_width: int = Field(default=DEFAULTS.range_width, description="corpus ids per partition")
+    hub_file: str = from_setting("source_hub_file")
+    revision: str = from_setting("source_revision")
+    range_width: int = from_setting("range_width")
     hub_endpoint: str = Field(default="", description="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
 
     def _api(self):
@@ -84,7 +84,8 @@ class S2SourceResource(ConfigurableResource):
         """Every input of the current release, validated (a Hub source is downloaded here, never in a sensor)."""
         version = self.current_version()
         if not self.hub_repo:
-            return [inspect_source(path, self.table, version=version) for path in self.local_paths()]
+            return [inspect_source(path, self.table, version=version, setting=variable("source"))
+                    for path in self.local_paths()]
         from huggingface_hub import hf_hub_download
 
         files = split_list(self.hub_file)
@@ -103,32 +104,27 @@ _MODEL_LOCK = threading.Lock()
 class Specter2Resource(ConfigurableResource):
     """SPECTER2 (base + proximity adapter), loaded once per process on the best device."""
 
-    base_model: str = DEFAULTS.base_model
-    adapter: str = DEFAULTS.adapter
+    base_model: str = from_setting("base_model")
+    adapter: str = from_setting("adapter")
     adapter_name: str = "proximity"
-    device: str = Field(default=DEFAULTS.device, description="auto (cuda -> mps -> cpu), cpu, cuda, cuda:N, mps")
-    precision: str = Field(default=DEFAULTS.precision, description="auto, fp32, bf16, fp16")
+    device: str = from_setting("device")
+    precision: str = from_setting("precision")
     max_length: int = 512
-    token_budget: int = Field(default=DEFAULTS.token_budget, description="padded tokens per forward batch (0: "
-                              "measured once per CPU kind and cached in calibration_file; 65536 on a GPU of >= 40 GiB)")
+    token_budget: int = from_setting("token_budget")
     max_batch_rows: int = 512
     pad_multiple: int = Field(default=0, description="padded batch widths are multiples of this (0: 64 on GPU, 8 "
                               "on CPU)")
-    compile: str = Field(default=DEFAULTS.compile, description="torch.compile the model: auto (on "
-                         "CUDA; on a CPU where it measured faster, cached in calibration_file), on, off")
-    attn_implementation: str = Field(default=DEFAULTS.attn_implementation, description="attention kernel: sdpa "
-                                     "(torch's fused attention) or eager (matmul-softmax-matmul, which a compiled "
-                                     "CPU model fuses)")
-    tokenizer_workers: int = Field(default=DEFAULTS.tokenizer_workers, description="processes that tokenise (-1: "
-                                   "by device, one per 4 cores on GPU hosts; 0: in the step's process)")
-    chunk_rows: int = Field(default=DEFAULTS.chunk_rows, description="rows per checkpointed chunk of a partition")
+    compile: str = from_setting("compile")
+    attn_implementation: str = from_setting("attn_implementation")
+    tokenizer_workers: int = from_setting("tokenizer_workers")
+    chunk_rows: int = from_setting("chunk_rows")
     sep_token: str = "[SEP]"
     device_lock_dir: str = Field(default="", description="GPU claims for device=auto on multi-GPU machines")
     calibration_file: str = Field(default="", description="cache of the CPU measurements made on "
                                   "first use: bf16 vs fp32, compiled vs eager, the token budget")
-    norm_k: float = Field(default=DEFAULTS.norm_k, description="norm band: median ± k·MAD across partitions")
+    norm_k: float = from_setting("norm_k")
     norm_band: list[float] = Field(default_factory=list, description="fixed [low, high] norm band instead")
-    max_norm_outlier_fraction: float = DEFAULTS.max_norm_outlier_fraction
+    max_norm_outlier_fraction: float = from_setting("max_norm_outlier_fraction")
 
     def model_config_key(self) -> ModelConfig:
         from ..engine.model import ModelConfig
@@ -154,7 +150,7 @@ class Specter2Resource(ConfigurableResource):
         key = self.model_config_key()
         with _MODEL_LOCK:
             if key not in _MODEL_CACHE:
-                encoder = Encoder(load_model(key))
+                encoder = Encoder(load_model(key, setting_names=MODEL_SETTING_NAMES))
                 sep = encoder.tokenizer.sep_token
                 if sep != self.sep_token:
                     raise ValueError(f"tokenizer sep token {sep!r} differs from the configured {self.sep_token!r}")
@@ -174,8 +170,8 @@ class ShardPublisherResource(ConfigurableResource):
     publish never need it. Built in code without a token, the resource reads ``HF_TOKEN`` when it publishes."""
 
     hub_repo: str = Field(default="", description="dataset repo id; empty publishes to local_folder")
-    revision: str = DEFAULTS.hub_revision
-    private: bool = DEFAULTS.hub_private
+    revision: str = from_setting("hub_revision")
+    private: bool = from_setting("hub_private")
     local_folder: str = ""
     endpoint: str = Field(default="", description="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
     max_files_per_commit: int = Field(default=publish.MAX_FILES_PER_COMMIT, description="shards per Hub commit")
@@ -197,20 +193,17 @@ class ShardPublisherResource(ConfigurableResource):
 class NoveltyResource(ConfigurableResource):
     """How paper_index is built and paper_novelty searches it (defaults: the metrics' authors' settings)."""
 
-    enabled: bool = Field(default=DEFAULTS.novelty, description="`update`/`demo` and novelty_sensor keep the index "
-                          "and the novelty months current")
-    k: int = Field(default=DEFAULTS.novelty_k, description="neighbours per paper (K)")
-    search: str = Field(default=DEFAULTS.novelty_search, description="auto (exact while a month's query x prior "
-                        "pairs are few, the HNSW graph beyond), exact, or hnsw")
+    enabled: bool = from_setting("novelty")
+    k: int = from_setting("novelty_k")
+    search: str = from_setting("novelty_search")
     exact_max_pairs: int = NoveltyParams.exact_max_pairs
-    ef_search: int = DEFAULTS.novelty_ef_search
+    ef_search: int = from_setting("novelty_ef_search")
     recall_sample: int = Field(default=NoveltyParams.recall_sample, description="papers per month checked against "
                                "exact search")
-    min_recall: float = DEFAULTS.novelty_min_recall
-    hnsw_m: int = DEFAULTS.novelty_hnsw_m
-    ef_construction: int = DEFAULTS.novelty_ef_construction
-    graph: str = Field(default=DEFAULTS.novelty_graph, description="build the HNSW graph: auto (from "
-                       "graph_min_papers), always, never")
+    min_recall: float = from_setting("novelty_min_recall")
+    hnsw_m: int = from_setting("novelty_hnsw_m")
+    ef_construction: int = from_setting("novelty_ef_construction")
+    graph: str = from_setting("novelty_graph")
     graph_min_papers: int = IndexParams.graph_min_papers
 
     def params(self) -> NoveltyParams:

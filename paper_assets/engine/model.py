@@ -102,8 +102,9 @@ class LoadedModel:
                 "attn_implementation": config.attn_implementation}
 
 
-# Where the user sets each model path; the CLI passes its own flags so hints name what was actually used.
-SETTING_NAMES = {"base model": "PAPER_ASSETS_BASE_MODEL", "adapter": "PAPER_ASSETS_ADAPTER"}
+# Where the user sets each model path, for the hints of a failed load; callers pass the names their user sees
+# (settings.MODEL_SETTING_NAMES, or the CLI's own flags).
+SETTING_NAMES = {"base model": "the base model setting", "adapter": "the adapter setting"}
 
 
 def _looks_like_path(name: str) -> bool:

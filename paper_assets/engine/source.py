@@ -71,7 +71,7 @@ def local_version(path: str) -> str:
 
 def inspect_source(
     path: str | os.PathLike, table: str = DEFAULT_TABLE, version: str | None = None,
-    setting: str = "PAPER_ASSETS_SOURCE",
+    setting: str = "the source setting",
 ) -> SourceInfo:
     """Check everything a run needs before any work starts. ``setting`` names, in the error hints, where the user
     gave the path (an environment variable or a CLI flag)."""
