@@ -108,12 +108,14 @@ class Settings:
 # Every default of every setting, for the resources and the CLI (one place to change one).
 DEFAULTS = Settings()
 
+BENCH_DIR_VARIABLE = "PAPER_ASSETS_BENCH_DIR"
+
 # Variables that are not settings of a home: read where they are used, listed here for the reference.
 OTHER_VARIABLES = (
     (LOCAL_HOME_ENV, "this machine's part of an S3 home (catalog file, Dagster instance folder, locks, calibration, "
      "index copy, demo, local publishing folder); a local home is its own",
      "`~/.cache/paper_assets/s3/<bucket>/<prefix>`"),
-    ("PAPER_ASSETS_BENCH_DIR", "where `paper-assets bench` keeps its models and sources between runs",
+    (BENCH_DIR_VARIABLE, "where `paper-assets bench` keeps its models and sources between runs",
      "`$TMPDIR/paper_assets_bench`"),
     ("HF_TOKEN", "Hub token (write access to publish); the publisher resource takes it as `EnvVar(\"HF_TOKEN\")`, so "
      "the UI and run records show only its name, and only publishing steps need it", "—"),

@@ -25,6 +25,7 @@ from ..engine.pipeline import build_papers, embed_papers
 from ..engine.ranges import IdRange
 from ..engine.schemas import vectors_of
 from ..engine.source import inspect_source
+from ..settings import BENCH_DIR_VARIABLE
 from . import sample_source, tokenizer_bench
 from .measure import (
     PeakRSS,
@@ -296,7 +297,7 @@ class BenchOptions:
 def bench_dir() -> Path:
     """Where the bench keeps its source, stand-in models and calibration between runs (created here); the tools in
     ``tools/`` read the same folder."""
-    work = Path(os.environ.get("PAPER_ASSETS_BENCH_DIR") or Path(tempfile.gettempdir()) / "paper_assets_bench")
+    work = Path(os.environ.get(BENCH_DIR_VARIABLE) or Path(tempfile.gettempdir()) / "paper_assets_bench")
     work.mkdir(parents=True, exist_ok=True)
     return work
 
