@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast ui bench lint
+.PHONY: setup demo test check ui bench lint
 
 setup: $(VENV)/.installed
 
@@ -29,8 +29,10 @@ PYTEST := HF_HUB_DISABLE_XET=1 $(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS)
 test: setup
 	$(PYTEST) --durations=12
 
-test-fast: setup
-	$(PYTEST) -m "not browser"
+# The fast tier: asset bodies with stub resources, the engine's pure parts, the CLI's parser and errors; no
+# services, no browser, no test that takes seconds.
+check: setup
+	$(PYTEST) -m "not services and not browser and not slow"
 
 ui: setup
 	$(BIN)/paper-assets ui

@@ -99,3 +99,17 @@ def s3_keys(uri: str) -> list[str]:
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
         keys += [item["Key"].removeprefix(prefix + "/") for item in page.get("Contents", [])]
     return sorted(keys)
+
+
+# Test tiers (pyproject.toml's markers): `services` follows from the fixtures a test uses; `slow` is every test
+# measured at 3 s or more on a 2-vCPU machine (end to end runs, fresh interpreters, the real tiny model), by id.
+SERVICE_FIXTURES = {"pg_url", "redis_url", "amqp_url", "s3_endpoint", "s3_home", "chaos_services"}
+SLOW_TESTS: set[str] = set()
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.services)
+        if item.nodeid.split("[")[0] in SLOW_TESTS or item.nodeid in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
