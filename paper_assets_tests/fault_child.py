@@ -55,9 +55,9 @@ def main() -> int:
     elif mode == "kill-during-parquet-write":
         kill_after(pq.ParquetWriter, "write_table", 1)
     elif mode == "kill-during-publish":
-        from paper_assets.engine import publish
+        from paper_assets.engine import publish_targets
 
-        kill_after(publish, "atomic_path", 1)  # the first shard lands, the process dies before the second
+        kill_after(publish_targets, "atomic_path", 1)  # the first shard lands, the process dies before the second
     elif mode == "disk-full":
         def no_space(self, *args, **kwargs):
             raise OSError(28, "No space left on device")

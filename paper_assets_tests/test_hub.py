@@ -12,7 +12,8 @@ from paper_assets.defs.partitions import CORPUSID_RANGES
 from paper_assets.defs.resources import S2SourceResource
 from paper_assets.engine.card import dataset_card
 from paper_assets.engine.fs import sha256_file
-from paper_assets.engine.publish import HubTarget, PublishError, Shard, publish_shards
+from paper_assets.engine.publish import PublishError, Shard, publish_shards
+from paper_assets.engine.publish_targets import HubTarget
 from paper_assets.engine.schemas import embeddings_batch, embeddings_schema
 from paper_assets.settings import Settings
 

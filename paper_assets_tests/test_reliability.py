@@ -263,7 +263,8 @@ def test_four_partition_runs_at_once(tmp_path, home, tiny_model, generated_paper
 
 
 def test_two_publishers_at_once_keep_each_others_shards(tmp_path, monkeypatch):
-    from paper_assets.engine.publish import HubTarget, Shard, publish_shards
+    from paper_assets.engine.publish import Shard, publish_shards
+    from paper_assets.engine.publish_targets import HubTarget
 
     from .test_hub import card, write_shard
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from dagster import ConfigurableResource
 from pydantic import Field
 
-from ..engine import publish
+from ..engine import publish, publish_targets
 from ..engine.home import ProjectHome
 from ..engine.novelty_params import IndexParams, NoveltyParams
 from ..engine.quality import GatePolicy
@@ -185,9 +185,9 @@ class ShardPublisherResource(ConfigurableResource):
 
     def target(self) -> publish.PublishTarget:
         if self.hub_repo:
-            return publish.HubTarget(self.hub_repo, revision=self.revision, private=self.private,
+            return publish_targets.HubTarget(self.hub_repo, revision=self.revision, private=self.private,
                                      endpoint=self.endpoint or None, token=self.token or None)
-        return publish.LocalFolderTarget(Path(self.local_folder))
+        return publish_targets.LocalFolderTarget(Path(self.local_folder))
 
 
 class NoveltyResource(ConfigurableResource):
