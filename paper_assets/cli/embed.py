@@ -62,39 +62,15 @@ def papers_prefetcher():
 def run(args) -> int:
     import tempfile
 
-    from ..engine.embed_home import RangeToEmbed, embed_ranges, embedding_file_metadata
     from ..engine.encoder import Encoder
-    from ..engine.model import ModelConfig, load_model
-    from ..engine.pipeline import EmbedJob, build_papers, embed_partitions
-    from ..engine.ranges import parse_range, range_for
-    from ..engine.source import inspect_source, range_rows, range_stats
+    from ..engine.model import load_model
+    from ..engine.pipeline import build_papers
+    from ..engine.source import inspect_source
 
     settings = load_settings()
-    requested_range = parse_range(args.range) if args.range else None
     info = inspect_source(args.source, args.table, setting="--source")
-    width = args.range_width or settings.range_width
-    if width <= 0:
-        raise CommandError(f"--range-width must be positive, got {width}")
-    if requested_range is not None:
-        ranges = [requested_range]
-        expected_rows = range_rows(info, requested_range)
-    else:
-        stats, invalid = range_stats(info, width)
-        ranges = [range_for(lo, width) for lo in stats]
-        expected_rows = sum(stat.rows for stat in stats.values())
-        if invalid:
-            print(f"warning: {invalid} row(s) have no valid corpusid and are not embedded", file=sys.stderr)
-    config = ModelConfig(base_model=args.base_model or settings.base_model, adapter=args.adapter or settings.adapter,
-                         device=args.device or settings.device, precision=args.precision or settings.precision,
-                         token_budget=args.token_budget or settings.token_budget,
-                         compile=settings.compile if args.compile is None else args.compile,
-                         attn_implementation=args.attn_implementation or settings.attn_implementation,
-                         tokenizer_workers=(settings.tokenizer_workers if args.tokenizer_workers is None
-                                            else args.tokenizer_workers),
-                         pad_multiple=args.pad_multiple or 0,
-                         calibration_file=str(ProjectHome(settings.home).calibration_file))
-    flags = {"base model": "--base-model" if args.base_model else variable("base_model"),
-             "adapter": "--adapter" if args.adapter else variable("adapter")}
+    ranges, expected_rows = _ranges(args, settings, info)
+    config, flags = _model_config(args, settings)
     layout = ProjectHome(settings.home)
     into_home = args.out is None  # the home's own layout, quality gate included: `publish` can take it from there
     out = layout.embeddings_dir if into_home else Path(args.out)
@@ -126,19 +102,7 @@ def run(args) -> int:
                     upcoming = submit_papers(ranges[index + 1])
                 yield rng, papers_file, papers
 
-        # One encoder stream over every range: the device goes on with the next range while one is written.
-        if into_home:
-            todo = (RangeToEmbed(rng, file, papers.as_metadata(), context=papers)
-                    for rng, file, papers in papers_in_turn())
-            done = ((item.rng, item.report, item.context, item.verdict.gate)
-                    for item in embed_ranges(todo, layout, encoder, settings.gate_policy(), settings.chunk_rows))
-        else:
-            model_meta = loaded.metadata()
-            jobs = (EmbedJob(file, out / f"embeddings-{rng.key}.parquet", Path(work) / "checkpoints" / rng.key,
-                             embedding_file_metadata(model_meta, rng, papers.as_metadata()), context=(rng, papers))
-                    for rng, file, papers in papers_in_turn())
-            done = ((job.context[0], report, job.context[1], None)
-                    for job, report in embed_partitions(jobs, encoder, chunk_rows=settings.chunk_rows))
+        done = _embedded(papers_in_turn(), encoder, layout if into_home else None, out, Path(work), settings)
         for rng, report, papers, decision in done:
             total += report.rows
             verdict = ""
@@ -149,10 +113,68 @@ def run(args) -> int:
             print(f"{rng.key}: {report.rows:,} embedded, {sum(papers.skipped.values())} skipped (no text), "
                   f"{papers.duplicate_corpusid} duplicate ids, {report.papers_per_second:,.1f} papers/s{verdict}")
         encoder.close()
-    elapsed = time.perf_counter() - started
+    return _summary(total, time.perf_counter() - started, out, gate_failed)
+
+
+def _summary(total: int, elapsed: float, out, gate_failed: list[str]) -> int:
     print(f"{total:,} papers in {elapsed:.1f} s ({total / elapsed if elapsed else 0:,.1f} papers/s) -> {out}")
     if gate_failed:
         print(f"paper-assets: error: quality gate failed for {', '.join(gate_failed)}; `publish` will refuse them",
               file=sys.stderr)
         return 1
     return 0
+
+
+def _ranges(args, settings, info) -> tuple[list, int]:
+    """The ranges to embed (``--range``, else every range of the source that holds papers) and their rows."""
+    from ..engine.ranges import parse_range, range_for
+    from ..engine.source import range_rows, range_stats
+
+    if args.range:
+        requested = parse_range(args.range)
+        return [requested], range_rows(info, requested)
+    width = args.range_width or settings.range_width
+    if width <= 0:
+        raise CommandError(f"--range-width must be positive, got {width}")
+    stats, invalid = range_stats(info, width)
+    if invalid:
+        print(f"warning: {invalid} row(s) have no valid corpusid and are not embedded", file=sys.stderr)
+    return [range_for(lo, width) for lo in stats], sum(stat.rows for stat in stats.values())
+
+
+def _model_config(args, settings):
+    """The model as the flags, else the settings, configure it; and where each model path was given (for hints)."""
+    from ..engine.model import ModelConfig
+
+    config = ModelConfig(base_model=args.base_model or settings.base_model, adapter=args.adapter or settings.adapter,
+                         device=args.device or settings.device, precision=args.precision or settings.precision,
+                         token_budget=args.token_budget or settings.token_budget,
+                         compile=settings.compile if args.compile is None else args.compile,
+                         attn_implementation=args.attn_implementation or settings.attn_implementation,
+                         tokenizer_workers=(settings.tokenizer_workers if args.tokenizer_workers is None
+                                            else args.tokenizer_workers),
+                         pad_multiple=args.pad_multiple or 0,
+                         calibration_file=str(ProjectHome(settings.home).calibration_file))
+    flags = {"base model": "--base-model" if args.base_model else variable("base_model"),
+             "adapter": "--adapter" if args.adapter else variable("adapter")}
+    return config, flags
+
+
+def _embedded(papers, encoder, home: ProjectHome | None, out: Path, work: Path, settings):
+    """(range, embed report, papers report, gate verdict or None) per range, through one encoder stream (the device
+    goes on with the next range while one is written): into the home with each range's quality gate, or into
+    ``out`` without one."""
+    from ..engine.embed_home import RangeToEmbed, embed_ranges, embedding_file_metadata
+    from ..engine.pipeline import EmbedJob, embed_partitions
+
+    if home is not None:
+        todo = (RangeToEmbed(rng, file, report.as_metadata(), context=report) for rng, file, report in papers)
+        for item in embed_ranges(todo, home, encoder, settings.gate_policy(), settings.chunk_rows):
+            yield item.rng, item.report, item.context, item.verdict.gate
+        return
+    model_meta = encoder.loaded.metadata()
+    jobs = (EmbedJob(file, out / f"embeddings-{rng.key}.parquet", work / "checkpoints" / rng.key,
+                     embedding_file_metadata(model_meta, rng, report.as_metadata()), context=(rng, report))
+            for rng, file, report in papers)
+    for job, embed_report in embed_partitions(jobs, encoder, chunk_rows=settings.chunk_rows):
+        yield job.context[0], embed_report, job.context[1], None

@@ -144,50 +144,10 @@ def paper_embeddings(
                               chunk_rows=specter2.chunk_rows, progress=_ProgressLog(context))
     catalog_views.refresh(catalog, layout)
     report, out, verdict = embedded.report, embedded.out_file, embedded.verdict
-    scan, norm_stats, outcomes, decision = verdict.scan, verdict.norm_stats, verdict.outcomes, verdict.gate
-
-    stats = report.encode
+    outcomes = verdict.outcomes
     return MaterializeResult(
-        metadata={
-            "dagster/row_count": scan.rows,
-            "dagster/column_schema": TableSchema(columns=[
-                TableColumn("corpusid", "int64"), TableColumn("embedding", f"fixed_size_list<float32>[{scan.dim}]"),
-                TableColumn("text_sha256", "string")]),
-            "papers_per_second": round(report.papers_per_second, 2),
-            "tokens_per_second": round(report.tokens_per_second, 1),
-            "token_efficiency": round(stats.token_efficiency, 4),
-            "forward_batches": stats.batches,
-            "truncated_rows_512": stats.truncated_rows,
-            "nan_batches_recomputed": stats.nan_batches_recomputed,
-            "oom_splits": stats.oom_splits,
-            "resumed_rows_from_checkpoint": report.resumed_rows,
-            "rows_embedded": report.rows_embedded,
-            "rows_reused": report.rows_reused,
-            "rows_deleted": report.rows_deleted,
-            "seconds": round(report.seconds, 2),
-            "model_load_seconds": round(load_seconds, 2),
-            # Which process embedded this partition, and whether it had to load the model (a long-lived worker
-            # loads it once and keeps it for every later step).
-            "worker": worker,
-            "model_loaded_in_this_step": not model_was_loaded,
-            "device": str(loaded.device),
-            "precision": loaded.precision,
-            "attn_implementation": loaded.config.attn_implementation,
-            "compiled": encoder.compiled,
-            "token_budget": encoder.token_budget,
-            "model_base": specter2.base_model,
-            "model_adapter": specter2.adapter,
-            "model_fingerprint": loaded.fingerprint,
-            "adapter": f"{specter2.adapter_name} active",
-            "dimension": scan.dim,
-            "source_release": str(papers_meta.get("source_version")),
-            "source_papers_content_hash": str(papers_meta.get("content_hash")),
-            **{f"norm_{k}": round(v, 6) for k, v in norm_stats.items() if k != "count"},
-            "norm_histogram": MetadataValue.md(quality.markdown_histogram(scan.norms)),
-            "path": MetadataValue.path(str(out)),
-            "duckdb_view": "embeddings",
-            "quality_gate": "passed" if decision.passed else f"FAILED: {', '.join(decision.failed)}",
-        },
+        metadata=_embedding_metadata(report, verdict, encoder, specter2, papers_meta, out, worker, load_seconds,
+                                     model_was_loaded),
         check_results=[
             AssetCheckResult(check_name=o.name, passed=o.passed, severity=AssetCheckSeverity.ERROR,
                              description=o.description,
@@ -196,6 +156,54 @@ def paper_embeddings(
         ],
         data_version=DataVersion(f"{loaded.fingerprint}-{papers_meta.get('content_hash')}"),
     )
+
+
+def _embedding_metadata(report, verdict, encoder, specter2: Specter2Resource, papers_meta: dict, out,
+                        worker: str, load_seconds: float, model_was_loaded: bool) -> dict:
+    """What a partition's materialisation shows in the UI."""
+    scan, norm_stats, decision, loaded, stats = (verdict.scan, verdict.norm_stats, verdict.gate, encoder.loaded,
+                                                 report.encode)
+    return {
+        "dagster/row_count": scan.rows,
+        "dagster/column_schema": TableSchema(columns=[
+            TableColumn("corpusid", "int64"), TableColumn("embedding", f"fixed_size_list<float32>[{scan.dim}]"),
+            TableColumn("text_sha256", "string")]),
+        "papers_per_second": round(report.papers_per_second, 2),
+        "tokens_per_second": round(report.tokens_per_second, 1),
+        "token_efficiency": round(stats.token_efficiency, 4),
+        "forward_batches": stats.batches,
+        "truncated_rows_512": stats.truncated_rows,
+        "nan_batches_recomputed": stats.nan_batches_recomputed,
+        "oom_splits": stats.oom_splits,
+        "resumed_rows_from_checkpoint": report.resumed_rows,
+        "rows_embedded": report.rows_embedded,
+        "rows_reused": report.rows_reused,
+        "rows_deleted": report.rows_deleted,
+        "seconds": round(report.seconds, 2),
+        "model_load_seconds": round(load_seconds, 2),
+        # Which process embedded this partition, and whether it had to load the model (a long-lived worker
+        # loads it once and keeps it for every later step).
+        "worker": worker,
+        "model_loaded_in_this_step": not model_was_loaded,
+        "device": str(loaded.device),
+        "precision": loaded.precision,
+        "attn_implementation": loaded.config.attn_implementation,
+        "compiled": encoder.compiled,
+        "token_budget": encoder.token_budget,
+        "model_base": specter2.base_model,
+        "model_adapter": specter2.adapter,
+        "model_fingerprint": loaded.fingerprint,
+        "adapter": f"{specter2.adapter_name} active",
+        "dimension": scan.dim,
+        "source_release": str(papers_meta.get("source_version")),
+        "source_papers_content_hash": str(papers_meta.get("content_hash")),
+        **{f"norm_{k}": round(v, 6) for k, v in norm_stats.items() if k != "count"},
+        "norm_histogram": MetadataValue.md(quality.markdown_histogram(scan.norms)),
+        "path": MetadataValue.path(str(out)),
+        "duckdb_view": "embeddings",
+        "quality_gate": "passed" if decision.passed else f"FAILED: {', '.join(decision.failed)}",
+
+    }
 
 
 def _check_metadata(values: dict) -> dict:
