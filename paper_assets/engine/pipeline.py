@@ -262,6 +262,36 @@ def embed_papers(
     return report
 
 
+def _chunks_to_encode(jobs: Iterable[EmbedJob], encoder: Encoder, chunk_rows: int
+                      ) -> Iterator[tuple[object, list[str]]]:
+    """Per job, each chunk that still needs vectors as (payload, texts to embed), then its end marker: checkpointed
+    chunks are skipped, rows whose vector can be reused are not embedded again."""
+    for job in jobs:
+        state = _open_job(job, encoder, chunk_rows)
+        for index, chunk in enumerate(_papers_chunks(job.papers_path, chunk_rows)):
+            if state.checkpoints.has(index):
+                state.report.resumed_chunks += 1
+                state.report.resumed_rows += chunk.num_rows
+                state.done += chunk.num_rows
+                continue
+            reuse, reused = state.previous.lookup(chunk.column("corpusid").to_numpy(), chunk.column("text_sha256"))
+            texts = chunk.column("text").filter(pa.array(~reuse)).to_pylist()
+            # The payload waits in the tokenizer queue: keep only the columns written back, not the texts.
+            yield (state, index, chunk.select(["corpusid", "text_sha256"]), reuse, reused), texts
+        yield _JobEnd(state), []
+
+
+def _chunk_batch(chunk: pa.Table, reuse: np.ndarray, embedded: np.ndarray, reused: np.ndarray | None,
+                 schema: pa.Schema) -> pa.RecordBatch:
+    """A chunk's checkpoint: its ids and hashes with the new vectors and the reused ones in row order."""
+    vectors = np.empty((chunk.num_rows, schema.field("embedding").type.list_size), dtype=np.float32)
+    vectors[~reuse] = embedded
+    if reused is not None:
+        vectors[reuse] = reused
+    batch = embeddings_batch(chunk.column("corpusid").to_numpy(), vectors, chunk.column("text_sha256"), schema)
+    return batch.replace_schema_metadata({_REUSED_KEY: str(int(reuse.sum())).encode()})
+
+
 def embed_partitions(
     jobs: Iterable[EmbedJob], encoder: Encoder, chunk_rows: int = DEFAULT_CHUNK_ROWS,
     progress: Progress | None = None,
@@ -278,22 +308,6 @@ def embed_partitions(
     hidden_size = encoder.loaded.hidden_size
     chunk_schema = embeddings_schema(hidden_size)
     last_finished = time.perf_counter()
-
-    def todo() -> Iterator[tuple[object, list[str]]]:
-        for job in jobs:
-            state = _open_job(job, encoder, chunk_rows)
-            for index, chunk in enumerate(_papers_chunks(job.papers_path, chunk_rows)):
-                if state.checkpoints.has(index):
-                    state.report.resumed_chunks += 1
-                    state.report.resumed_rows += chunk.num_rows
-                    state.done += chunk.num_rows
-                    continue
-                reuse, reused = state.previous.lookup(chunk.column("corpusid").to_numpy(),
-                                                      chunk.column("text_sha256"))
-                texts = chunk.column("text").filter(pa.array(~reuse)).to_pylist()
-                # The payload waits in the tokenizer queue: keep only the columns written back, not the texts.
-                yield (state, index, chunk.select(["corpusid", "text_sha256"]), reuse, reused), texts
-            yield _JobEnd(state), []
 
     # Files are written by one writer thread, in order: a checkpoint's write and fsync (~0.1 s per 4,096-row chunk)
     # and a partition's assembly (~0.3 s per 20k rows) would otherwise hold up the thread that launches kernels.
@@ -317,19 +331,13 @@ def embed_partitions(
             yield state.job, state.report
 
     try:
-        for payload, embedded, stats in encoder.encode_stream(todo()):
+        for payload, embedded, stats in encoder.encode_stream(_chunks_to_encode(jobs, encoder, chunk_rows)):
             if isinstance(payload, _JobEnd):
                 assembling.append((payload.state, writer.submit(assemble, payload.state)))
                 yield from written(wait=False)
                 continue
             state, index, chunk, reuse, reused = payload
-            vectors = np.empty((chunk.num_rows, hidden_size), dtype=np.float32)
-            vectors[~reuse] = embedded
-            if reused is not None:
-                vectors[reuse] = reused
-            batch = embeddings_batch(chunk.column("corpusid").to_numpy(), vectors, chunk.column("text_sha256"),
-                                     chunk_schema)
-            batch = batch.replace_schema_metadata({_REUSED_KEY: str(int(reuse.sum())).encode()})
+            batch = _chunk_batch(chunk, reuse, embedded, reused, chunk_schema)
             writes.append(writer.submit(_write_checkpoint, state.checkpoints, index, batch))
             state.report.encode.add(stats)
             state.done += chunk.num_rows
