@@ -25,6 +25,21 @@ NOVELTY_SECTION = [
 ]
 
 
+ATTRIBUTION = [
+    "",
+    "## Attribution",
+    "",
+    "Paper metadata comes from the Semantic Scholar Academic Graph (Kinney et al., 2023), released under the "
+    "ODC-BY 1.0 license; SPECTER2 is by the Allen Institute for AI (Singh et al., 2023).",
+    "",
+]
+
+
+def _config(name: str, folder: str) -> list[str]:
+    """One dataset-viewer config of the card's YAML header: every Parquet file of ``folder``."""
+    return [f"- config_name: {name}", "  data_files:", "  - split: train", f'    path: "{folder}/*.parquet"']
+
+
 def dataset_card(shards: list[str], rows: Mapping[str, int], model: Mapping[str, str], source_release: str,
                  dim: int, novelty: Mapping[str, int] | None = None) -> str:
     """``novelty``: month (YYYY-MM) -> rows, for the months published beside the shards."""
@@ -39,12 +54,8 @@ def dataset_card(shards: list[str], rows: Mapping[str, int], model: Mapping[str,
         "- embeddings",
         "- semantic-scholar",
         "configs:",
-        "- config_name: default",
-        "  data_files:",
-        "  - split: train",
-        '    path: "data/*.parquet"',
-        *(["- config_name: novelty", "  data_files:", "  - split: train", '    path: "novelty/*.parquet"']
-          if novelty else []),
+        *_config("default", "data"),
+        *(_config("novelty", "novelty") if novelty else []),
         "---",
         "",
         "# SPECTER2 embeddings of Semantic Scholar papers",
@@ -79,12 +90,4 @@ def dataset_card(shards: list[str], rows: Mapping[str, int], model: Mapping[str,
         lines += NOVELTY_SECTION
         months = sorted(novelty)
         lines += ["", f"{sum(novelty.values()):,} papers in {len(novelty)} month file(s), {months[0]} to {months[-1]}."]
-    lines += [
-        "",
-        "## Attribution",
-        "",
-        "Paper metadata comes from the Semantic Scholar Academic Graph (Kinney et al., 2023), released under the "
-        "ODC-BY 1.0 license; SPECTER2 is by the Allen Institute for AI (Singh et al., 2023).",
-        "",
-    ]
-    return "\n".join(lines)
+    return "\n".join(lines + ATTRIBUTION)

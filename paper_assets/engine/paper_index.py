@@ -175,6 +175,38 @@ def build_index(layout: ProjectHome, snapshot: Snapshot, params: IndexParams = I
                        started, inputs)
 
 
+def _month_bounds(ids: np.ndarray, days: np.ndarray, vectors: np.ndarray, dated: int) -> dict[str, list]:
+    """Month (YYYY-MM) -> [first position, end position, digest of its ids and vectors], dated papers in order."""
+    months: dict[str, list] = {}
+    if dated:
+        names, starts = np.unique(month_of(days[:dated]), return_index=True)
+        ends = list(starts[1:]) + [dated]
+        for name, start, end in zip(names, starts, ends, strict=True):
+            digest = hashlib.sha256(ids[start:end].tobytes())
+            digest.update(vectors[start:end].tobytes())
+            months[str(name)] = [int(start), int(end), digest.hexdigest()[:16]]
+    return months
+
+
+def _write_build(root: HomePath, manifest: IndexManifest, ids: np.ndarray, days: np.ndarray, vectors: np.ndarray,
+                 params: IndexParams, started: float) -> None:
+    """A new build's files under ``root/<build>/``, manifest last (staged, then renamed into place)."""
+    import faiss
+
+    with staged_version(root, manifest.build) as staging:
+        dates = pa.array(days, pa.int32(), mask=days == UNDATED).cast(pa.date32())
+        pq.write_table(pa.table({"corpusid": pa.array(ids, pa.int64()), "publication_date": dates}),
+                       staging / "papers.parquet", compression="zstd")
+        np.save(staging / "vectors.npy", vectors)
+        if params.builds_graph(len(ids)):
+            graph = faiss.IndexHNSWFlat(manifest.dim, params.hnsw_m)
+            graph.hnsw.efConstruction = params.ef_construction
+            graph.add(vectors)
+            faiss.write_index(graph, str(staging / "hnsw.faiss"))
+        manifest.build_seconds = round(time.perf_counter() - started, 3)
+        (staging / "manifest.json").write_text(manifest.to_json(), encoding="utf-8")
+
+
 def write_index(root: HomePath, ids: np.ndarray, days: np.ndarray, vectors: np.ndarray, fingerprint: str,
                 source_release: str, params: IndexParams = IndexParams(), skipped: dict | None = None,
                 started: float | None = None, inputs: dict[str, str] | None = None,
@@ -183,8 +215,6 @@ def write_index(root: HomePath, ids: np.ndarray, days: np.ndarray, vectors: np.n
 
     A publication date after ``latest_day`` (default: today) is a data error, not a month to compute (one paper
     dated 2099 would add 900 empty partitions): such papers are indexed as undated and counted."""
-    import faiss
-
     started = time.perf_counter() if started is None else started
     if latest_day is None:
         latest_day = int(np.datetime64(datetime.date.today(), "D").astype(np.int64))
@@ -194,15 +224,7 @@ def write_index(root: HomePath, ids: np.ndarray, days: np.ndarray, vectors: np.n
     order = np.lexsort((ids, days))
     ids, days, vectors = ids[order], days[order], normalise(vectors[order])
     dated = int((days != UNDATED).sum())
-    months: dict[str, list] = {}
-    if dated:
-        labels = month_of(days[:dated])
-        names, starts = np.unique(labels, return_index=True)
-        ends = list(starts[1:]) + [dated]
-        for name, start, end in zip(names, starts, ends, strict=True):
-            digest = hashlib.sha256(ids[start:end].tobytes())
-            digest.update(vectors[start:end].tobytes())
-            months[str(name)] = [int(start), int(end), digest.hexdigest()[:16]]
+    months = _month_bounds(ids, days, vectors, dated)
     content = hashlib.sha256(fingerprint.encode() + json.dumps(asdict(params), sort_keys=True).encode())
     content.update(ids.tobytes())
     content.update(days.tobytes())
@@ -213,18 +235,7 @@ def write_index(root: HomePath, ids: np.ndarray, days: np.ndarray, vectors: np.n
                              dated=dated, params=asdict(params), source_release=source_release, months=months,
                              skipped=skipped, inputs=inputs or {})
     if not (folder / "manifest.json").exists():
-        with staged_version(root, build) as staging:
-            dates = pa.array(days, pa.int32(), mask=days == UNDATED).cast(pa.date32())
-            pq.write_table(pa.table({"corpusid": pa.array(ids, pa.int64()), "publication_date": dates}),
-                           staging / "papers.parquet", compression="zstd")
-            np.save(staging / "vectors.npy", vectors)
-            if params.builds_graph(len(ids)):
-                graph = faiss.IndexHNSWFlat(manifest.dim, params.hnsw_m)
-                graph.hnsw.efConstruction = params.ef_construction
-                graph.add(vectors)
-                faiss.write_index(graph, str(staging / "hnsw.faiss"))
-            manifest.build_seconds = round(time.perf_counter() - started, 3)
-            (staging / "manifest.json").write_text(manifest.to_json(), encoding="utf-8")
+        _write_build(root, manifest, ids, days, vectors, params, started)
     else:
         # Same papers and vectors as an existing build (e.g. a range re-embedded to identical vectors): reuse it, but
         # record what it was built from now, or the sensor would keep asking for a rebuild.
