@@ -82,27 +82,12 @@ def _first_ids(source: Path, n: int) -> int:
 def run_pair(options: BenchOptions, source: Path, base: str, adapter: str, work: Path) -> dict:
     """The notebook's loop and the engine on the first ``options.papers`` papers of ``source``: speed, fidelity,
     and the engine's share of this device's measured GEMM rate."""
-    papers, device, token_budget = options.papers, options.device, options.token_budget
+    papers, info = options.papers, inspect_source(source)
     torch.manual_seed(0)
-    info = inspect_source(source)
     if info.id_type != "integer":
         raise SystemExit("bench needs an integer corpusid source (the notebook orders by corpusid as text otherwise)")
     last_id = _first_ids(source, papers)
-    # The reference runs the notebook's full forward; the engine computes only the CLS row in the last layer.
-    reference_model = load_model(ModelConfig(base_model=base, adapter=adapter, precision="fp32", device=device,
-                                             cls_only_last_layer=False))
-    engine_model = load_model(ModelConfig(base_model=base, adapter=adapter, precision=options.precision,
-                                          device=device, compile=options.compile, token_budget=token_budget,
-                                          attn_implementation=options.attn_implementation,
-                                          calibration_file=str(work / "calibration.json")))
-    encoder = Encoder(engine_model, token_budget=token_budget)
-    # Warm both paths up on a few texts so one-time costs (allocator, compile) are not timed.
-    warm = ["warm up [SEP] " + "word " * 200] * 8
-    encoder.encode(warm)
-    from .reference import embed_batch
-
-    embed_batch(warm, reference_model.tokenizer, reference_model.model, reference_model.device)
-
+    reference_model, engine_model, encoder = _warm_models(options, base, adapter, work)
     ref_db = work / "reference.duckdb"
     ref_db.unlink(missing_ok=True)
     with PeakRSS() as ref_rss:
@@ -118,6 +103,66 @@ def run_pair(options: BenchOptions, source: Path, base: str, adapter: str, work:
         papers_report = build_papers(info, IdRange(0, last_id), papers_file, sep_token=encoder.tokenizer.sep_token)
         report = embed_papers(papers_file, out, encoder, work / "checkpoints", chunk_rows=2048)
         eng_seconds = time.perf_counter() - t0
+    fidelity, eng_vectors = _fidelity(ref_ids, ref_vectors, out, papers_file)
+    # The same papers again, in memory, once every batch shape has been seen: what a long run settles at, once
+    # oneDNN's per-shape kernels (~20 ms per new shape on AMX) and the allocator's blocks exist.
+    all_texts = pq.read_table(papers_file, columns=["text"]).column("text").to_pylist()
+    t0 = time.perf_counter()
+    encoder.encode(all_texts)
+    warm_seconds = time.perf_counter() - t0
+
+    composition = _batch_composition_cosine_min(encoder, engine_model, all_texts)
+    flops = _flops(engine_model, report, ref_stats, ref_seconds, eng_seconds, warm_seconds, work)
+    ref_rate, eng_rate = papers / ref_seconds, report.rows / eng_seconds
+    return {
+        "papers": papers,
+        "device": device_name(engine_model.device),
+        "reference": {"papers_per_second": ref_rate, "seconds": ref_seconds,
+                      "tokens_per_second": ref_stats["real_tokens"] / ref_seconds,
+                      "token_efficiency": ref_stats["real_tokens"] / ref_stats["padded_tokens"],
+                      "peak_rss_mb": ref_rss.peak / 2**20, "precision": "fp32", "batch": "64 unsorted"},
+        "engine": {"papers_per_second": eng_rate, "seconds": eng_seconds,
+                   "tokens_per_second": report.encode.real_tokens / eng_seconds,
+                   "token_efficiency": report.encode.token_efficiency, "peak_rss_mb": eng_rss.peak / 2**20,
+                   "precision": engine_model.precision, "compile": encoder.compiled,
+                   "attn_implementation": engine_model.config.attn_implementation,
+                   "second_pass_papers_per_second": len(all_texts) / warm_seconds,
+                   "second_pass_utilisation_of_matmul_peak": flops.pop("second_pass_utilisation"),
+                   "token_budget": encoder.token_budget,
+                   "rows": report.rows, "skipped_no_text": sum(papers_report.skipped.values()),
+                   "cpu_calibration": flops.pop("calibration")},
+        "speedup": eng_rate / ref_rate,
+        "fidelity": {**fidelity, "non_finite": int((~np.isfinite(eng_vectors)).sum()),
+                     "batch_composition_cosine_min": composition},
+        "model": {"base": base, "adapter": adapter, "parameters": engine_model.num_parameters,
+                  "layers": engine_model.num_layers, "hidden": engine_model.hidden_size,
+                  "fingerprint": engine_model.fingerprint},
+        "flops": flops,
+    }
+
+
+def _warm_models(options: BenchOptions, base: str, adapter: str, work: Path):
+    """The notebook's model (fp32, the full forward) and the engine's (CLS row only in the last layer, the options'
+    precision and compile), each run once on a few texts so one-time costs (allocator, compile) are not timed."""
+    reference_model = load_model(ModelConfig(base_model=base, adapter=adapter, precision="fp32", device=options.device,
+                                             cls_only_last_layer=False))
+    engine_model = load_model(ModelConfig(base_model=base, adapter=adapter, precision=options.precision,
+                                          device=options.device, compile=options.compile,
+                                          token_budget=options.token_budget,
+                                          attn_implementation=options.attn_implementation,
+                                          calibration_file=str(work / "calibration.json")))
+    encoder = Encoder(engine_model, token_budget=options.token_budget)
+    warm = ["warm up [SEP] " + "word " * 200] * 8
+    encoder.encode(warm)
+    from .reference import embed_batch
+
+    embed_batch(warm, reference_model.tokenizer, reference_model.model, reference_model.device)
+    return reference_model, engine_model, encoder
+
+
+def _fidelity(ref_ids: np.ndarray, ref_vectors: np.ndarray, out: Path, papers_file: Path) -> tuple[dict, np.ndarray]:
+    """Per-row cosine of the engine's vectors against the notebook's, on the papers with title and abstract (the
+    notebook's text rule differs for the others); and the engine's vectors."""
     table = pq.read_table(out)
     eng_ids = table.column("corpusid").to_numpy()
     eng_vectors = vectors_of(table)
@@ -132,30 +177,30 @@ def run_pair(options: BenchOptions, source: Path, base: str, adapter: str, work:
     centre = a.mean(axis=0)
     ca, cb = a - centre, b - centre
     centred = (ca * cb).sum(1) / (np.linalg.norm(ca, axis=1) * np.linalg.norm(cb, axis=1))
-    rng = np.random.default_rng(0)
-    shuffled = a[rng.permutation(len(a))]
+    shuffled = a[np.random.default_rng(0).permutation(len(a))]
     between_papers = (a * shuffled).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(shuffled, axis=1))
+    return {"rows_compared": int(len(common)), "cosine_min": float(cos.min()),
+            "cosine_p0_1": float(np.percentile(cos, 0.1)), "cosine_median": float(np.median(cos)),
+            "centred_cosine_min": float(centred.min()),
+            "cosine_between_different_papers_median": float(np.median(between_papers))}, eng_vectors
 
-    # The same papers again, in memory, once every batch shape has been seen: what a long run settles at, once
-    # oneDNN's per-shape kernels (~20 ms per new shape on AMX) and the allocator's blocks exist.
-    all_texts = pq.read_table(papers_file, columns=["text"]).column("text").to_pylist()
-    t0 = time.perf_counter()
-    encoder.encode(all_texts)
-    warm_seconds = time.perf_counter() - t0
 
-    # Batch-composition independence: the same papers embedded alone and in other company must agree.
-    subset = rules.slice(0, min(48, rules.num_rows))
-    texts = all_texts[: subset.num_rows]
+def _batch_composition_cosine_min(encoder: Encoder, engine_model, texts: list[str]) -> float:
+    """The same papers embedded alone and in other company must agree: the lowest cosine between the two."""
+    texts = texts[:48]
     alone = np.stack([encoder.encode([t])[0] for t in texts[:16]])
     mixed = Encoder(engine_model, token_budget=4096).encode(list(reversed(texts)))[::-1][:16]
-    comp = (alone * mixed).sum(1) / (np.linalg.norm(alone, axis=1) * np.linalg.norm(mixed, axis=1))
+    return float(((alone * mixed).sum(1) / (np.linalg.norm(alone, axis=1) * np.linalg.norm(mixed, axis=1))).min())
 
-    model = engine_model.model
+
+def _flops(engine_model, report, ref_stats: dict, ref_seconds: float, eng_seconds: float, warm_seconds: float,
+           work: Path) -> dict:
+    """FLOP rates of both sides against the GEMM rates measured on this device in this run (and the best GEMM call
+    the CPU's calibration timed)."""
     mean_seq = report.encode.real_tokens / max(report.rows, 1)
-    shape = (non_embedding_params(model), engine_model.num_layers, engine_model.hidden_size, mean_seq)
+    shape = (non_embedding_params(engine_model.model), engine_model.num_layers, engine_model.hidden_size, mean_seq)
     full_fpt = flops_per_token(*shape)
     fpt = flops_per_token(*shape, cls_only_last_layer=engine_model.cls_only_last_layer)
-    ref_rate, eng_rate = papers / ref_seconds, report.rows / eng_seconds
     engine_gflops = fpt * report.encode.real_tokens / eng_seconds / 1e9
     # Useful FLOPs only (real tokens): what the notebook achieves (the full forward), what the engine runs, and
     # what the engine could reach at the GEMM peak.
@@ -169,49 +214,23 @@ def run_pair(options: BenchOptions, source: Path, base: str, adapter: str, work:
     calibration_file = work / "calibration.json"
     calibration = json.loads(calibration_file.read_text()) if calibration_file.exists() else None
     best_call = best_gemm_call_gflops(calibration, engine_model.precision)
-    return {
-        "papers": papers,
-        "device": device_name(engine_model.device),
-        "reference": {"papers_per_second": ref_rate, "seconds": ref_seconds,
-                      "tokens_per_second": ref_stats["real_tokens"] / ref_seconds,
-                      "token_efficiency": ref_stats["real_tokens"] / ref_stats["padded_tokens"],
-                      "peak_rss_mb": ref_rss.peak / 2**20, "precision": "fp32", "batch": "64 unsorted"},
-        "engine": {"papers_per_second": eng_rate, "seconds": eng_seconds,
-                   "tokens_per_second": report.encode.real_tokens / eng_seconds,
-                   "token_efficiency": report.encode.token_efficiency, "peak_rss_mb": eng_rss.peak / 2**20,
-                   "precision": engine_model.precision, "compile": encoder.compiled,
-                   "attn_implementation": engine_model.config.attn_implementation,
-                   "second_pass_papers_per_second": len(all_texts) / warm_seconds,
-                   "second_pass_utilisation_of_matmul_peak":
-                       fpt * report.encode.real_tokens / warm_seconds / 1e9 / peak_engine,
-                   "token_budget": encoder.token_budget,
-                   "rows": report.rows, "skipped_no_text": sum(papers_report.skipped.values()),
-                   "cpu_calibration": calibration},
-        "speedup": eng_rate / ref_rate,
-        "fidelity": {"rows_compared": int(len(common)), "cosine_min": float(cos.min()),
-                     "cosine_p0_1": float(np.percentile(cos, 0.1)), "cosine_median": float(np.median(cos)),
-                     "centred_cosine_min": float(centred.min()),
-                     "cosine_between_different_papers_median": float(np.median(between_papers)),
-                     "non_finite": int((~np.isfinite(eng_vectors)).sum()),
-                     "batch_composition_cosine_min": float(comp.min())},
-        "model": {"base": base, "adapter": adapter, "parameters": engine_model.num_parameters,
-                  "layers": engine_model.num_layers, "hidden": engine_model.hidden_size,
-                  "fingerprint": engine_model.fingerprint},
-        "flops": {"per_token_estimate": fpt, "per_token_full_forward": full_fpt,
-                  "engine_computes_cls_only_in_last_layer": engine_model.cls_only_last_layer,
-                  "engine_gflops_per_second": engine_gflops,
-                  "engine_full_forward_equivalent_gflops_per_second": engine_gflops * full_fpt / fpt,
-                  "reference_gflops_per_second": reference_gflops, "mean_tokens_per_paper": mean_seq,
-                  "matmul_peak_gflops_fp32": peak_fp32, "matmul_peak_gflops_engine_precision": peak_engine,
-                  "engine_utilisation_of_matmul_peak": engine_gflops / peak_engine,
-                  "matmul_median_call_gflops_engine_precision": median_engine,
-                  "engine_utilisation_of_median_matmul_call": engine_gflops / median_engine,
-                  "speedup_ceiling_at_matmul_peak": peak_engine / reference_gflops * full_fpt / fpt,
-                  "best_gemm_call_gflops_in_calibration": best_call,
-                  "engine_utilisation_of_best_gemm_seen": engine_gflops / max(best_call or 0.0, peak_engine),
-                  "note": "utilisation of the FLOPs the engine runs, against a GEMM measured on this device in "
-                          "this run; the notebook runs the full forward (per_token_full_forward)"},
-    }
+    return {"per_token_estimate": fpt, "per_token_full_forward": full_fpt,
+            "engine_computes_cls_only_in_last_layer": engine_model.cls_only_last_layer,
+            "engine_gflops_per_second": engine_gflops,
+            "engine_full_forward_equivalent_gflops_per_second": engine_gflops * full_fpt / fpt,
+            "reference_gflops_per_second": reference_gflops, "mean_tokens_per_paper": mean_seq,
+            "matmul_peak_gflops_fp32": peak_fp32, "matmul_peak_gflops_engine_precision": peak_engine,
+            "engine_utilisation_of_matmul_peak": engine_gflops / peak_engine,
+            "matmul_median_call_gflops_engine_precision": median_engine,
+            "engine_utilisation_of_median_matmul_call": engine_gflops / median_engine,
+            "speedup_ceiling_at_matmul_peak": peak_engine / reference_gflops * full_fpt / fpt,
+            "best_gemm_call_gflops_in_calibration": best_call,
+            "engine_utilisation_of_best_gemm_seen": engine_gflops / max(best_call or 0.0, peak_engine),
+            "note": "utilisation of the FLOPs the engine runs, against a GEMM measured on this device in "
+                    "this run; the notebook runs the full forward (per_token_full_forward)",
+            "second_pass_utilisation": fpt * report.encode.real_tokens / warm_seconds / 1e9 / peak_engine,
+            "calibration": calibration}
+
 
 
 def _print(result: dict) -> None:

@@ -275,10 +275,15 @@ def run_trial(work: Path, fault: str, base_model: str, adapter: str, papers: lis
             fill.kill()
             out, _ = fill.communicate()
         lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-        summary = lines[-1] if lines else {}
-        reports = [line for line in lines[1:-1] if "range" in line]
         ids = _home_ids(settings.home, work / "ui-machine")
         instance.dispose()
+    return _trial_result(fault, hit, fault_at, started, lines, partitions, expected, ids, fill.returncode, fill_log)
+
+
+def _trial_result(fault: str, hit: str, fault_at: float, started: float, lines: list[dict], partitions: int,
+                  expected: list[int], ids: list[int], returncode: int | None, fill_log: Path) -> dict:
+    summary = lines[-1] if lines else {}
+    reports = [line for line in lines[1:-1] if "range" in line]
     return {
         "fault": fault, "hit": hit, "fault_at_s": round(fault_at, 1), "seconds": round(time.time() - started, 1),
         "status": summary.get("status"), "partitions": len(reports),
@@ -287,7 +292,7 @@ def run_trial(work: Path, fault: str, base_model: str, adapter: str, papers: lis
         "complete": summary.get("status") in ("COMPLETED", "COMPLETED_SUCCESS") and not summary.get("failed")
         and len(reports) == partitions,
         "lost": len(set(expected) - set(ids)), "duplicated": len(ids) - len(set(ids)),
-        "stuck": fill.returncode is None or not lines,
+        "stuck": returncode is None or not lines,
         "not_succeeded": [{k: r.get(k) for k in ("range", "status", "runs", "error")} for r in reports
                           if r["status"] != "SUCCESS"],
         "backfill_stderr_tail": fill_log.read_text(errors="replace")[-600:],

@@ -63,17 +63,11 @@ def _wait_ready(worker: subprocess.Popen, log: Path, timeout: float = 300) -> No
         time.sleep(0.5)
 
 
-def run_dagster_bench(partitions: int, per_partition: int, work: Path, base: str, adapter: str, device: str,
-                      precision: str, shared_papers: Path, concurrent_runs: int = 4,
-                      pg_admin_url: str = DEFAULT_PG_ADMIN, redis_url: str = DEFAULT_REDIS) -> dict:
-    work = work / "dagster-bench"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    source = sample_source.write_source(work / "source.duckdb", _papers(partitions, per_partition, shared_papers))
-    total = partitions * per_partition
+def _timed_embed(work: Path, source: Path, engine_home: Path, shared_papers: Path, base: str, adapter: str,
+                 device: str, precision: str) -> tuple[float, dict]:
+    """Seconds of `paper-assets embed` over the whole source, and the environment it ran in (no scale-out)."""
     python = sys.executable
     model_flags = ["--base-model", base, "--adapter", adapter, "--device", device, "--precision", precision]
-    engine_home = work / "engine-home"
     env = {**os.environ, variable("home"): str(engine_home)}
     for name in ("pg_url", "celery_broker", "celery_backend"):
         env.pop(variable(name), None)
@@ -84,11 +78,23 @@ def run_dagster_bench(partitions: int, per_partition: int, work: Path, base: str
     _run([python, "-m", "paper_assets.cli", "embed", "--source", str(warm), "--out", str(work / "warm-out"),
           *model_flags], env, "warm-up embed")
     in_a_fresh_process(_calibrate, base, adapter, device, precision, str(ProjectHome(engine_home).calibration_file))
-
     started = time.perf_counter()
     _run([python, "-m", "paper_assets.cli", "embed", "--source", str(source), "--out", str(work / "engine-out"),
           *model_flags], env, "paper-assets embed")
-    engine_seconds = time.perf_counter() - started
+    return time.perf_counter() - started, env
+
+
+def run_dagster_bench(partitions: int, per_partition: int, work: Path, base: str, adapter: str, device: str,
+                      precision: str, shared_papers: Path, concurrent_runs: int = 4,
+                      pg_admin_url: str = DEFAULT_PG_ADMIN, redis_url: str = DEFAULT_REDIS) -> dict:
+    work = work / "dagster-bench"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    source = sample_source.write_source(work / "source.duckdb", _papers(partitions, per_partition, shared_papers))
+    total = partitions * per_partition
+    python = sys.executable
+    engine_home = work / "engine-home"
+    engine_seconds, env = _timed_embed(work, source, engine_home, shared_papers, base, adapter, device, precision)
 
     home = work / "dagster-home"
     Settings(home=str(home), source=str(source), base_model=base, adapter=adapter, device=device,
