@@ -34,14 +34,14 @@ def instance_yaml(settings: Settings) -> str:
         lines.append("# Raise with: dagster instance concurrency set gpu <number of GPUs>\n"
                      "concurrency:\n  pools:\n    default_limit: 1\n")
     # The daemon checks every started run's worker (MonitoredRunLauncher) and fails a run whose worker is gone; a
-    # run that failed for any reason but one of its own steps (worker lost, database or storage error in the run
-    # worker) is launched again, at most RUN_RETRIES times. A failed step (a missing model, a failed quality gate)
-    # fails its run for good: retrying a deterministic error only repeats it.
+    # failed run (worker lost, a database or storage error in the run worker or around a step) is launched again,
+    # at most RUN_RETRIES times, unless a step marked the failure deterministic (defs/transient.py: a missing model,
+    # a failed quality gate), which a retry would only repeat.
     lines.append(f"run_launcher:\n  module: paper_assets.defs.run_worker\n  class: MonitoredRunLauncher\n"
                  f"run_monitoring:\n  enabled: true\n  poll_interval_seconds: {MONITOR_POLL_SECONDS}\n"
                  f"  free_slots_after_run_end_seconds: 30\n"
                  f"run_retries:\n  enabled: true\n  max_retries: {RUN_RETRIES}\n"
-                 f"  retry_on_asset_or_op_failure: false\n")
+                 f"  retry_on_asset_or_op_failure: true\n")
     return "".join(lines)
 
 

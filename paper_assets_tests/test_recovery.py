@@ -22,6 +22,7 @@ from dagster import (
     materialize,
 )
 from dagster._core.launcher.base import WorkerStatus
+from dagster._core.storage.tags import RETRY_ON_ASSET_OR_OP_FAILURE_TAG
 from dagster._core.test_utils import create_run_for_test
 
 from paper_assets import backfill
@@ -85,7 +86,7 @@ def test_instance_config_monitors_run_workers_and_retries_lost_runs(tmp_path, mo
         assert isinstance(instance.run_launcher, MonitoredRunLauncher)
         assert instance.run_monitoring_enabled and instance.run_launcher.supports_check_run_worker_health
         assert instance.run_retries_enabled and instance.run_retries_max_retries == 3
-        assert not instance.run_retries_retry_on_asset_or_op_failure  # a failed step is not retried
+        assert instance.run_retries_retry_on_asset_or_op_failure  # unless the step marked its failure deterministic
     finally:
         instance.dispose()
 
@@ -131,7 +132,7 @@ def test_errors_are_transient_by_their_cause_not_by_their_wrapper():
     assert not is_transient(ValueError("bad row")) and not is_transient(UserError("no model at /x"))
 
 
-def test_a_step_retries_a_transient_error_and_fails_a_deterministic_one_at_once(monkeypatch):
+def test_a_step_retries_a_transient_error_and_fails_a_deterministic_one_for_good(monkeypatch):
     import paper_assets.defs.transient as transient
 
     monkeypatch.setattr(transient, "FIRST_WAIT_SECONDS", 0.0)
@@ -152,8 +153,14 @@ def test_a_step_retries_a_transient_error_and_fails_a_deterministic_one_at_once(
         raise ValueError("a quality gate failed")
 
     assert Definitions(assets=[flaky])  # the decorated body keeps the signature Dagster reads
-    assert materialize([flaky]).success and calls["flaky"] == 3
-    assert not materialize([broken], raise_on_error=False).success and calls["broken"] == 1
+    with instance_for_test() as instance:
+        ok = materialize([flaky], instance=instance)
+        assert ok.success and calls["flaky"] == 3
+        assert RETRY_ON_ASSET_OR_OP_FAILURE_TAG not in instance.get_run_by_id(ok.run_id).tags
+        failed = materialize([broken], instance=instance, raise_on_error=False)
+        assert not failed.success and calls["broken"] == 1
+        # Marked deterministic: the instance's run retries will not relaunch it.
+        assert instance.get_run_by_id(failed.run_id).tags[RETRY_ON_ASSET_OR_OP_FAILURE_TAG] == "false"
 
 
 class _ScriptedWebserver(http.server.BaseHTTPRequestHandler):

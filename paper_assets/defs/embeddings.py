@@ -33,7 +33,7 @@ from . import catalog as catalog_views
 from .executor import CELERY_QUEUE_TAG, EMBED_QUEUE, K8S_CONFIG_TAG, K8S_GPU_STEP
 from .partitions import corpusid_ranges
 from .resources import ProjectHomeResource, Specter2Resource
-from .transient import retry_transient_errors
+from .transient import mark_not_retriable, retry_transient_errors
 
 EMBEDDING_CHECKS = {
     "row_count": "one embedding per eligible source row of the range (skipped rows reported by reason)",
@@ -145,6 +145,8 @@ def paper_embeddings(
     catalog_views.refresh(catalog, layout)
     report, out, verdict = embedded.report, embedded.out_file, embedded.verdict
     outcomes = verdict.outcomes
+    if not verdict.gate.passed:  # a blocking check fails the step: the same vectors would fail it again
+        mark_not_retriable(context)
     return MaterializeResult(
         metadata=_embedding_metadata(report, verdict, encoder, specter2, papers_meta, out, worker, load_seconds,
                                      model_was_loaded),

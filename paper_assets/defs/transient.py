@@ -1,5 +1,10 @@
-"""Steps that meet a transient error (a database failover, object storage unreachable for a moment) ask Dagster
-to run them again after a back-off; every other error fails the step at once, as it would fail again."""
+"""Which failures are worth another try.
+
+A step that meets a transient error in its own code (a database failover, object storage unreachable for a moment)
+asks Dagster to run it again after a back-off. Every other error in the body fails the step at once and marks its run
+as one that run retries must not relaunch (``dagster/retry_on_asset_or_op_failure=false``): it would fail again. A
+step that fails outside its body (Dagster's own event writes while PostgreSQL restarts) leaves that tag unset, so the
+instance's run retries relaunch the run."""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import functools
 from collections.abc import Callable
 
 from dagster import RetryRequested
+from dagster._core.storage.tags import RETRY_ON_ASSET_OR_OP_FAILURE_TAG
 
 from ..engine.errors import is_transient
 
@@ -26,9 +32,17 @@ def retry_transient_errors(body: Callable) -> Callable:
             raise
         except Exception as error:
             if not is_transient(error):
+                mark_not_retriable(context)
                 raise
             wait = FIRST_WAIT_SECONDS * 2 ** context.retry_number
             context.log.warning(f"transient error, retrying in {wait:.0f} s: {type(error).__name__}: {error}")
             raise RetryRequested(max_retries=STEP_RETRIES, seconds_to_wait=wait) from error
 
     return run
+
+
+def mark_not_retriable(context) -> None:
+    """Tell run retries that this run's failure is deterministic (read when the run fails). A body invoked outside a
+    run (a unit test's ``build_asset_context``) has no run to mark."""
+    if context.instance.get_run_by_id(context.run_id) is not None:
+        context.instance.add_run_tags(context.run_id, {RETRY_ON_ASSET_OR_OP_FAILURE_TAG: "false"})
