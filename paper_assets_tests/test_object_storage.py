@@ -128,19 +128,3 @@ def test_machines_sharing_a_home_record_partition_norms_without_losing_or_failin
     # A partition embedded again: every reader sees its new record, also one that read the old one before.
     update_norm_registry(machines[1], keys[0], "fp-2", {"count": 41, "median": 2.0, "mad": 0.02})
     assert norm_registry(machines[0])[keys[0]] == {"fingerprint": "fp-2", "count": 41, "median": 2.0, "mad": 0.02}
-
-
-def test_a_norm_registry_of_an_earlier_version_still_counts(tmp_path):
-    """Homes written before per-partition records kept every partition in one ``stats/norms.json``: its entries
-    stay part of the reference, and a partition embedded again replaces its own entry."""
-    from paper_assets.engine.gate import norm_registry, update_norm_registry
-
-    layout = ProjectHome(tmp_path)
-    layout.stats_dir.mkdir(parents=True)
-    (layout.stats_dir / "norms.json").write_text(json.dumps({
-        "000000000-000999999": {"fingerprint": "fp-1", "count": 10, "median": 1.0, "mad": 0.1},
-        "001000000-001999999": {"fingerprint": "fp-1", "count": 10, "median": 2.0, "mad": 0.1}}))
-    update_norm_registry(layout, "001000000-001999999", "fp-2", {"count": 20, "median": 3.0, "mad": 0.2})
-    registry = norm_registry(layout)
-    assert registry["000000000-000999999"]["median"] == 1.0
-    assert registry["001000000-001999999"] == {"fingerprint": "fp-2", "count": 20, "median": 3.0, "mad": 0.2}

@@ -57,10 +57,10 @@ def dagster_dev(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
     env["PAPER_ASSETS_HOME"] = str(home)
     prepare = (
-        "from paper_assets.cli import prepare_demo, _dagster_home\n"
+        "from paper_assets.cli import prepare_demo\nfrom paper_assets.cli.common import dagster_home\n"
         "from paper_assets.defs.release import QUIET\n"
         "from paper_assets.settings import load_settings\n"
-        "s = prepare_demo(load_settings(), None, 300)\n_dagster_home(s)\n"
+        "s = prepare_demo(load_settings(), None, 300)\ndagster_home(s)\n"
         "from dagster import DagsterInstance, materialize\n"
         "from paper_assets.definitions import build_definitions\n"
         "from paper_assets.defs import source, embeddings\n"

@@ -26,8 +26,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from .. import backfill
     from ..engine.ranges import parse_range
-    from . import backfill
 
     settings = load_settings()
     if args.id:
