@@ -292,3 +292,57 @@ def test_an_identical_rebuild_reuses_the_build_and_records_its_new_inputs(tmp_pa
     second = write_index(tmp_path, ids, days, vectors, "fp", "r2", IndexParams(graph="never"), inputs={"a": "2"})
     assert second.build == first.build and second.inputs == {"a": "2"} and second.source_release == "r2"
     assert PaperIndex(tmp_path / first.build).manifest.inputs == {"a": "2"}
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("low_precision", [True, False], ids=["bf16_candidates", "fp32"])
+def test_device_search_equals_exact_fp32_search(low_precision):
+    """bf16 candidates rescored in fp32 give the exact fp32 neighbours: the same cosines (to fp32 rounding) and the
+    same papers except where two cosines are equal to that rounding. Clustered vectors put many near-ties at the
+    k-th neighbour, so some queries must be searched again in fp32 (the certificate at work)."""
+    import torch
+
+    from paper_assets.engine.device_knn import DeviceKnnStats, device_knn
+
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(20, 64))
+    priors = _unit(centres[rng.integers(0, 20, 6000)] + 0.5 * rng.normal(size=(6000, 64)))
+    queries, end, k = priors[5000:5300], 5000, 50
+    sims = queries @ priors[:end].T
+    truth = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    stats = DeviceKnnStats()
+    positions, cosines = device_knn(queries, priors, end, k, torch.device("cpu"), low_precision=low_precision,
+                                    margin=10, stats=stats)
+    np.testing.assert_allclose(cosines, np.take_along_axis(sims, truth, 1), atol=2e-6)
+    differ = positions != truth
+    assert differ.mean() < 0.01
+    np.testing.assert_allclose(np.take_along_axis(sims, positions, 1)[differ], cosines[differ], atol=2e-6)
+    assert stats.queries == 300
+    if low_precision:
+        assert stats.searched_again_in_fp32 > 0 and stats.certified + stats.searched_again_in_fp32 == 300
+
+
+def test_device_search_with_fewer_priors_than_k():
+    import torch
+
+    from paper_assets.engine.device_knn import device_knn
+
+    priors = _unit(np.random.default_rng(1).normal(size=(30, 16)))
+    positions, cosines = device_knn(priors[20:], priors, 5, 8, torch.device("cpu"))
+    assert (positions[:, :5] >= 0).all() and (positions[:, 5:] == -1).all() and (cosines[:, 5:] == 0).all()
+    assert sorted(positions[0, :5]) == [0, 1, 2, 3, 4]
+
+
+def test_auto_search_takes_the_device_where_it_multiplies_in_bf16():
+    from paper_assets.engine.novelty import choose_search
+    from paper_assets.engine.novelty_params import NoveltyParams
+
+    auto = NoveltyParams()
+    assert choose_search(auto, 10, 10**9, has_graph=True, device_pays=True) == "device"
+    assert choose_search(auto, 10, 100, has_graph=True, device_pays=False) == "exact"
+    assert choose_search(auto, 10**5, 10**6, has_graph=True, device_pays=False) == "hnsw"
+    assert choose_search(NoveltyParams(search="device"), 1, 1, has_graph=False, device_pays=False) == "device"
+    assert choose_search(NoveltyParams(search="exact"), 1, 1, has_graph=True, device_pays=True) == "exact"

@@ -306,7 +306,12 @@ def run_trials(trials: int, work: Path, base_model: str, adapter: str, papers: l
     results = []
     for trial in range(trials):
         fault = rng.choice(faults)
-        result = run_trial(work / f"trial-{trial}", fault, base_model, adapter, papers, seed=rng.randrange(1 << 30))
+        try:
+            result = run_trial(work / f"trial-{trial}", fault, base_model, adapter, papers,
+                               seed=rng.randrange(1 << 30))
+        except Exception as err:  # noqa: BLE001 - a trial that breaks is a failed trial, counted; the rest still run
+            result = {"fault": fault, "complete": False, "stuck": True, "lost": 0, "duplicated": 0,
+                      "error": f"{type(err).__name__}: {err}"[-2000:]}
         log(json.dumps(result))
         results.append(result)
         if result["complete"] and not (result["lost"] or result["duplicated"] or result["stuck"]):

@@ -92,7 +92,19 @@ def month_input_hash(manifest: IndexManifest, month: str, params: NoveltyParams)
     return hashlib.sha256(f"{manifest.cumulative_hash(month)}|{params.key()}".encode()).hexdigest()[:16]
 
 
-def choose_search(params: NoveltyParams, queries: int, priors: int, has_graph: bool) -> str:
+def choose_search(params: NoveltyParams, queries: int, priors: int, has_graph: bool,
+                  device_pays: bool | None = None) -> str:
+    """``auto``: exact search on the embedding device where it multiplies in bf16 (``device_knn``), else FAISS's
+    exact search while queries x priors stays under ``exact_max_pairs``, else the HNSW graph."""
+    if params.search == "device":
+        return "device"
+    if params.search == "auto":
+        if device_pays is None:
+            from .device_knn import device_search_pays
+
+            device_pays = device_search_pays()
+        if device_pays:
+            return "device"
     if params.search == "exact" or not has_graph:
         if params.search == "hnsw":
             raise ValueError("novelty search 'hnsw' needs an index built with its HNSW graph")
@@ -127,6 +139,12 @@ def compute_month(index: PaperIndex, month: str, params: NoveltyParams, seed: in
         found = index.search_exact(queries, params.k, priors)
         if end > start and priors > 0:
             recall, sample_size = 1.0, end - start
+    elif mode == "device":
+        found = index.search_device(queries, params.k, priors)
+        if end > start and priors > 0:  # checked against FAISS's fp32 exact search, as the graph's results are
+            check = np.random.default_rng(seed).permutation(end - start)[:params.recall_sample]
+            truth = index.search_exact(queries[check], params.k, priors)
+            recall, sample_size = recall_at_k(found.positions[check], truth.positions), len(check)
     else:
         # Disjoint samples: one tunes the beam, the other estimates the recall the check judges.
         order = np.random.default_rng(seed).permutation(end - start)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SEARCH_MODES = ("auto", "hnsw", "exact")
+SEARCH_MODES = ("auto", "device", "hnsw", "exact")
 GRAPH_MODES = ("auto", "always", "never")
 
 

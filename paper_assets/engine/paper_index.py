@@ -324,6 +324,15 @@ class PaperIndex:
         cosines[:, :k_eff] = best_sim
         return Neighbours(positions, cosines)
 
+    def search_device(self, queries: np.ndarray, k: int, end: int) -> Neighbours:
+        """The true k nearest among positions ``[0, end)`` on the embedding device: bf16 candidates where the device
+        multiplies bf16 natively, rescored in fp32 and certified (``device_knn``)."""
+        from .device_knn import device_knn, knn_device
+
+        device, low_precision = knn_device()
+        positions, cosines = device_knn(queries, self.vectors, end, k, device, low_precision=low_precision)
+        return Neighbours(positions, cosines)
+
     def search_hnsw(self, queries: np.ndarray, k: int, end: int, ef_search: int) -> Neighbours:
         """Approximate k nearest among positions ``[0, end)`` through the graph (an id-range filter)."""
         import faiss
