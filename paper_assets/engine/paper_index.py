@@ -2,9 +2,8 @@
 
 Why one graph ordered by date: the novelty metrics need "the K nearest papers published before date D" for every
 month. Papers are added in (publication_date, corpusid) order, so FAISS id == position and "published before D"
-is the id range ``[0, first position dated >= D)``: a query passes that range as an ``IDSelectorRange`` and no
-per-month index is ever built (the metrics' authors rebuild theirs month by month). Papers without a publication
-date come last: ``similar`` finds them, no month ever counts them as prior papers.
+is the id range ``[0, first position dated >= D)``: no per-month index is ever built (the metrics' authors rebuild
+theirs month by month). Undated papers come last: ``similar`` finds them, no month counts them as prior papers.
 
 Layout under ``<home>/index/``::
 
@@ -325,8 +324,7 @@ class PaperIndex:
         return Neighbours(positions, cosines)
 
     def search_device(self, queries: np.ndarray, k: int, end: int) -> Neighbours:
-        """The true k nearest among positions ``[0, end)`` on the embedding device: bf16 candidates where the device
-        multiplies bf16 natively, rescored in fp32 and certified (``device_knn``)."""
+        """The true k nearest among ``[0, end)`` on the embedding device (``device_knn``)."""
         from .device_knn import device_knn, knn_device
 
         device, low_precision = knn_device()
