@@ -18,9 +18,9 @@ from .hub_server import HubServer  # noqa: E402
 HUB = HubServer().__enter__()
 os.environ["HF_ENDPOINT"] = HUB.endpoint
 
-from paper_assets.benchkit import sample_source  # noqa: E402
-from paper_assets.benchkit.services import stop_process_group  # noqa: E402,F401 - shared with the tests
-from paper_assets.benchkit.tiny_model import build_model  # noqa: E402
+from paper_assets.demo_kit import sample_source  # noqa: E402
+from paper_assets.demo_kit.tiny_model import build_model  # noqa: E402
+from paper_assets.local_services import stop_process_group  # noqa: E402,F401 - shared with the tests
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -69,7 +69,7 @@ def s3_endpoint():
         if os.environ.get("CI"):
             raise
         pytest.skip(f"the s3 extra / moto is not installed here: {err}")
-    from paper_assets.benchkit.services import moto_s3_server
+    from paper_assets.local_services import moto_s3_server
 
     with moto_s3_server() as endpoint:
         yield endpoint
@@ -78,7 +78,7 @@ def s3_endpoint():
 @pytest.fixture()
 def s3_home(tmp_path, monkeypatch, s3_endpoint) -> str:
     """``PAPER_ASSETS_HOME=s3://<fresh bucket>/home`` with this machine's part in ``tmp_path/local``."""
-    from paper_assets.benchkit.services import S3_TEST_CREDENTIALS, temporary_bucket
+    from paper_assets.local_services import S3_TEST_CREDENTIALS, temporary_bucket
 
     for name, value in {**S3_TEST_CREDENTIALS, "AWS_ENDPOINT_URL": s3_endpoint}.items():
         monkeypatch.setenv(name, value)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from paper_assets.benchkit.reference import embed_batch
-from paper_assets.benchkit.tiny_model import build_model
+from paper_assets.demo_kit.tiny_model import build_model
 from paper_assets.engine.encoder import Encoder, NonFiniteEmbeddingError
 from paper_assets.engine.model import AdapterNotActiveError, ModelConfig, ModelLoadError, load_model
 from paper_assets.engine.text import paper_text

@@ -15,7 +15,6 @@ from dagster import AssetKey, DagsterRunStatus, build_sensor_context, instance_f
 from dagster._core.test_utils import create_run_for_test
 
 from paper_assets import cli
-from paper_assets.benchkit import sample_source
 from paper_assets.definitions import build_definitions
 from paper_assets.defs import embeddings, shards, source
 from paper_assets.defs.partitions import CORPUSID_RANGES
@@ -23,6 +22,7 @@ from paper_assets.defs.release import recover_abandoned_runs
 from paper_assets.defs.resources import S2SourceResource, Specter2Resource
 from paper_assets.defs.run_worker import PID_TAG, PROCESS_START_TAG, this_process_tags
 from paper_assets.defs.sensors import s2_release_ranges_sensor, s2_source_release_sensor
+from paper_assets.demo_kit import sample_source
 from paper_assets.engine.home import ProjectHome
 from paper_assets.engine.ranges import parse_range
 from paper_assets.engine.schemas import vectors_of

@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 from dagster import DagsterInstance, instance_for_test, materialize
 
-from paper_assets.benchkit import sample_source
 from paper_assets.definitions import build_definitions
 from paper_assets.defs import embeddings, shards, source
 from paper_assets.defs.partitions import CORPUSID_RANGES
+from paper_assets.demo_kit import sample_source
 from paper_assets.engine.home import ProjectHome
 from paper_assets.engine.ranges import parse_range
 from paper_assets.engine.snapshot import current_snapshot

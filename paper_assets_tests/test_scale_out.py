@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from paper_assets.benchkit.services import (
+from paper_assets.defs.executor import CELERY_QUEUE_TAG, EMBED_QUEUE
+from paper_assets.local_services import (
     DEFAULT_PG_ADMIN,
     DEFAULT_REDIS,
     empty_redis_database,
     temporary_postgres_database,
     temporary_rabbitmq_vhost,
 )
-from paper_assets.defs.executor import CELERY_QUEUE_TAG, EMBED_QUEUE
 from paper_assets.processes import process_alive, start_bound
 from paper_assets.settings import Settings
 

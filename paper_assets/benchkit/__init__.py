@@ -1,4 +1,4 @@
-"""Offline stand-ins and benchmarks, kept out of the production engine: a sample source in the notebook's schema
-(``sample_source``), a small model of SPECTER2's architecture (``tiny_model``), the notebook's loop re-implemented
-faithfully (``reference``, the only user of pandas), ``paper-assets bench`` (``bench``) and the release-scale
-benchmark (``releases``)."""
+"""Benchmarks, kept out of the production engine: the notebook's loop re-implemented faithfully (``reference``, the
+only user of pandas), ``paper-assets bench`` (``bench``, with ``measure``, ``pipeline_bench``, ``releases``,
+``dagster_bench``, ``novelty_bench``, ``retrieval``, ``tokenizer_bench``) and the fault trials of ``paper-assets
+chaos`` (``chaos``)."""

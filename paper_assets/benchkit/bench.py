@@ -17,6 +17,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from ..demo_kit import sample_source
+from ..demo_kit.tiny_model import BERT_BASE, build_model
 from ..engine.calibrate import matmul_call_gflops
 from ..engine.encoder import Encoder
 from ..engine.errors import UserError
@@ -26,7 +28,7 @@ from ..engine.ranges import IdRange
 from ..engine.schemas import vectors_of
 from ..engine.source import inspect_source
 from ..settings import BENCH_DIR_VARIABLE
-from . import sample_source, tokenizer_bench
+from . import tokenizer_bench
 from .measure import (
     PeakRSS,
     best_gemm_call_gflops,
@@ -38,7 +40,6 @@ from .measure import (
 )
 from .pipeline_bench import run_pipeline
 from .reference import read_reference, run_seed_recipe
-from .tiny_model import BERT_BASE, build_model
 
 T = TypeVar("T")
 SHARED_PAPERS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "scirepeval_sample_papers.jsonl"

@@ -28,10 +28,8 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from ..processes import start_bound, stop_process_group
-from ..settings import Settings, variable
-from . import sample_source
-from .services import (
+from ..demo_kit import sample_source
+from ..local_services import (
     DEFAULT_REDIS,
     S3_TEST_CREDENTIALS,
     empty_redis_database,
@@ -39,6 +37,8 @@ from .services import (
     temporary_bucket,
     temporary_rabbitmq_vhost,
 )
+from ..processes import start_bound, stop_process_group
+from ..settings import Settings, variable
 
 FAULTS = ("daemon", "webserver", "run_worker", "celery_worker", "postgres")
 RANGE_WIDTH = 1_000_000

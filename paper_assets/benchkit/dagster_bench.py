@@ -14,13 +14,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from ..demo_kit import sample_source
 from ..engine.errors import UserError
 from ..engine.home import ProjectHome
 from ..engine.ranges import range_for
-from ..settings import Settings, variable
-from . import sample_source
-from .measure import in_a_fresh_process
-from .services import (
+from ..local_services import (
     DEFAULT_PG_ADMIN,
     DEFAULT_REDIS,
     empty_redis_database,
@@ -28,6 +26,8 @@ from .services import (
     stop_process_group,
     temporary_postgres_database,
 )
+from ..settings import Settings, variable
+from .measure import in_a_fresh_process
 
 RANGE_WIDTH = 1_000_000
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
+from ..demo_kit import sample_source
+from ..demo_kit.tiny_model import PIPELINE, build_model
 from ..engine.encoder import Encoder
 from ..engine.model import ModelConfig, load_model
 from ..engine.pipeline import embed_papers
-from . import sample_source
 from .data_path import pin_to_cores, time_data_path
 from .measure import PeakRSS, in_a_fresh_process
-from .tiny_model import PIPELINE, build_model
 
 
 def pipeline_source(n: int, work: Path) -> Path:

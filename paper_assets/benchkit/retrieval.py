@@ -25,12 +25,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ..demo_kit.sample_source import read_jsonl_papers
 from ..engine.encoder import Encoder
 from ..engine.model import ModelConfig, load_model
 from ..engine.paper_index import UNDATED, IndexParams, PaperIndex, write_index
 from ..engine.text import paper_texts
 from .reference import embed_batch
-from .sample_source import read_jsonl_papers
 
 ADAPTER_STD = 0.02
 BASE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",

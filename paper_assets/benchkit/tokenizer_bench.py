@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from ..demo_kit import sample_source
+from ..demo_kit.tiny_model import BERT_BASE, train_tokenizer
 from ..engine.text import paper_texts
 from ..engine.tokenization import TextTokenizer, usable_cores
-from . import sample_source
 from .data_path import pin_to_cores
-from .tiny_model import BERT_BASE, train_tokenizer
 
 PASSES = 3
 

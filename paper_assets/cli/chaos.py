@@ -22,9 +22,10 @@ def register(sub) -> None:
 def run(args) -> int:
     import tempfile
 
-    from ..benchkit import chaos, sample_source
+    from ..benchkit import chaos
     from ..benchkit.bench import SHARED_PAPERS
-    from ..benchkit.tiny_model import build_model
+    from ..demo_kit import sample_source
+    from ..demo_kit.tiny_model import build_model
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="paper-assets-chaos-"))
     papers = (sample_source.read_jsonl_papers(SHARED_PAPERS) if SHARED_PAPERS.exists()

@@ -22,8 +22,8 @@ DEMO_PAPERS = 2000
 
 def prepare_demo(settings: Settings, papers_jsonl: str | None, count: int) -> Settings:
     """Build (if absent) the demo source DB and the offline stand-in model, and record them in the home config."""
-    from ..benchkit import sample_source
-    from ..benchkit.tiny_model import build_model
+    from ..demo_kit import sample_source
+    from ..demo_kit.tiny_model import build_model
 
     layout = ProjectHome(settings.home)
     source = layout.demo_dir / "source.duckdb"

@@ -1,4 +1,5 @@
-"""Throw-away PostgreSQL databases and Redis databases for the scale-out bench and tests (real services, cleaned up)."""
+"""Throw-away services on this machine for the tests, the benchmarks and `paper-assets chaos`: a PostgreSQL database,
+a Redis database, a RabbitMQ virtual host, moto's S3 server and a bucket (real services, cleaned up after)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from ..processes import start_bound, stop_process_group  # noqa: F401 - the tests' and benches' helpers
+from .processes import start_bound, stop_process_group  # noqa: F401 - the tests' and benches' helpers
 
 DEFAULT_PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS = "redis://127.0.0.1:6379"
