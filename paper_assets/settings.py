@@ -136,6 +136,11 @@ def help_of(name: str) -> str:
     return next(spec.metadata["help"] for spec in fields(Settings) if spec.name == name)
 
 
+def flag_help(name: str) -> str:
+    """A CLI flag's help for setting ``name``: what it means, and what applies without the flag."""
+    return f"{help_of(name)} (default: {variable(name)}, else {getattr(DEFAULTS, name)!r})".replace("%", "%%")
+
+
 def from_setting(name: str):
     """A Dagster resource field that is setting ``name``: its default and description come from :class:`Settings`."""
     from pydantic import Field

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..engine.fs import ensure_dir, is_local
 from ..engine.home import ProjectHome
-from ..settings import DEFAULTS, load_settings, variable
+from ..settings import DEFAULTS, flag_help, load_settings, variable
 from .common import CommandError
 
 
@@ -19,29 +19,19 @@ def register(sub) -> None:
     embed = sub.add_parser("embed", help="embed a source DuckDB into embeddings Parquet files (no Dagster)")
     embed.add_argument("--source", required=True, help="the cleaned S2 DuckDB file to read (opened read-only)")
     embed.add_argument("--out", help="folder for embeddings-<range>.parquet (created if missing); without it, into "
-                       "PAPER_ASSETS_HOME's own layout with each range's quality gate, ready for `publish`")
-    embed.add_argument("--table", default=DEFAULTS.source_table, help="source table (default %(default)s)")
-    embed.add_argument("--base-model", help="base model id or folder (default PAPER_ASSETS_BASE_MODEL / "
-                       "allenai/specter2_base)")
-    embed.add_argument("--adapter", help="proximity adapter id or folder (default PAPER_ASSETS_ADAPTER / "
-                       "allenai/specter2)")
-    embed.add_argument("--device", help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:N or mps (default auto)")
-    embed.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                       help="auto: bf16 where the hardware computes it natively, else fp32")
+                       "the home's own layout with each range's quality gate, ready for `publish`")
+    embed.add_argument("--table", help=flag_help("source_table"))
+    for flag, setting_name in (("--base-model", "base_model"), ("--adapter", "adapter"), ("--device", "device"),
+                               ("--range-width", "range_width"), ("--token-budget", "token_budget"),
+                               ("--tokenizer-workers", "tokenizer_workers")):
+        kind = int if isinstance(getattr(DEFAULTS, setting_name), int) else str
+        embed.add_argument(flag, type=kind, help=flag_help(setting_name))
+    embed.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], help=flag_help("precision"))
+    embed.add_argument("--attn-implementation", choices=["sdpa", "eager"], help=flag_help("attn_implementation"))
+    embed.add_argument("--compile", action=argparse.BooleanOptionalAction, help=flag_help("compile"))
     embed.add_argument("--range", help="only this inclusive corpusid range, e.g. 0-999999 (one output file)")
-    embed.add_argument("--range-width", type=int, help="corpus ids per output file (default PAPER_ASSETS_RANGE_WIDTH"
-                       " / 1000000)")
-    embed.add_argument("--token-budget", type=int, help="padded tokens per forward batch (default: by device)")
-    embed.add_argument("--attn-implementation", choices=["sdpa", "eager"],
-                       help="attention kernel (default PAPER_ASSETS_ATTN_IMPLEMENTATION / sdpa; eager: BERT's "
-                       "matmul-softmax-matmul: faster compiled on a Zen 5 CPU, slower on an AMX Xeon)")
     embed.add_argument("--pad-multiple", type=int, help="batch widths are multiples of this (default: 64 on GPU, "
                        "8 on CPU)")
-    embed.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                       help="torch.compile the model (default PAPER_ASSETS_COMPILE / auto: on CUDA, and on CPUs "
-                            "where it measured faster by enough to repay its compilation in this run)")
-    embed.add_argument("--tokenizer-workers", type=int, help="processes that tokenise (default "
-                       "PAPER_ASSETS_TOKENIZER_WORKERS / -1: one per 4 cores on GPU hosts, none on CPUs)")
     embed.set_defaults(func=run)
 
 
@@ -68,7 +58,7 @@ def run(args) -> int:
     from ..engine.source import inspect_source
 
     settings = load_settings()
-    info = inspect_source(args.source, args.table, setting="--source")
+    info = inspect_source(args.source, args.table or settings.source_table, setting="--source")
     ranges, expected_rows = _ranges(args, settings, info)
     config, flags = _model_config(args, settings)
     layout = ProjectHome(settings.home)
