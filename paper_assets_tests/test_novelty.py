@@ -2,6 +2,7 @@
 
 import datetime
 import json
+import warnings
 
 import duckdb
 import faiss
@@ -331,7 +332,10 @@ def test_device_search_with_fewer_priors_than_k():
     from paper_assets.engine.device_knn import device_knn
 
     priors = _unit(np.random.default_rng(1).normal(size=(30, 16)))
-    positions, cosines = device_knn(priors[20:], priors, 5, 8, torch.device("cpu"))
+    priors.setflags(write=False)  # as the index's memory-mapped vectors are
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        positions, cosines = device_knn(priors[20:], priors, 5, 8, torch.device("cpu"))
     assert (positions[:, :5] >= 0).all() and (positions[:, 5:] == -1).all() and (cosines[:, 5:] == 0).all()
     assert sorted(positions[0, :5]) == [0, 1, 2, 3, 4]
 

@@ -49,7 +49,8 @@ def _candidates(queries: torch.Tensor, priors: np.ndarray, end: int, keep: int, 
     low = queries.to(dtype)
     best_val = best_pos = None
     for start in range(0, end, PRIOR_ROWS):
-        block = torch.from_numpy(np.ascontiguousarray(priors[start:min(end, start + PRIOR_ROWS)], dtype=np.float32))
+        # A copy: the index's vectors are a read-only memory map, which torch will not wrap.
+        block = torch.from_numpy(np.array(priors[start:min(end, start + PRIOR_ROWS)], dtype=np.float32))
         scores = (low @ block.to(device).to(dtype).T).float()
         take = min(keep, scores.shape[1])
         val, index = torch.topk(scores, take, dim=1)
@@ -95,7 +96,7 @@ def device_knn(queries: np.ndarray, priors: np.ndarray, end: int, k: int, device
     bound = 2 * BF16_COSINE_ERROR if low_precision else 0.0
     stats = stats if stats is not None else DeviceKnnStats()
     for start in range(0, n, QUERY_ROWS):
-        chunk = np.ascontiguousarray(queries[start:start + QUERY_ROWS], dtype=np.float32)
+        chunk = np.array(queries[start:start + QUERY_ROWS], dtype=np.float32)  # a writable copy, as above
         q = torch.from_numpy(chunk).to(device)
         val, pos = _candidates(q, priors, end, keep, dtype, device)
         found, cos = _rescore(q, priors, pos, k_eff)
