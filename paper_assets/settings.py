@@ -85,10 +85,10 @@ class Settings:
     novelty: bool = setting(True, "`update`, `demo` and `novelty_sensor` keep `paper_index` and `paper_novelty` "
                             "current (`0`: embeddings only; the assets stay materialisable from the UI)")
     novelty_k: int = setting(NoveltyParams.k, "neighbours per paper")
-    novelty_search: str = setting(NoveltyParams.search, "`auto` (`device` where it multiplies in bf16: a GPU, or a "
-                                  "CPU with AMX/AVX512-BF16; else `exact` while a month's queries × prior papers ≤ "
-                                  "10⁸, else the HNSW graph), `device` (exact: bf16 candidates on the embedding "
-                                  "device, rescored and certified in fp32), `exact` (FAISS, fp32), `hnsw`")
+    novelty_search: str = setting(NoveltyParams.search, "`auto` (`device` on a GPU; else `exact` while a month's "
+                                  "queries × prior papers ≤ 10⁸, else the HNSW graph), `device` (exact: bf16 "
+                                  "candidates on the embedding device, rescored and certified in fp32), `exact` "
+                                  "(FAISS, fp32), `hnsw`")
     novelty_ef_search: int = setting(NoveltyParams.ef_search, "HNSW search beam (the authors')")
     novelty_min_recall: float = setting(NoveltyParams.min_recall, "the `recall_at_k` check's threshold")
     novelty_hnsw_m: int = setting(IndexParams.hnsw_m, "HNSW graph degree (the authors')")

@@ -340,7 +340,7 @@ def test_device_search_with_fewer_priors_than_k():
     assert sorted(positions[0, :5]) == [0, 1, 2, 3, 4]
 
 
-def test_auto_search_takes_the_device_where_it_multiplies_in_bf16():
+def test_auto_search_takes_the_device_where_it_pays():
     from paper_assets.engine.novelty import choose_search
     from paper_assets.engine.novelty_params import NoveltyParams
 

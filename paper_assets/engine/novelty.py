@@ -94,8 +94,8 @@ def month_input_hash(manifest: IndexManifest, month: str, params: NoveltyParams)
 
 def choose_search(params: NoveltyParams, queries: int, priors: int, has_graph: bool,
                   device_pays: bool | None = None) -> str:
-    """``auto``: exact search on the embedding device where it multiplies in bf16 (``device_knn``), else FAISS's
-    exact search while queries x priors stays under ``exact_max_pairs``, else the HNSW graph."""
+    """``auto``: exact search on the embedding device where that pays (a GPU: ``device_knn``), else FAISS's exact
+    search while queries x priors stays under ``exact_max_pairs``, else the HNSW graph."""
     if params.search == "device":
         return "device"
     if params.search == "auto":
