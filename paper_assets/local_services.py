@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from .processes import start_bound, stop_process_group  # noqa: F401 - the tests' and benches' helpers
+from .processes import start_bound, stop_process_group
 
 DEFAULT_PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS = "redis://127.0.0.1:6379"
@@ -81,15 +81,22 @@ S3_TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": 
                        "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (the OS picks it; a service started next takes it)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
 @contextmanager
 def moto_s3_server(host: str = "127.0.0.1") -> Iterator[str]:
     """moto's S3 server on a free local port (a real HTTP S3 endpoint, objects in memory); its endpoint URL."""
     import socket
     import time
 
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        port = probe.getsockname()[1]
+    port = free_port(host)
     server = start_bound([sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

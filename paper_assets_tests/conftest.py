@@ -20,7 +20,7 @@ os.environ["HF_ENDPOINT"] = HUB.endpoint
 
 from paper_assets.demo_kit import sample_source  # noqa: E402
 from paper_assets.demo_kit.tiny_model import build_model  # noqa: E402
-from paper_assets.local_services import stop_process_group  # noqa: E402,F401 - shared with the tests
+from paper_assets.processes import stop_process_group  # noqa: E402,F401 - shared with the tests
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from paper_assets.benchkit.chaos import machine_env
 from paper_assets.defs.executor import CELERY_QUEUE_TAG, EMBED_QUEUE
 from paper_assets.local_services import (
     DEFAULT_PG_ADMIN,
     DEFAULT_REDIS,
     empty_redis_database,
+    free_port,
     temporary_postgres_database,
     temporary_rabbitmq_vhost,
 )
@@ -184,24 +186,13 @@ def test_worker_refuses_to_start_without_a_broker(tmp_path):
     assert done.returncode == 2 and "PAPER_ASSETS_CELERY_BROKER" in done.stderr
 
 
-def machine_env(settings: Settings, local: Path, **extra: str) -> dict:
-    """One machine of a deployment: every setting from the environment (no config file is shared), its own local
-    folder beside the shared S3 home."""
-    env = dict(os.environ, PAPER_ASSETS_LOCAL_HOME=str(local))
-    env.pop("DAGSTER_HOME", None)
-    for name, value in vars(settings).items():
-        if value not in ("", None) and name != "home":
-            env[f"PAPER_ASSETS_{name.upper()}"] = str(value)
-    return dict(env, PAPER_ASSETS_HOME=settings.home, **extra)
-
-
 def backfill_on_two_workers(tmp_path: Path, settings: Settings, while_running=None) -> tuple[list[dict], dict]:
     """`paper-assets ui` (webserver + daemon) on one machine, a worker on each of two others (own machine folders,
     settings from the environment); `s2_source`, then `paper-assets backfill --wait` of every partition, as the UI's
     button would launch it. ``while_running(workers)`` is called once the backfill is under way."""
     import json
 
-    from .test_ui import free_port, wait_for_webserver
+    from .test_ui import wait_for_webserver
 
     env = machine_env(settings, tmp_path / "ui-machine")
     workers = [launch_worker(machine_env(settings, tmp_path / f"gpu-machine-{i}"), tmp_path / f"worker{i}.log")

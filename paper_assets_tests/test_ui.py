@@ -4,7 +4,6 @@ project home, driven through headless Chromium (Debian's package, via Playwright
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from paper_assets.local_services import free_port
 from paper_assets.processes import start_bound
 
 from .conftest import REPO, stop_process_group
@@ -21,12 +21,6 @@ ARTIFACTS = REPO / "test-artifacts" / "ui"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_webserver(url: str, server: subprocess.Popen, log: Path, timeout: float = 180) -> None:

@@ -18,7 +18,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ from ..local_services import (
     DEFAULT_REDIS,
     S3_TEST_CREDENTIALS,
     empty_redis_database,
+    free_port,
     moto_s3_server,
     temporary_bucket,
     temporary_rabbitmq_vhost,
@@ -43,12 +43,6 @@ from ..settings import Settings, variable
 FAULTS = ("daemon", "webserver", "run_worker", "celery_worker", "postgres")
 RANGE_WIDTH = 1_000_000
 POSTGRES_DOWN_SECONDS = 15
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class OwnedPostgres:

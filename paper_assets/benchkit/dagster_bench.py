@@ -22,10 +22,9 @@ from ..local_services import (
     DEFAULT_PG_ADMIN,
     DEFAULT_REDIS,
     empty_redis_database,
-    start_bound,
-    stop_process_group,
     temporary_postgres_database,
 )
+from ..processes import start_bound, stop_process_group
 from ..settings import Settings, variable
 from .measure import in_a_fresh_process
 

@@ -100,14 +100,15 @@ def device_knn(queries: np.ndarray, priors: np.ndarray, end: int, k: int, device
         q = torch.from_numpy(chunk).to(device)
         val, pos = _candidates(q, priors, end, keep, dtype, device)
         found, cos = _rescore(q, priors, pos, k_eff)
+        doubtful = np.zeros(0, dtype=np.int64)  # every prior is a candidate, or the candidates were scored in fp32
         if keep < end and low_precision:
             ceiling = val[:, -1].cpu().numpy() + bound  # the best an uncandidated paper can be, in fp32
             doubtful = np.flatnonzero(cos[:, -1] <= ceiling)
             if len(doubtful):
                 found[doubtful], cos[doubtful] = _fp32_search(chunk[doubtful], priors, end, k_eff, device)
-            stats.searched_again_in_fp32 += len(doubtful)
         stats.queries += len(chunk)
-        stats.certified += len(chunk) - (len(doubtful) if keep < end and low_precision else 0)
+        stats.searched_again_in_fp32 += len(doubtful)
+        stats.certified += len(chunk) - len(doubtful)
         positions[start:start + len(chunk), :k_eff] = found
         cosines[start:start + len(chunk), :k_eff] = cos
     return positions, cosines
