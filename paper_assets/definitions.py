@@ -18,7 +18,7 @@ from .defs.run_worker import recording_run_worker
 from .defs.sensors import novelty_sensor, s2_release_ranges_sensor, s2_source_release_sensor
 from .engine.device import compile_choice
 from .engine.home import ProjectHome
-from .settings import Settings, load_settings
+from .settings import S2_DATASETS_SOURCE, S2_KEY_VARIABLE, Settings, load_settings
 
 
 def build_resources(settings: Settings) -> dict:
@@ -34,6 +34,10 @@ def build_resources(settings: Settings) -> dict:
         "source": S2SourceResource(
             path=settings.source, table=settings.source_table, hub_repo=settings.source_hub_repo,
             hub_file=settings.source_hub_file, revision=settings.source_revision, range_width=settings.range_width,
+            s2_api=settings.s2_api, s2_release=settings.s2_release, s2_filter=settings.s2_filter,
+            s2_download_workers=settings.s2_download_workers, s2_min_interval=settings.s2_min_interval,
+            s2_folder=str(home.local / "s2"),
+            s2_api_key=EnvVar(S2_KEY_VARIABLE) if settings.source.strip() == S2_DATASETS_SOURCE else "",
         ),
         "specter2": Specter2Resource(
             base_model=settings.base_model, adapter=settings.adapter, device=settings.device,

@@ -44,12 +44,20 @@ def variable(name: str) -> str:
 class Settings:
     home: str = setting("", "project home: a folder, or `s3://bucket/prefix` (endpoint and credentials from the AWS "
                         "variables)", shown="`.paper_assets` in the checkout")
-    source: str = setting("", "cleaned S2 DuckDB file(s), comma-separated (merged by corpusid)",
+    source: str = setting("", "cleaned S2 DuckDB file(s), comma-separated (merged by corpusid); or `s2-datasets`: "
+                          "S2's Datasets API (`papers` + `abstracts`, followed by diffs; key in `S2_API_KEY`)",
                           shown="`$PAPER_ASSETS_HOME/demo/source.duckdb`")
     source_table: str = setting("papers_with_abstracts", "the source table")
     source_hub_repo: str = setting("", "read the source from this Hub dataset instead (at `source_revision`)")
     source_hub_file: str = setting("S2_papers_cleaned.db", "file(s) in `source_hub_repo`, comma-separated")
     source_revision: str = setting("main", "commit sha, tag or branch of `source_hub_repo` (pin a sha)")
+    s2_api: str = setting("https://api.semanticscholar.org", "S2 API base URL (Datasets API and Graph API)")
+    s2_release: str = setting("latest", "S2 release to follow: `latest` or a release id such as `2024-11-05`")
+    s2_filter: str = setting("", "DuckDB predicate over S2's `papers` columns (corpusid, title, year, "
+                             "publicationdate, citationcount, venue, externalids, s2fieldsofstudy, "
+                             "publicationtypes) narrowing the papers kept, e.g. `year >= 2000`")
+    s2_download_workers: int = setting(4, "S2 dataset files downloaded at once")
+    s2_min_interval: float = setting(1.0, "seconds between two S2 API requests (an API key's rate: ~1 request/s)")
     range_width: int = setting(1_000_000, "corpus ids per partition (do not change on an existing home)")
     base_model: str = setting("allenai/specter2_base", "base model: Hub id or folder")
     adapter: str = setting("allenai/specter2", "proximity adapter: Hub id or folder (adapters format)")
@@ -111,6 +119,8 @@ class Settings:
 DEFAULTS = Settings()
 
 BENCH_DIR_VARIABLE = "PAPER_ASSETS_BENCH_DIR"
+S2_KEY_VARIABLE = "S2_API_KEY"
+S2_DATASETS_SOURCE = "s2-datasets"
 
 # Variables that are not settings of a home: read where they are used, listed here for the reference.
 OTHER_VARIABLES = (
@@ -121,6 +131,8 @@ OTHER_VARIABLES = (
      "`$TMPDIR/paper_assets_bench`"),
     ("HF_TOKEN", "Hub token (write access to publish); the publisher resource takes it as `EnvVar(\"HF_TOKEN\")`, so "
      "the UI and run records show only its name, and only publishing steps need it", "—"),
+    (S2_KEY_VARIABLE, "Semantic Scholar API key: needed by `PAPER_ASSETS_SOURCE=s2-datasets` (taken as "
+     "`EnvVar(\"S2_API_KEY\")`), by `paper-assets verify`, and it adds the `matches_s2_specter2` check", "—"),
     ("HF_ENDPOINT", "another Hub endpoint", "huggingface.co"),
     ("AWS_ENDPOINT_URL", "S3-compatible endpoint of an `s3://` home (MinIO, Ceph, moto); credentials from the "
      "standard AWS variables", "AWS"),

@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, EnvVar
 from pydantic import Field
 
 from ..engine import publish, publish_targets
 from ..engine.home import ProjectHome
 from ..engine.novelty_params import IndexParams, NoveltyParams
 from ..engine.quality import GatePolicy
+from ..engine.s2_api import S2Client
+from ..engine.s2_release import S2Release
 from ..engine.snapshot import release_id
 from ..engine.source import SourceError, SourceInfo, inspect_source, local_version
-from ..settings import MODEL_SETTING_NAMES, from_setting, variable
+from ..settings import MODEL_SETTING_NAMES, S2_DATASETS_SOURCE, S2_KEY_VARIABLE, from_setting, variable
 
 if TYPE_CHECKING:
     from ..engine.encoder import Encoder
@@ -40,7 +43,9 @@ def split_list(value: str) -> list[str]:
 
 
 class S2SourceResource(ConfigurableResource):
-    """The cleaned S2 DuckDB file(s) of a release: local paths, or files of a Hub dataset repo at one revision.
+    """The source of a release: cleaned S2 DuckDB file(s) (local paths, or files of a Hub dataset repo at one
+    revision), or S2's Datasets API (``path == "s2-datasets"``: ``papers`` + ``abstracts`` of an S2 release,
+    followed by S2's diffs; ``engine/s2_release.py``).
 
     Several files (e.g. ``S2_papers_cleaned.db,S2_papers_cleaned_additional_papers.db``) are merged by corpusid
     in the snapshot (duplicate rule in ``engine/snapshot.py``); later files win ties.
@@ -53,6 +58,24 @@ class S2SourceResource(ConfigurableResource):
     revision: str = from_setting("source_revision")
     range_width: int = from_setting("range_width")
     hub_endpoint: str = Field(default="", description="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
+    s2_api: str = from_setting("s2_api")
+    s2_api_key: str = Field(default="", description="S2 API key: EnvVar('S2_API_KEY'), never a literal")
+    s2_release: str = from_setting("s2_release")
+    s2_filter: str = from_setting("s2_filter")
+    s2_download_workers: int = from_setting("s2_download_workers")
+    s2_min_interval: float = from_setting("s2_min_interval")
+    s2_folder: str = Field(default="", description="where S2 releases are kept (the home's local `s2` folder)")
+
+    @property
+    def is_s2_datasets(self) -> bool:
+        return self.path.strip() == S2_DATASETS_SOURCE
+
+    def _s2_keyed_client(self) -> S2Client:
+        # Inside a run or a sensor Dagster has resolved the EnvVar; `update` calls this on the unresolved resource.
+        key = self.s2_api_key.get_value() if isinstance(self.s2_api_key, EnvVar) else self.s2_api_key
+        if not key:
+            raise SourceError(f"PAPER_ASSETS_SOURCE={S2_DATASETS_SOURCE} needs an S2 API key in {S2_KEY_VARIABLE}")
+        return S2Client(self.s2_api, key, min_interval=self.s2_min_interval)
 
     def _api(self):
         from huggingface_hub import HfApi
@@ -68,7 +91,11 @@ class S2SourceResource(ConfigurableResource):
         return paths
 
     def current_version(self) -> str:
-        """Cheap (no data read): file identities for local sources, the revision's commit sha for a Hub source."""
+        """Cheap (no data read): file identities for local sources, the revision's commit sha for a Hub source,
+        the release id for S2's Datasets API (one small request when following ``latest``)."""
+        if self.is_s2_datasets:
+            client = self._s2_keyed_client()
+            return f"s2-{self.s2_release if self.s2_release != 'latest' else client.latest_release()}"
         if self.hub_repo:
             publish.validate_repo_id(self.hub_repo)
             sha = self._api().repo_info(self.hub_repo, repo_type="dataset", revision=self.revision).sha
@@ -80,9 +107,15 @@ class S2SourceResource(ConfigurableResource):
             versions.append(local_version(path))
         return release_id(versions)
 
-    def resolve(self) -> list[SourceInfo]:
-        """Every input of the current release, validated (a Hub source is downloaded here, never in a sensor)."""
+    def resolve(self, log: Callable[[str], None] = print) -> list[SourceInfo]:
+        """Every input of the current release, validated (a Hub source or an S2 release is downloaded here, never
+        in a sensor)."""
         version = self.current_version()
+        if self.is_s2_datasets:
+            release = S2Release(Path(self.s2_folder), self._s2_keyed_client(), self.s2_download_workers,
+                                self.s2_filter, log)
+            database = release.ensure(version.removeprefix("s2-"))
+            return [inspect_source(database, "papers_with_abstracts", version=version)]
         if not self.hub_repo:
             return [inspect_source(path, self.table, version=version, setting=variable("source"))
                     for path in self.local_paths()]

@@ -39,7 +39,7 @@ def s2_source(context: AssetExecutionContext, source: S2SourceResource, home: Pr
         context.log.info(f"release {version} is already the current snapshot; nothing to rebuild")
         manifest = snapshot.manifest
     else:
-        manifest = build_snapshot(source.resolve(), layout.source_dir, version, source.range_width)
+        manifest = build_snapshot(source.resolve(context.log.info), layout.source_dir, version, source.range_width)
         snapshot = current_snapshot(layout.source_dir)
     known = set(context.instance.get_dynamic_partitions(CORPUSID_RANGES))
     new_keys = sorted(set(manifest.ranges) - known)

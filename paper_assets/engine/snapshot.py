@@ -8,8 +8,9 @@ min/max statistics prune every other row group).
 
 Layout under ``<home>/source/``::
 
-    <release>/papers.parquet     corpusid int64, title, abstract, publication_date date, citation_count int64,
-                                 source_file string (which input file the kept row came from)
+    <release>/papers.parquet     corpusid int64, title, abstract, publication_date date, date_from_year bool
+                                 (the date is January 1st of the year the source gave; null when the source does
+                                 not say), citation_count int64, source_file string (the input file of the row)
     <release>/invalid_corpusid.parquet   rows without a valid id (quarantine), with their source_file
     <release>/manifest.json      release, inputs, per-range rows + content hash, counts of invalid/duplicate rows
     current.json                 {"release": ...}: switched atomically after the snapshot is complete
@@ -113,6 +114,7 @@ def _input_select(conn: duckdb.DuckDBPyConnection, index: int, info: SourceInfo)
                       CAST(corpusid AS VARCHAR) AS corpusid_raw,
                       CAST(title AS VARCHAR) AS title, CAST(abstract AS VARCHAR) AS abstract,
                       {_column_sql(columns, 'publication_date', 'DATE')} AS publication_date,
+                      {_column_sql(columns, 'date_from_year', 'BOOLEAN')} AS date_from_year,
                       {_column_sql(columns, 'citation_count', 'BIGINT')} AS citation_count,
                       {row} AS source_row
                FROM {table}"""
@@ -141,7 +143,8 @@ def _snapshot_into(staging: Path, inputs: list[SourceInfo], release: str, range_
         conn.executemany("INSERT INTO input_names VALUES (?, ?)", list(enumerate(names)))
         conn.execute(f"""
             COPY (
-                SELECT r.corpusid, r.title, r.abstract, r.publication_date, r.citation_count, n.source_file
+                SELECT r.corpusid, r.title, r.abstract, r.publication_date, r.date_from_year, r.citation_count,
+                       n.source_file
                 FROM raw_rows r JOIN input_names n USING (source_index)
                 WHERE r.corpusid IS NOT NULL
                 QUALIFY row_number() OVER (
@@ -153,7 +156,8 @@ def _snapshot_into(staging: Path, inputs: list[SourceInfo], release: str, range_
             ) TO '{staging / 'papers.parquet'}' (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE {SNAPSHOT_ROW_GROUP})
         """)
         conn.execute(f"""
-            COPY (SELECT r.corpusid_raw, r.title, r.abstract, r.publication_date, r.citation_count, n.source_file
+            COPY (SELECT r.corpusid_raw, r.title, r.abstract, r.publication_date, r.date_from_year, r.citation_count,
+                         n.source_file
                   FROM raw_rows r JOIN input_names n USING (source_index) WHERE r.corpusid IS NULL)
             TO '{staging / 'invalid_corpusid.parquet'}' (FORMAT parquet, COMPRESSION zstd)
         """)
