@@ -158,6 +158,7 @@ SLOW_TESTS = {
     "paper_assets_tests/test_s2_source.py::test_the_sensors_follow_s2_releases",
     "paper_assets_tests/test_s2_source.py::test_update_follows_s2_by_diffs_and_embeds_only_what_changed",
     "paper_assets_tests/test_s2_source.py::test_a_wrong_or_missing_key_is_a_one_line_error",
+    "paper_assets_tests/test_s2_verify.py::test_verify_and_the_check_read_1_against_our_own_vectors_and_fail_against_perturbed_ones",
     "paper_assets_tests/test_scale_out.py::test_a_worker_killed_mid_backfill_hands_its_step_to_the_other",
     "paper_assets_tests/test_scale_out.py::test_ui_backfill_of_8_partitions_on_two_workers_into_an_s3_home",
 }

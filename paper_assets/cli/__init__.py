@@ -1,4 +1,5 @@
-"""``paper-assets``: demo | update | embed | bench | publish | ui | backfill | chaos | worker | similar | novelty.
+"""``paper-assets``: demo | update | embed | bench | publish | ui | backfill | chaos | worker | similar | novelty |
+verify.
 
 One module per command, each with ``register(sub)`` (its arguments) and the function it runs."""
 
@@ -8,12 +9,12 @@ import argparse
 import sys
 
 from ..engine.errors import UserError
-from . import backfill, bench, chaos, demo, embed, lookup, publish, ui, update, worker
+from . import backfill, bench, chaos, demo, embed, lookup, publish, ui, update, verify, worker
 from .common import CommandError  # noqa: F401 - the commands' error type
 from .demo import prepare_demo  # noqa: F401 - the UI tests build the demo home with it
 from .embed import PREFETCH_NICENESS, papers_prefetcher  # noqa: F401 - tested
 
-COMMANDS = (demo, update, embed, bench, publish, ui, backfill, chaos, worker, lookup)
+COMMANDS = (demo, update, embed, bench, publish, ui, backfill, chaos, worker, lookup, verify)
 
 
 def build_parser() -> argparse.ArgumentParser:

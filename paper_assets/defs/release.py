@@ -11,7 +11,7 @@ from ..engine.errors import UserError
 from ..engine.novelty import plan_novelty
 from ..engine.planner import plan_release
 from ..engine.snapshot import current_snapshot
-from . import embeddings, novelty, shards, source
+from . import embeddings, novelty, shards, source, verification
 from .partitions import CORPUSID_RANGES
 from .run_worker import HOST_TAG, PID_TAG, run_worker_alive, this_process_tags
 
@@ -54,8 +54,9 @@ def apply_release(defs: Definitions, instance: DagsterInstance, publish: bool,
     summary = {"release": plan.release, "ranges_changed": len(plan.ranges), "rows_embedded": 0, "rows_reused": 0,
                "rows_deleted": 0}
     model: dict = {}
+    checks = [c for c in defs.asset_checks or [] if c is verification.matches_s2_specter2]
     for key in plan.ranges:
-        result = materialize([embeddings.papers, embeddings.paper_embeddings], partition_key=key,
+        result = materialize([embeddings.papers, embeddings.paper_embeddings, *checks], partition_key=key,
                              resources=resources, instance=instance, run_config=QUIET,
                              tags={**tags, "paper_assets/reason": plan.reasons[key]})
         meta = {k: v.value for k, v in result.asset_materializations_for_node("paper_embeddings")[0].metadata.items()}
