@@ -57,6 +57,7 @@ def build_resources(settings: Settings) -> dict:
         "catalog": DuckDBResource(database=str(home.warehouse)),
         "novelty_config": NoveltyResource(
             enabled=settings.novelty, k=settings.novelty_k, search=settings.novelty_search,
+            first_month=settings.novelty_from,
             ef_search=settings.novelty_ef_search,
             min_recall=settings.novelty_min_recall, hnsw_m=settings.novelty_hnsw_m,
             ef_construction=settings.novelty_ef_construction, graph=settings.novelty_graph,

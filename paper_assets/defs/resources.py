@@ -238,10 +238,12 @@ class NoveltyResource(ConfigurableResource):
     ef_construction: int = from_setting("novelty_ef_construction")
     graph: str = from_setting("novelty_graph")
     graph_min_papers: int = IndexParams.graph_min_papers
+    first_month: str = from_setting("novelty_from")
 
     def params(self) -> NoveltyParams:
         return NoveltyParams(k=self.k, search=self.search, exact_max_pairs=self.exact_max_pairs,
-                             ef_search=self.ef_search, recall_sample=self.recall_sample, min_recall=self.min_recall)
+                             ef_search=self.ef_search, recall_sample=self.recall_sample, min_recall=self.min_recall,
+                             first_month=self.first_month)
 
     def index_params(self) -> IndexParams:
         return IndexParams(hnsw_m=self.hnsw_m, ef_construction=self.ef_construction, graph=self.graph,

@@ -8,6 +8,7 @@ SciRepEval's (fields ``corpus_id``/``id``, ``title``, ``abstract``, optional ``y
 from __future__ import annotations
 
 import datetime
+import gzip
 import json
 import random
 from pathlib import Path
@@ -91,7 +92,8 @@ def _utf8(value):
 
 def read_jsonl_papers(path: str | Path) -> list[dict]:
     papers = []
-    with open(path, encoding="utf-8") as handle:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, 1):
             if not line.strip():
                 continue

@@ -248,5 +248,5 @@ def plan_novelty(layout: ProjectHome, params: NoveltyParams) -> NoveltyPlan:
     manifest = current_manifest(layout.index_dir)
     if manifest is None or manifest.inputs != inputs:
         return NoveltyPlan(inputs, None, [], [])
-    months = manifest.month_range()
+    months = manifest.month_range(params.first_month)
     return NoveltyPlan(inputs, manifest, months, stale_months(layout, manifest, months, params))

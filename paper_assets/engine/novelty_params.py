@@ -36,12 +36,16 @@ class NoveltyParams:
     ef_search: int = 50
     recall_sample: int = 256
     min_recall: float = 0.95
+    first_month: str = ""  # "YYYY-MM": earlier months get no novelty partition (their papers stay prior papers)
 
     def __post_init__(self):
         if self.search not in SEARCH_MODES:
             raise ValueError(f"novelty search must be one of {', '.join(SEARCH_MODES)}, not {self.search!r}")
         if self.k < 1:
             raise ValueError("novelty k must be at least 1")
+        if self.first_month and not (len(self.first_month) == 7 and self.first_month[4] == "-"
+                                     and self.first_month.replace("-", "").isdigit()):
+            raise ValueError(f"the first novelty month must read YYYY-MM, not {self.first_month!r}")
 
     def key(self) -> str:
         """What the results depend on (the search mode is not part of it: every mode estimates the same values)."""

@@ -71,9 +71,12 @@ class IndexManifest:
     def from_json(cls, text: str) -> IndexManifest:
         return cls(**json.loads(text))
 
-    def month_range(self) -> list[str]:
-        """Every calendar month from the earliest dated paper to the latest (the novelty partitions)."""
-        return months_between(min(self.months), max(self.months)) if self.months else []
+    def month_range(self, first_month: str = "") -> list[str]:
+        """Every calendar month from the earliest dated paper (or ``first_month``, if later) to the latest: the
+        novelty partitions."""
+        if not self.months or (first_month and first_month > max(self.months)):
+            return []
+        return months_between(max(min(self.months), first_month), max(self.months))
 
     def month_bounds(self, month: str) -> tuple[int, int]:
         """Positions ``[start, end)`` of the month's papers; an empty month starts where the next one does."""
