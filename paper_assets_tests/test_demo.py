@@ -1,14 +1,12 @@
 """The default demo: the shipped SciRepEval sample embedded by the trained stand-in, offline; `similar` answers
-with papers that SciRepEval labels as related."""
+with papers that SciRepEval labels as related (checked after the README's `make demo` in test_readme.py)."""
 
 from __future__ import annotations
 
 import collections
 import gzip
 import json
-import os
-import subprocess
-import sys
+from pathlib import Path
 
 from paper_assets.cli.demo import SAMPLE_PAPERS
 from paper_assets.engine.home import ProjectHome
@@ -36,22 +34,17 @@ def test_the_shipped_sample_is_real_and_attributed():
     assert len(labelled_related()) == 240
 
 
-def test_the_default_demo_finds_labelled_related_papers(tmp_path):
-    env = dict(os.environ, PAPER_ASSETS_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1")
-    env.pop("DAGSTER_HOME", None)
-    out = subprocess.run([sys.executable, "-m", "paper_assets.cli", "demo"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    assert "2,423 papers embedded" in out.stdout and "NOT SPECTER2" in out.stdout
-    assert "SciRepEval" in out.stdout and "384-d vectors" in out.stdout
-
-    similar = subprocess.run([sys.executable, "-m", "paper_assets.cli", "similar", "12871252", "--json"],
-                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+def check_the_default_demo(stdout: str, home: Path, run_cli) -> None:
+    """After `paper-assets demo` (README's `make demo`, run by test_readme.py): the real sample went through, and
+    `similar` answers with papers SciRepEval labels as related. ``run_cli(args)`` runs a paper-assets command."""
+    assert "2,423 papers embedded" in stdout and "NOT SPECTER2" in stdout
+    assert "SciRepEval" in stdout and "384-d vectors" in stdout
+    similar = run_cli(["similar", "12871252", "--json"])
     assert similar.returncode == 0, similar.stderr[-2000:]
     neighbours = [n["corpusid"] for n in json.loads(similar.stdout)["neighbors"]]
     assert len(neighbours) == 10 and 207211621 in neighbours  # SciRepEval: 12871252 cites it
 
-    layout = ProjectHome(tmp_path / "home")
+    layout = ProjectHome(home)
     index = current_index(layout.index_dir, layout.index_cache)
     related = labelled_related()
     found = [bool(rel & {int(index.ids[p]) for p, _ in similar_papers(index, query, k=10)})

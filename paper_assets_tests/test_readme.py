@@ -23,6 +23,7 @@ import pytest
 from paper_assets.processes import start_bound
 
 from .conftest import REPO, stop_process_group
+from .test_demo import check_the_default_demo
 
 NOT_RUN = {
     "make test": "this is the suite itself; CI (.ci/run) runs exactly it",
@@ -83,6 +84,8 @@ def check_make_demo(copy: Path, env: dict) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "done:" in done.stdout and "none are activated" not in done.stdout + done.stderr
     assert (copy / ".paper_assets" / "embeddings").is_dir()  # the copy's own home, not the checkout's
+    check_the_default_demo(done.stdout, copy / ".paper_assets",
+                           lambda args: run(".venv/bin/paper-assets " + " ".join(args), copy, env, timeout=120))
 
 
 def check_make_ui(copy: Path, env: dict) -> None:
