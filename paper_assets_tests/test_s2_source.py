@@ -58,9 +58,9 @@ def as_duckdb_papers(papers: list[dict]) -> list[dict]:
     return out
 
 
-def s2_resource(fake: FakeS2, folder, key: str = KEY, release: str = "latest") -> S2SourceResource:
+def s2_resource(fake: FakeS2, folder, key: str = KEY, release: str = "latest", where: str = "") -> S2SourceResource:
     return S2SourceResource(path="s2-datasets", s2_api=fake.url, s2_api_key=key, s2_min_interval=0.0,
-                            s2_folder=str(folder), s2_release=release)
+                            s2_folder=str(folder), s2_release=release, s2_filter=where)
 
 
 @pytest.fixture()
@@ -90,22 +90,31 @@ def test_an_s2_release_snapshots_like_the_same_papers_in_a_duckdb_file(fake_s2, 
     assert sum(from_year) == len(range(0, 2000, 7)) and from_year[0] is True and from_year[1] is False
 
 
-def test_diffs_bring_a_release_to_what_a_full_download_of_the_newer_one_gives(fake_s2, tmp_path):
+CS_2024 = "year >= 2024 AND list_contains(s2fieldsofstudy->>'$[*].category', 'Computer Science')"
+
+
+@pytest.mark.parametrize("where", ["", CS_2024])
+def test_diffs_bring_a_release_to_what_a_full_download_of_the_newer_one_gives(fake_s2, tmp_path, where):
     v2, _ = v2_papers(v1_papers())
+    for paper in v2[:300:3]:  # a third of these move out of (or into) 2024
+        date = paper.get("publication_date")
+        if date:
+            paper["publication_date"] = date.replace(year=2023 if date.year == 2024 else 2024)
     fake_s2.add_release(V2, *s2_records(v2))
-    s2_resource(fake_s2, tmp_path / "following", release=V1).resolve()
+    s2_resource(fake_s2, tmp_path / "following", release=V1, where=where).resolve()
     fake_s2.state.requests.clear()
-    database = s2_resource(fake_s2, tmp_path / "following").resolve()[0].path
+    database = s2_resource(fake_s2, tmp_path / "following", where=where).resolve()[0].path
     assert not [p for _, p, _ in fake_s2.state.requests if p.startswith(f"/files/{V2}/")]  # no full download
     assert [p for _, p, _ in fake_s2.state.requests if "/diffs/" in p and p.startswith("/datasets")]
-    fresh_database = s2_resource(fake_s2, tmp_path / "fresh").resolve()[0].path
+    fresh_database = s2_resource(fake_s2, tmp_path / "fresh", where=where).resolve()[0].path
     queries = ["SELECT * FROM papers_with_abstracts ORDER BY corpusid",
                "SELECT corpusid, title, year, publicationdate FROM papers ORDER BY corpusid",
                "SELECT corpusid, abstract FROM abstracts ORDER BY corpusid, abstract"]
     with duckdb.connect(database, read_only=True) as a, duckdb.connect(fresh_database, read_only=True) as b:
         for sql in queries:
             assert table_rows(a, sql) == table_rows(b, sql)
-        assert table_rows(a, "SELECT count(*) FROM papers_with_abstracts")[0][0] == len(v2)
+        kept = [p for p in v2 if not where or (p.get("publication_date") and p["publication_date"].year >= 2024)]
+        assert table_rows(a, "SELECT count(*) FROM papers_with_abstracts")[0][0] == len(kept)
     manifest = (tmp_path / "following" / V2 / "manifest.json").read_text()
     assert f"diffs from {V1}" in manifest and '"deleted"' in manifest
 
