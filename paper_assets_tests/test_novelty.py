@@ -9,7 +9,7 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from dagster import AssetKey, build_sensor_context, instance_for_test, materialize
+from dagster import AssetCheckKey, AssetKey, build_sensor_context, instance_for_test, materialize
 
 from paper_assets.benchkit.novelty_bench import authors_loop, synthetic_corpus
 from paper_assets.cli import main
@@ -146,6 +146,13 @@ def novelty_project(tmp_path, home, tiny_model, generated_papers):
     return settings, src
 
 
+def spans(request) -> tuple[str, str]:
+    """The first and last partition a run request asks for."""
+    if request.partition_key:
+        return request.partition_key, request.partition_key
+    return request.partition_key_range.start, request.partition_key_range.end
+
+
 def _run(assets, defs, instance, **kwargs):
     result = materialize(assets, resources=defs.resources, instance=instance, run_config=QUIET, **kwargs)
     assert result.success
@@ -188,13 +195,29 @@ def test_novelty_assets_checks_sensor_and_commands(novelty_project, generated_pa
         for row in table.to_pylist():
             assert row["novelty_mean"] == pytest.approx(loop[row["corpus_id"]][0], abs=2e-5)
 
-        # The sensor now asks for exactly the other months.
+        # The sensor now asks for exactly the other months: one run per range of neighbouring months.
         tick = novelty_sensor(build_sensor_context(instance=instance, resources=sensor_resources))
-        assert sorted(r.partition_key for r in tick.run_requests) == sorted(m for m in months if m != late)
+        assert [spans(r) for r in tick.run_requests] == [(months[0], months[-4]), (months[-2], months[-1])]
         for request in tick.run_requests:
-            _run([novelty.paper_novelty], defs, instance, partition_key=request.partition_key)
+            ranged = _run([novelty.paper_novelty], defs, instance, tags=request.tags)
+            first, last = spans(request)
+            assert [m.partition for m in ranged.asset_materializations_for_node("paper_novelty")] == \
+                months[months.index(first):months.index(last) + 1]  # one run, one materialisation per month
         tick = novelty_sensor(build_sensor_context(instance=instance, resources=sensor_resources))
         assert not getattr(tick, "run_requests", None)
+        # Each month of a ranged run has its own materialisation, metadata and check results.
+        records = instance.fetch_materializations(AssetKey("paper_novelty"), limit=100).records
+        assert sorted(r.partition_key for r in records) == sorted(months)
+        rows = {r.partition_key: r.asset_materialization.metadata["dagster/row_count"].value for r in records}
+        paths = {r.partition_key: r.asset_materialization.metadata["path"].value for r in records}
+        assert sum(rows.values()) == 400 and all(paths[m].endswith(f"novelty-{m}.parquet") for m in months)
+        for name in novelty.NOVELTY_CHECKS:
+            history = instance.event_log_storage.get_asset_check_execution_history(
+                AssetCheckKey(AssetKey("paper_novelty"), name), limit=100)
+            # A ranged run's evaluations carry their month; a one-month run's name it in their metadata.
+            per_month = {h.evaluation.partition or h.evaluation.metadata["partition"].value: h.evaluation.passed
+                         for h in history if "partition_count" not in h.evaluation.metadata}
+            assert per_month == dict.fromkeys(months, True), name
         with duckdb.connect(str(layout.warehouse), read_only=True) as conn:
             assert conn.execute("SELECT count(*), count(DISTINCT corpus_id) FROM paper_novelty").fetchone() == \
                 (400, 400)
@@ -232,7 +255,7 @@ def test_novelty_assets_checks_sensor_and_commands(novelty_project, generated_pa
         assert [r.asset_selection for r in tick.run_requests] == [[AssetKey("paper_index")]]
         _run([novelty.paper_index], defs2, instance)
         tick = novelty_sensor(build_sensor_context(instance=instance, resources=sensor_resources))
-        assert sorted(r.partition_key for r in tick.run_requests) == [m for m in months if m >= "2024-06"]
+        assert [spans(r) for r in tick.run_requests] == [("2024-06", "2024-12")]
 
 
 def test_generated_papers_have_dates_over_24_months(generated_papers):

@@ -2,8 +2,6 @@
 
 import numpy as np
 from dagster import (
-    AssetCheckResult,
-    AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
     DataVersion,
@@ -22,6 +20,7 @@ from ..engine.publish import Shard, novelty_path, publish_shards
 from ..engine.snapshot import current_snapshot
 from . import catalog as catalog_views
 from .partitions import PUBLICATION_MONTHS, publication_months
+from .ranged import ONE_RUN_PER_BACKFILL, partition_results
 from .resources import NoveltyResource, ProjectHomeResource, ShardPublisherResource
 
 NOVELTY_CHECKS = {
@@ -81,51 +80,53 @@ def paper_index(context: AssetExecutionContext, home: ProjectHomeResource,
     code_version="1",
     check_specs=[AssetCheckSpec(name, asset="paper_novelty", blocking=True, description=text)
                  for name, text in NOVELTY_CHECKS.items()],
+    backfill_policy=ONE_RUN_PER_BACKFILL,
+    output_required=False,
     description="Novelty of every paper of one publication month against all papers published before it (the "
     "metrics' authors' formulas: 1 − mean/max/min/median cosine of the K nearest earlier papers, and the harmonic "
-    "form). Depends on dates, not on which months ran before: any month can be rematerialised alone.",
+    "form). Depends on dates, not on which months ran before: any month can be rematerialised alone. A backfill "
+    "runs every selected month in one run, each month with its own materialisation and check results.",
 )
 def paper_novelty(context: AssetExecutionContext, home: ProjectHomeResource, novelty_config: NoveltyResource,
-                  catalog: DuckDBResource) -> MaterializeResult:
+                  catalog: DuckDBResource):
     layout = home.layout()
     index = current_index(layout.index_dir, layout.index_cache)
     if index is None:
         raise Failure("paper_index is not materialised yet: materialise it first")
     params = novelty_config.params()
-    month = context.partition_key
-    result = novelty.compute_month(index, month, params)
-    outcomes = novelty.check_month(result, index, params)
-    novelty.write_month(layout, result, index, params, outcomes)
+    results, versions = {}, {}
+    for month in context.partition_keys:
+        result = novelty.compute_month(index, month, params)
+        outcomes = novelty.check_month(result, index, params)
+        novelty.write_month(layout, result, index, params, outcomes)
+        results[month] = (_month_metadata(layout, result, index, params, month), outcomes)
+        versions[month] = result.input_hash
     catalog_views.refresh(catalog, layout)
+    yield from partition_results(context, results, NOVELTY_CHECKS, versions)
+
+
+def _month_metadata(layout, result, index, params, month: str) -> dict:
     means = result.table.column("novelty_mean").to_numpy()
-    return MaterializeResult(
-        metadata={
-            "dagster/row_count": result.papers,
-            "prior_papers": result.prior_papers,
-            "seconds": round(result.seconds, 3),
-            "search": result.search,
-            "recall_estimate": result.recall if result.recall is not None else "n/a (no prior papers)",
-            "recall_sample": result.recall_sample,
-            "ef_search": result.ef_search if result.ef_search is not None else "n/a (exact)",
-            "k": params.k,
-            "index_build": index.manifest.build,
-            "input_hash": result.input_hash,
-            "novelty_mean_median": float(np.median(means)) if len(means) else 0.0,
-            "novelty_mean_histogram": MetadataValue.md(quality.markdown_histogram(means, title="novelty_mean")),
-            "novelty_max_histogram": MetadataValue.md(quality.markdown_histogram(
-                result.table.column("novelty_max").to_numpy(), title="novelty_max")),
-            "path": MetadataValue.path(str(layout.novelty_file(month))),
-            "duckdb_view": "paper_novelty",
-            "dagster/column_schema": TableSchema(columns=[
-                TableColumn(field.name, str(field.type)) for field in novelty.NOVELTY_SCHEMA]),
-        },
-        check_results=[
-            AssetCheckResult(check_name=o.name, passed=o.passed, severity=AssetCheckSeverity.ERROR,
-                             description=o.description, metadata={"partition": month, **o.metadata})
-            for o in outcomes
-        ],
-        data_version=DataVersion(result.input_hash),
-    )
+    return {
+        "dagster/row_count": result.papers,
+        "prior_papers": result.prior_papers,
+        "seconds": round(result.seconds, 3),
+        "search": result.search,
+        "recall_estimate": result.recall if result.recall is not None else "n/a (no prior papers)",
+        "recall_sample": result.recall_sample,
+        "ef_search": result.ef_search if result.ef_search is not None else "n/a (exact)",
+        "k": params.k,
+        "index_build": index.manifest.build,
+        "input_hash": result.input_hash,
+        "novelty_mean_median": float(np.median(means)) if len(means) else 0.0,
+        "novelty_mean_histogram": MetadataValue.md(quality.markdown_histogram(means, title="novelty_mean")),
+        "novelty_max_histogram": MetadataValue.md(quality.markdown_histogram(
+            result.table.column("novelty_max").to_numpy(), title="novelty_max")),
+        "path": MetadataValue.path(str(layout.novelty_file(month))),
+        "duckdb_view": "paper_novelty",
+        "dagster/column_schema": TableSchema(columns=[
+            TableColumn(field.name, str(field.type)) for field in novelty.NOVELTY_SCHEMA]),
+    }
 
 
 @asset(

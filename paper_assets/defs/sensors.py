@@ -10,6 +10,7 @@
 3. ``novelty_sensor`` rebuilds ``paper_index`` when the checked embeddings changed, then requests ``paper_novelty``
    for the months whose inputs (papers of that month or earlier) changed: a month's input hash chains the content
    hashes of every month up to it, so a change in month M makes M and the later months stale, never earlier ones.
+   Stale months that are neighbours go in one run (a partition range), each month with its own results.
 """
 
 from dagster import (
@@ -28,6 +29,7 @@ from ..engine.errors import UserError
 from ..engine.planner import plan_release
 from ..engine.snapshot import current_snapshot
 from .partitions import CORPUSID_RANGES, PUBLICATION_MONTHS, corpusid_ranges, publication_months
+from .ranged import range_run_requests
 from .resources import NoveltyResource, ProjectHomeResource, S2SourceResource, ShardPublisherResource
 
 RANGE_ASSETS = [AssetKey("papers"), AssetKey("paper_embeddings")]
@@ -109,11 +111,14 @@ def novelty_sensor(context: SensorEvaluationContext, home: ProjectHomeResource, 
                                                      asset_selection=[AssetKey("paper_index")])])
     if not plan.stale:
         return SkipReason(f"every novelty month is current with index build {plan.manifest.build}")
-    known = set(context.instance.get_dynamic_partitions(PUBLICATION_MONTHS))
-    new_months = [m for m in plan.months if m not in known]
+    known = context.instance.get_dynamic_partitions(PUBLICATION_MONTHS)
+    new_months = [m for m in plan.months if m not in set(known)]
+
+    def run_key(months: list[str]) -> str:
+        span = months[0] if len(months) == 1 else f"{months[0]}..{months[-1]}"
+        return f"paper_novelty:{span}:{novelty.month_input_hash(plan.manifest, months[-1], params)}"
+
     return SensorResult(
-        run_requests=[RunRequest(run_key=f"paper_novelty:{m}:{novelty.month_input_hash(plan.manifest, m, params)}",
-                                 partition_key=m, asset_selection=[AssetKey("paper_novelty")])
-                      for m in plan.stale],
+        run_requests=range_run_requests([*known, *new_months], plan.stale, AssetKey("paper_novelty"), run_key),
         dynamic_partitions_requests=[publication_months.build_add_request(new_months)] if new_months else [],
     )

@@ -1,0 +1,97 @@
+"""Many partitions in one run: one materialisation, its metadata and its check results per partition.
+
+A run over a partition range (Dagster's ``BackfillPolicy.single_run()``, or the range tags on a run request) costs
+one run launch, one step start and one resource set-up for all of its partitions, where a run per partition pays
+each of them every time (seconds per run: BENCHMARKS.md). Dagster 1.13 records one materialisation per partition
+of a ranged step, but all with the same metadata, and an ``AssetCheckResult`` has no partition: so a ranged step
+logs an ``AssetMaterialization`` and ``AssetCheckEvaluation`` events of its own for each partition (the asset has
+``output_required=False``, so Dagster adds none), then yields one ``AssetCheckResult`` per declared check for the
+run as a whole (it resolves the run's planned check; it passes only where every partition passed). A run of one
+partition returns its ``MaterializeResult`` as before.
+"""
+
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+
+from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetExecutionContext,
+    AssetMaterialization,
+    BackfillPolicy,
+    BetaWarning,
+    DataVersion,
+    MaterializeResult,
+    RunRequest,
+)
+from dagster._core.definitions.data_version import DATA_VERSION_TAG
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+from ..engine.quality import Outcome
+
+# dagster 1.13 marks the `backfill_policy` parameter of `@asset` beta and warns once per asset at import, in every
+# process that loads the definitions (the CLI included); the behaviour relied on here is tested.
+warnings.filterwarnings("ignore", message="Parameter `backfill_policy` of function `asset`", category=BetaWarning)
+ONE_RUN_PER_BACKFILL = BackfillPolicy.single_run()
+
+
+def range_tags(first: str, last: str) -> dict[str, str]:
+    return {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last}
+
+
+def contiguous_runs(ordered: list[str], wanted: Iterable[str]) -> list[list[str]]:
+    """``wanted`` keys grouped into runs of neighbours in ``ordered`` (a partition range must be contiguous)."""
+    wanted = set(wanted)
+    runs: list[list[str]] = []
+    previous_wanted = False
+    for key in ordered:
+        if key in wanted:
+            if not previous_wanted:
+                runs.append([])
+            runs[-1].append(key)
+        previous_wanted = key in wanted
+    return runs
+
+
+def range_run_requests(ordered: list[str], wanted: Iterable[str], asset_key, run_key_of) -> list[RunRequest]:
+    """One run request per contiguous range of ``wanted`` (a single partition as a plain partition request)."""
+    requests = []
+    for keys in contiguous_runs(ordered, wanted):
+        run_key = run_key_of(keys)
+        if len(keys) == 1:
+            requests.append(RunRequest(run_key=run_key, partition_key=keys[0], asset_selection=[asset_key]))
+        else:
+            requests.append(RunRequest(run_key=run_key, asset_selection=[asset_key],
+                                       tags=range_tags(keys[0], keys[-1])))
+    return requests
+
+
+def _check_result(outcome: Outcome, partition: str) -> dict:
+    return {"check_name": outcome.name, "passed": outcome.passed, "severity": AssetCheckSeverity.ERROR,
+            "description": outcome.description, "metadata": {"partition": partition, **outcome.metadata}}
+
+
+def partition_results(context: AssetExecutionContext, results: Mapping[str, tuple[dict, list[Outcome]]],
+                      check_names: Iterable[str], data_versions: Mapping[str, str]
+                      ) -> Iterator[MaterializeResult | AssetCheckResult]:
+    """What a step that processed ``results`` (partition -> (metadata, check outcomes)) reports."""
+    if len(results) == 1 and context.has_partition_key:
+        ((partition, (metadata, outcomes)),) = results.items()
+        yield MaterializeResult(metadata=metadata, data_version=DataVersion(data_versions[partition]),
+                                check_results=[AssetCheckResult(**_check_result(o, partition)) for o in outcomes])
+        return
+    for partition, (metadata, outcomes) in results.items():
+        context.log_event(AssetMaterialization(asset_key=context.asset_key, partition=partition, metadata=metadata,
+                                               tags={DATA_VERSION_TAG: data_versions[partition]}))
+        for outcome in outcomes:
+            context.log_event(AssetCheckEvaluation(asset_key=context.asset_key, partition=partition,
+                                                   **_check_result(outcome, partition)))
+    for name in check_names:
+        failed = [p for p, (_, outcomes) in results.items() if any(o.name == name and not o.passed for o in outcomes)]
+        keys = list(results)
+        yield AssetCheckResult(check_name=name, passed=not failed, severity=AssetCheckSeverity.ERROR,
+                               description="every partition of the run; each partition's own result is recorded "
+                               "with it", metadata={"partitions": f"{keys[0]} .. {keys[-1]}" if keys else "none",
+                                                    "partition_count": len(keys),
+                                                    "failed_partitions": ", ".join(failed) or "none"})
