@@ -121,6 +121,19 @@ def _innermost(error) -> str | None:
     return error.message.strip() if error is not None else None
 
 
+def run_partitions(instance, tags: dict) -> list[str]:
+    """The corpus-id ranges a run covers: its partition, or each range of its partition range (a backfill puts
+    ``PAPER_ASSETS_PARTITIONS_PER_RUN`` ranges in one run)."""
+    from .defs.partitions import CORPUSID_RANGES
+    from .defs.ranged import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+
+    if ASSET_PARTITION_RANGE_START_TAG not in tags:
+        return [tags.get("dagster/partition", "")]
+    keys = instance.get_dynamic_partitions(CORPUSID_RANGES)
+    first, last = keys.index(tags[ASSET_PARTITION_RANGE_START_TAG]), keys.index(tags[ASSET_PARTITION_RANGE_END_TAG])
+    return keys[first:last + 1]
+
+
 def partition_reports(instance, backfill_id: str) -> list[dict]:
     """One entry per partition the backfill ran: range, the status of its latest run (a run that failed and was
     retried counts by its retry), how many runs it took, what paper_embeddings recorded, and for a partition that
@@ -130,7 +143,8 @@ def partition_reports(instance, backfill_id: str) -> list[dict]:
     reports = []
     attempts: dict[str, list] = {}  # a partition's runs, newest first: the first try and its automatic retries
     for run in instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id})):
-        attempts.setdefault(run.tags.get("dagster/partition", ""), []).append(run)
+        for key in run_partitions(instance, run.tags):
+            attempts.setdefault(key, []).append(run)
     for key in sorted(attempts):
         run = attempts[key][0]
         records = instance.fetch_materializations(

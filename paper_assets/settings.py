@@ -87,6 +87,9 @@ class Settings:
                           "SQLite in the home")
     executor: str = setting("auto", "`auto` (Celery when a broker is set, else local processes), `multiprocess`, "
                             "`celery`, `k8s` (a pod per step; needs `paper_assets[k8s]`)")
+    partitions_per_run: int = setting(4, "corpus-id ranges a backfill puts in one run (`papers` + `paper_embeddings`): "
+                                      "fewer runs, less overhead per range; `0`: every range in one run (one "
+                                      "worker does all). Read when the code location loads")
     celery_broker: str = setting("", "Celery executor: steps run on `paper-assets worker`s (RabbitMQ hands a dead "
                                  "worker's step on at once; Redis after its visibility timeout)")
     celery_backend: str = setting("", "Celery result backend (default: the broker)")

@@ -4,11 +4,13 @@ run with the real tiny model in test_assets.py."""
 
 import contextlib
 import hashlib
+import inspect
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from dagster import build_asset_context
+from dagster import AssetCheckResult, MaterializeResult, build_asset_context
 from dagster_duckdb import DuckDBResource
 
 from paper_assets.defs import embeddings
@@ -98,6 +100,15 @@ class StubSpecter2(Specter2Resource):
 _ENCODER = FakeEncoder()
 
 
+def run_body(asset, resources: dict) -> SimpleNamespace:
+    """Invoke an asset body on partition KEY: a one-partition run reports one materialisation and its checks."""
+    out = asset(build_asset_context(partition_key=KEY), **resources)
+    events = list(out) if inspect.isgenerator(out) else [out]
+    [result] = [e for e in events if isinstance(e, MaterializeResult)]
+    return SimpleNamespace(metadata=result.metadata,
+                           check_results=[e for e in events if isinstance(e, AssetCheckResult)])
+
+
 @pytest.fixture()
 def stubbed(tmp_path, generated_papers):
     """A home with a current snapshot of 120 papers in one range, and the stub resources."""
@@ -112,7 +123,7 @@ def stubbed(tmp_path, generated_papers):
 
 def test_papers_body_writes_the_range_and_reports_its_rules(stubbed):
     layout, resources, papers = stubbed
-    result = embeddings.papers(build_asset_context(partition_key=KEY), **resources)
+    result = run_body(embeddings.papers, resources)
     rows = read_parquet(layout.papers_file(embeddings.parse_range(KEY)))
     assert result.metadata["dagster/row_count"] == rows.num_rows <= len(papers)
     assert result.metadata["source_rows"] == len(papers)
@@ -121,9 +132,9 @@ def test_papers_body_writes_the_range_and_reports_its_rules(stubbed):
 
 def test_paper_embeddings_body_embeds_checks_and_reuses(stubbed):
     layout, resources, _ = stubbed
-    embeddings.papers(build_asset_context(partition_key=KEY), **resources)
+    run_body(embeddings.papers, resources)
     before = _ENCODER.encoded_rows
-    result = embeddings.paper_embeddings(build_asset_context(partition_key=KEY), **resources)
+    result = run_body(embeddings.paper_embeddings, resources)
     rows = result.metadata["dagster/row_count"]
     assert rows > 0 and result.metadata["rows_embedded"] == rows and result.metadata["dimension"] == DIM
     assert result.metadata["quality_gate"] == "passed"
@@ -133,18 +144,18 @@ def test_paper_embeddings_body_embeds_checks_and_reuses(stubbed):
     np.testing.assert_allclose(np.linalg.norm(vectors_of(table), axis=1), 10, rtol=0.011)
     embedded = _ENCODER.encoded_rows - before
 
-    again = embeddings.paper_embeddings(build_asset_context(partition_key=KEY), **resources)
+    again = run_body(embeddings.paper_embeddings, resources)
     assert again.metadata["rows_reused"] == rows and again.metadata["rows_embedded"] == 0
     assert _ENCODER.encoded_rows - before - embedded <= 2  # the canary only: every row's vector was reused
 
 
 def test_a_switched_off_adapter_fails_the_canary_check(stubbed):
     layout, resources, _ = stubbed
-    embeddings.papers(build_asset_context(partition_key=KEY), **resources)
-    embeddings.paper_embeddings(build_asset_context(partition_key=KEY), **resources)  # stores the reference
+    run_body(embeddings.papers, resources)
+    run_body(embeddings.paper_embeddings, resources)  # stores the reference
     _ENCODER.loaded.model.active_adapters = None
     try:
-        result = embeddings.paper_embeddings(build_asset_context(partition_key=KEY), **resources)
+        result = run_body(embeddings.paper_embeddings, resources)
     finally:
         _ENCODER.loaded.model.active_adapters = "proximity"
     canary = next(c for c in result.check_results if c.check_name == "adapter_canary")

@@ -1,6 +1,7 @@
 """`paper-assets bench --dagster-partitions N`: the same papers embedded by `paper-assets embed` (one process) and
-by Dagster as a UI backfill runs them (one run process per partition, steps on a long-lived Celery worker that keeps
-the model loaded, PostgreSQL instance), on the same model and device in the same bench run."""
+by Dagster (steps on a long-lived Celery worker that keeps the model loaded, PostgreSQL instance), on the same model
+and device in the same bench run, two ways: as a UI backfill runs them (one run for the whole range: the assets'
+backfill policy), and as one run per partition (4 launched at a time, as single-partition requests run)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from ..local_services import (
     temporary_postgres_database,
 )
 from ..processes import start_bound, stop_process_group
-from ..settings import Settings, variable
+from ..settings import DEFAULTS, Settings, variable
 from .measure import in_a_fresh_process
 
 RANGE_WIDTH = 1_000_000
@@ -91,10 +92,30 @@ def run_dagster_bench(partitions: int, per_partition: int, work: Path, base: str
     work.mkdir(parents=True)
     source = sample_source.write_source(work / "source.duckdb", _papers(partitions, per_partition, shared_papers))
     total = partitions * per_partition
-    python = sys.executable
     engine_home = work / "engine-home"
     engine_seconds, env = _timed_embed(work, source, engine_home, shared_papers, base, adapter, device, precision)
+    result = {"partitions": partitions, "papers_per_partition": per_partition, "papers": total,
+              "engine_seconds": engine_seconds, "engine_papers_per_s": total / engine_seconds,
+              "executor": "celery: 1 worker (paper-assets worker), concurrency 1; PostgreSQL instance",
+              "engine": "paper-assets embed (one process: imports, model load, every range)",
+              "timed": "dagster: from launching the run(s) to the last one finishing (s2_source untimed)"}
+    for mode in ("one_run", "run_per_partition"):
+        seconds = _timed_dagster(work / mode, mode, source, engine_home, env, partitions, base, adapter, device,
+                                 precision, concurrent_runs, pg_admin_url, redis_url)
+        result[mode] = {"seconds": seconds, "papers_per_s": total / seconds, "ratio": engine_seconds / seconds,
+                        "overhead_seconds_per_partition": (seconds - engine_seconds) / partitions}
+    result["concurrent_runs_per_partition_mode"] = concurrent_runs
+    # The headline figures: a backfill as the UI launches it.
+    result.update(dagster_seconds=result["one_run"]["seconds"], dagster_papers_per_s=result["one_run"]["papers_per_s"],
+                  ratio=result["one_run"]["ratio"])
+    return result
 
+
+def _timed_dagster(work: Path, mode: str, source: Path, engine_home: Path, env: dict, partitions: int, base: str,
+                   adapter: str, device: str, precision: str, concurrent_runs: int, pg_admin_url: str,
+                   redis_url: str) -> float:
+    python = sys.executable
+    work.mkdir(parents=True)
     home = work / "dagster-home"
     Settings(home=str(home), source=str(source), base_model=base, adapter=adapter, device=device,
              precision=precision, range_width=RANGE_WIDTH).save()
@@ -105,29 +126,29 @@ def run_dagster_bench(partitions: int, per_partition: int, work: Path, base: str
     keys = [rng.key for rng in ranges]
     with temporary_postgres_database(pg_admin_url) as pg_url, empty_redis_database(redis_url) as broker:
         env = {**env, variable("home"): str(home), variable("pg_url"): pg_url, variable("celery_broker"): broker,
-               "DAGSTER_HOME": str(layout.dagster_home)}
+               "DAGSTER_HOME": str(layout.dagster_home),
+               variable("partitions_per_run"): "0" if mode == "one_run" else str(DEFAULTS.partitions_per_run)}
         log = work / "worker.log"
         with open(log, "w") as log_handle:
             worker = start_bound([python, "-m", "paper_assets.cli", "worker", "--device", device], env=env,
                                  stdout=log_handle, stderr=subprocess.STDOUT)
             try:
                 _wait_ready(worker, log)
-                materialize = [python, "-m", "dagster", "asset", "materialize", "-m", "paper_assets.definitions"]
-                _run([*materialize, "--select", "s2_source"], env, "s2_source run")
+                materialize = [python, "-m", "dagster", "asset", "materialize", "-m", "paper_assets.definitions",
+                               "--select", "papers,paper_embeddings"]
+                _run([*materialize[:-2], "--select", "s2_source"], env, "s2_source run")
                 started = time.perf_counter()
-                with ThreadPoolExecutor(concurrent_runs) as launcher:  # a backfill's runs, as the run queue starts them
-                    list(launcher.map(lambda key: _run([*materialize, "--select", "papers,paper_embeddings",
-                                                        "--partition", key], env, f"partition run {key}"), keys))
-                dagster_seconds = time.perf_counter() - started
+                if mode == "one_run":
+                    _run([*materialize, "--partition-range", f"{keys[0]}...{keys[-1]}"], env, "backfill run")
+                else:
+                    with ThreadPoolExecutor(concurrent_runs) as launcher:  # as the run queue starts them
+                        list(launcher.map(lambda key: _run([*materialize, "--partition", key], env,
+                                                           f"partition run {key}"), keys))
+                seconds = time.perf_counter() - started
             finally:
                 stop_process_group(worker, timeout=60)
     rows = sum(pq.read_metadata(layout.embeddings_file(rng)).num_rows for rng in ranges)
-    if rows != total:
-        raise UserError(f"the Dagster runs embedded {rows} rows, expected {total}")
-    return {"partitions": partitions, "papers_per_partition": per_partition, "papers": total,
-            "engine_seconds": engine_seconds, "dagster_seconds": dagster_seconds,
-            "engine_papers_per_s": total / engine_seconds, "dagster_papers_per_s": total / dagster_seconds,
-            "ratio": engine_seconds / dagster_seconds, "concurrent_runs": concurrent_runs,
-            "executor": "celery: 1 worker (paper-assets worker), concurrency 1; PostgreSQL instance",
-            "engine": "paper-assets embed (one process: imports, model load, every range)",
-            "timed": "dagster: from launching the partition runs to the last one finishing (s2_source untimed)"}
+    total = sum(pq.read_metadata(layout.papers_file(rng)).num_rows for rng in ranges)
+    if rows != total or not rows:
+        raise UserError(f"the Dagster runs ({mode}) embedded {rows} rows, expected {total}")
+    return seconds

@@ -10,6 +10,9 @@ def register(sub) -> None:
     bench.add_argument("--source", help="source DuckDB (default: built from ../shared/data or the demo source)")
     bench.add_argument("--base-model", help="base model id or folder (default: a BERT-base-shaped stand-in)")
     bench.add_argument("--adapter", help="adapter id or folder (default: the stand-in's seq_bn adapter)")
+    bench.add_argument("--stand-in", default="bert-base", choices=["bert-base", "gpu-rate"],
+                       help="shape of the offline stand-in used without --base-model: BERT-base (default), or 2 "
+                       "layers x 128 that embeds at GPU-like rates on a CPU (Dagster's per-partition overhead)")
     bench.add_argument("--papers", type=int, default=256, help="papers embedded by both sides (default %(default)s)")
     bench.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                        help="engine precision (default %(default)s, as in production)")
@@ -50,4 +53,5 @@ def run(args) -> int:
         token_budget=args.token_budget, device=args.device,
         json=args.json, pipeline_papers=args.pipeline_papers, release_rows=args.release_rows,
         dagster_partitions=args.dagster_partitions, dagster_papers_per_partition=args.dagster_papers_per_partition,
-        retrieval=args.retrieval, novelty_papers=args.novelty, novelty_months=args.novelty_months))
+        retrieval=args.retrieval, novelty_papers=args.novelty, novelty_months=args.novelty_months,
+        stand_in=args.stand_in))

@@ -8,13 +8,9 @@ import time
 
 import numpy as np
 from dagster import (
-    AssetCheckResult,
-    AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
-    DataVersion,
     Failure,
-    MaterializeResult,
     MetadataValue,
     TableColumn,
     TableSchema,
@@ -26,12 +22,15 @@ from ..engine import quality
 from ..engine.embed_home import RangeToEmbed, embed_ranges
 from ..engine.fs import parquet_metadata
 from ..engine.pipeline import build_papers
+from ..engine.quality import Outcome
 from ..engine.ranges import IdRange, parse_range
 from ..engine.schemas import METADATA_KEY
 from ..engine.snapshot import current_snapshot
+from ..settings import load_settings
 from . import catalog as catalog_views
 from .executor import CELERY_QUEUE_TAG, EMBED_QUEUE, K8S_CONFIG_TAG, K8S_GPU_STEP
 from .partitions import corpusid_ranges
+from .ranged import backfill_policy, partition_results, run_partition_keys, shared_result
 from .resources import ProjectHomeResource, Specter2Resource
 from .transient import mark_not_retriable, retry_transient_errors
 
@@ -44,8 +43,12 @@ EMBEDDING_CHECKS = {
 }
 
 
-def partition_range(context: AssetExecutionContext) -> IdRange:
-    return parse_range(context.partition_key)
+RANGES_PER_RUN = backfill_policy(load_settings().partitions_per_run)
+
+
+def partition_ranges(context: AssetExecutionContext) -> list[IdRange]:
+    """The ranges of this run: one, or every range of a backfill run (``ONE_RUN_PER_BACKFILL``)."""
+    return [parse_range(key) for key in run_partition_keys(context)]
 
 
 @asset(
@@ -54,6 +57,7 @@ def partition_range(context: AssetExecutionContext) -> IdRange:
     group_name="embeddings",
     # 2: fields normalised like the BERT tokenizer (control characters deleted, not spaced); 3: read from the snapshot
     code_version="3",
+    backfill_policy=RANGES_PER_RUN,
     description="Embeddable rows of one corpusid range: id, text (title [SEP] abstract), text sha256, text rule.",
 )
 @retry_transient_errors
@@ -62,18 +66,24 @@ def papers(
     specter2: Specter2Resource,
     home: ProjectHomeResource,
     catalog: DuckDBResource,
-) -> MaterializeResult:
-    rng = partition_range(context)
+):
     layout = home.layout()
     snapshot = current_snapshot(layout.source_dir)
     if snapshot is None:
         raise Failure("no source snapshot in the home yet: materialise s2_source first")
-    out = layout.papers_file(rng)
-    range_hash = snapshot.manifest.ranges.get(rng.key, {}).get("content_hash", "")
-    report = build_papers(snapshot, rng, out, sep_token=specter2.sep_token, source_range_hash=range_hash)
+    results, versions = {}, {}
+    for rng in partition_ranges(context):
+        out = layout.papers_file(rng)
+        range_hash = snapshot.manifest.ranges.get(rng.key, {}).get("content_hash", "")
+        report = build_papers(snapshot, rng, out, sep_token=specter2.sep_token, source_range_hash=range_hash)
+        results[rng.key] = _papers_metadata(report, snapshot, out)
+        versions[rng.key] = report.content_hash
     catalog_views.refresh(catalog, layout)
-    return MaterializeResult(
-        metadata={
+    return shared_result(context, results, ("dagster/row_count", "source_rows", "path"), versions)
+
+
+def _papers_metadata(report, snapshot, out) -> dict:
+    return {
             "dagster/row_count": report.rows,
             "source_rows": report.source_rows,
             **{f"rule_{k}": v for k, v in sorted(report.rules.items())},
@@ -84,9 +94,7 @@ def papers(
             "dagster/column_schema": TableSchema(columns=[
                 TableColumn("corpusid", "int64"), TableColumn("text", "string"),
                 TableColumn("text_sha256", "string"), TableColumn("text_rule", "string")]),
-        },
-        data_version=DataVersion(report.content_hash),
-    )
+    }
 
 
 class _ProgressLog:
@@ -113,9 +121,12 @@ class _ProgressLog:
     op_tags={CELERY_QUEUE_TAG: EMBED_QUEUE, K8S_CONFIG_TAG: K8S_GPU_STEP},
     check_specs=[AssetCheckSpec(name, asset="paper_embeddings", blocking=True, description=text)
                  for name, text in EMBEDDING_CHECKS.items()],
+    backfill_policy=RANGES_PER_RUN,  # the same as papers': both steps of a backfill run cover the same ranges
+    output_required=False,
     description="Embeddings (CLS, float32) per corpusid of one range from the configured SPECTER2-architecture "
     "model (allenai/specter2_base + the proximity adapter unless configured otherwise; the offline demo's stand-in "
-    "makes 64-d vectors, SPECTER2 768-d), with text hash and model fingerprint.",
+    "makes 384-d vectors, SPECTER2 768-d), with text hash and model fingerprint. A backfill embeds its ranges in "
+    "one run, each range with its own materialisation and check results.",
 )
 @retry_transient_errors
 def paper_embeddings(
@@ -123,41 +134,40 @@ def paper_embeddings(
     specter2: Specter2Resource,
     home: ProjectHomeResource,
     catalog: DuckDBResource,
-) -> MaterializeResult:
-    rng = partition_range(context)
+):
     layout = home.layout()
-    papers_file = layout.papers_file(rng)
-    if not papers_file.exists():
-        raise Failure(f"papers[{rng.key}] is not materialised ({papers_file} missing): materialise papers first")
-    papers_parquet = parquet_metadata(papers_file)
-    papers_meta = json.loads((papers_parquet.metadata or {}).get(METADATA_KEY, b"{}"))
+    todo, rows = [], 0
+    for rng in partition_ranges(context):
+        papers_file = layout.papers_file(rng)
+        if not papers_file.exists():
+            raise Failure(f"papers[{rng.key}] is not materialised ({papers_file} missing): materialise papers first")
+        papers_parquet = parquet_metadata(papers_file)
+        rows += papers_parquet.num_rows
+        todo.append(RangeToEmbed(rng, papers_file, json.loads((papers_parquet.metadata or {}).get(METADATA_KEY,
+                                                                                                 b"{}"))))
     load_started = time.perf_counter()
     model_was_loaded = specter2.is_loaded()
     encoder = specter2.get_encoder()
     loaded = encoder.loaded
     load_seconds = time.perf_counter() - load_started
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    # Names the range in the worker's own log too: an operator (or a test) can tell which partition it holds.
-    context.log.info(f"embedding {rng.key}: {papers_parquet.num_rows:,} papers on {loaded.device} "
+    # Names the ranges in the worker's own log too: an operator (or a test) can tell which partition it holds.
+    context.log.info(f"embedding {', '.join(t.rng.key for t in todo)}: {rows:,} papers on {loaded.device} "
                      f"({loaded.precision}) in {worker}")
-    [embedded] = embed_ranges([RangeToEmbed(rng, papers_file, papers_meta)], layout, encoder, specter2.gate_policy(),
-                              chunk_rows=specter2.chunk_rows, progress=_ProgressLog(context))
+    embedded = list(embed_ranges(todo, layout, encoder, specter2.gate_policy(), chunk_rows=specter2.chunk_rows,
+                                 progress=_ProgressLog(context)))
     catalog_views.refresh(catalog, layout)
-    report, out, verdict = embedded.report, embedded.out_file, embedded.verdict
-    outcomes = verdict.outcomes
-    if not verdict.gate.passed:  # a blocking check fails the step: the same vectors would fail it again
-        mark_not_retriable(context)
-    return MaterializeResult(
-        metadata=_embedding_metadata(report, verdict, encoder, specter2, papers_meta, out, worker, load_seconds,
-                                     model_was_loaded),
-        check_results=[
-            AssetCheckResult(check_name=o.name, passed=o.passed, severity=AssetCheckSeverity.ERROR,
-                             description=o.description,
-                             metadata={"partition": rng.key, **_check_metadata(o.metadata)})
-            for o in outcomes
-        ],
-        data_version=DataVersion(f"{loaded.fingerprint}-{papers_meta.get('content_hash')}"),
-    )
+    results, versions = {}, {}
+    for item, done in zip(todo, embedded, strict=True):
+        verdict = done.verdict
+        if not verdict.gate.passed:  # a blocking check fails the step: the same vectors would fail it again
+            mark_not_retriable(context)
+        metadata = _embedding_metadata(done.report, verdict, encoder, specter2, item.papers_meta, done.out_file,
+                                       worker, load_seconds, model_was_loaded)
+        outcomes = [Outcome(o.name, o.passed, o.description, _check_metadata(o.metadata)) for o in verdict.outcomes]
+        results[item.rng.key] = (metadata, outcomes)
+        versions[item.rng.key] = f"{loaded.fingerprint}-{item.papers_meta.get('content_hash')}"
+    yield from partition_results(context, results, EMBEDDING_CHECKS, versions)
 
 
 def _embedding_metadata(report, verdict, encoder, specter2: Specter2Resource, papers_meta: dict, out,

@@ -20,7 +20,7 @@ from ..engine.publish import Shard, novelty_path, publish_shards
 from ..engine.snapshot import current_snapshot
 from . import catalog as catalog_views
 from .partitions import PUBLICATION_MONTHS, publication_months
-from .ranged import ONE_RUN_PER_BACKFILL, partition_results
+from .ranged import ONE_RUN_PER_BACKFILL, partition_results, run_partition_keys
 from .resources import NoveltyResource, ProjectHomeResource, ShardPublisherResource
 
 NOVELTY_CHECKS = {
@@ -95,7 +95,7 @@ def paper_novelty(context: AssetExecutionContext, home: ProjectHomeResource, nov
         raise Failure("paper_index is not materialised yet: materialise it first")
     params = novelty_config.params()
     results, versions = {}, {}
-    for month in context.partition_keys:
+    for month in run_partition_keys(context):
         result = novelty.compute_month(index, month, params)
         outcomes = novelty.check_month(result, index, params)
         novelty.write_month(layout, result, index, params, outcomes)

@@ -23,6 +23,7 @@ from dagster import (
     BetaWarning,
     DataVersion,
     MaterializeResult,
+    MetadataValue,
     RunRequest,
 )
 from dagster._core.definitions.data_version import DATA_VERSION_TAG
@@ -34,6 +35,18 @@ from ..engine.quality import Outcome
 # process that loads the definitions (the CLI included); the behaviour relied on here is tested.
 warnings.filterwarnings("ignore", message="Parameter `backfill_policy` of function `asset`", category=BetaWarning)
 ONE_RUN_PER_BACKFILL = BackfillPolicy.single_run()
+
+
+def backfill_policy(partitions_per_run: int) -> BackfillPolicy:
+    """``partitions_per_run`` partitions per backfill run; 0: the whole backfill in one run."""
+    if partitions_per_run < 0:
+        raise ValueError("partitions per run must be 0 (all in one run) or more")
+    return BackfillPolicy.multi_run(partitions_per_run) if partitions_per_run else ONE_RUN_PER_BACKFILL
+
+
+def run_partition_keys(context: AssetExecutionContext) -> list[str]:
+    """The partitions this step materialises: its one partition, or every partition of its range."""
+    return [context.partition_key] if context.has_partition_key else list(context.partition_keys)
 
 
 def range_tags(first: str, last: str) -> dict[str, str]:
@@ -72,14 +85,31 @@ def _check_result(outcome: Outcome, partition: str) -> dict:
             "description": outcome.description, "metadata": {"partition": partition, **outcome.metadata}}
 
 
+def shared_result(context: AssetExecutionContext, results: Mapping[str, dict], table_columns: tuple[str, ...],
+                  data_versions: Mapping[str, str]) -> MaterializeResult:
+    """For an asset whose output a later step of the same run needs (Dagster skips the steps after an output that
+    was not yielded): one result, which Dagster records for every partition of the run. A run of one partition
+    gets its own metadata; a ranged run's metadata holds a table with each partition's figures."""
+    if len(results) == 1 and context.has_partition_key:
+        ((partition, metadata),) = results.items()
+        return MaterializeResult(metadata=metadata, data_version=DataVersion(data_versions[partition]))
+    lines = ["| partition | " + " | ".join(table_columns) + " |", "|---|" + "---:|" * len(table_columns)]
+    lines += [f"| {key} | " + " | ".join(str(meta.get(c, "")) for c in table_columns) + " |"
+              for key, meta in results.items()]
+    total = sum(int(meta.get("dagster/row_count", 0)) for meta in results.values())
+    return MaterializeResult(metadata={"partitions_in_run": len(results), "rows_in_run": total,
+                                       "per_partition": MetadataValue.md("\n".join(lines))})
+
+
 def partition_results(context: AssetExecutionContext, results: Mapping[str, tuple[dict, list[Outcome]]],
                       check_names: Iterable[str], data_versions: Mapping[str, str]
                       ) -> Iterator[MaterializeResult | AssetCheckResult]:
     """What a step that processed ``results`` (partition -> (metadata, check outcomes)) reports."""
     if len(results) == 1 and context.has_partition_key:
         ((partition, (metadata, outcomes)),) = results.items()
-        yield MaterializeResult(metadata=metadata, data_version=DataVersion(data_versions[partition]),
-                                check_results=[AssetCheckResult(**_check_result(o, partition)) for o in outcomes])
+        yield MaterializeResult(metadata=metadata, data_version=DataVersion(data_versions[partition]))
+        for outcome in outcomes:
+            yield AssetCheckResult(**_check_result(outcome, partition))
         return
     for partition, (metadata, outcomes) in results.items():
         context.log_event(AssetMaterialization(asset_key=context.asset_key, partition=partition, metadata=metadata,

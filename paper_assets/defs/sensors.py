@@ -13,11 +13,15 @@
    Stale months that are neighbours go in one run (a partition range), each month with its own results.
 """
 
+import hashlib
+
 from dagster import (
     AssetKey,
     AssetSelection,
+    DagsterRunStatus,
     DefaultSensorStatus,
     RunRequest,
+    RunsFilter,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
@@ -28,8 +32,9 @@ from ..engine import novelty
 from ..engine.errors import UserError
 from ..engine.planner import plan_release
 from ..engine.snapshot import current_snapshot
+from ..settings import load_settings
 from .partitions import CORPUSID_RANGES, PUBLICATION_MONTHS, corpusid_ranges, publication_months
-from .ranged import range_run_requests
+from .ranged import contiguous_runs, range_run_requests, range_tags
 from .resources import NoveltyResource, ProjectHomeResource, S2SourceResource, ShardPublisherResource
 
 RANGE_ASSETS = [AssetKey("papers"), AssetKey("paper_embeddings")]
@@ -69,15 +74,14 @@ def s2_release_ranges_sensor(context: SensorEvaluationContext, home: ProjectHome
     snapshot = current_snapshot(layout.source_dir)
     if snapshot is None:
         return SkipReason("no s2_source snapshot yet")
-    known = set(context.instance.get_dynamic_partitions(CORPUSID_RANGES))
-    plan = plan_release(layout, snapshot, known, publisher.description())
+    known = context.instance.get_dynamic_partitions(CORPUSID_RANGES)
+    plan = plan_release(layout, snapshot, set(known), publisher.description())
     if plan.ranges:
-        hashes = snapshot.manifest.ranges
-        requests = [RunRequest(run_key=f"{plan.release}:{key}:{hashes.get(key, {}).get('content_hash', 'empty')}",
-                               partition_key=key, asset_selection=RANGE_ASSETS, tags={"paper_assets/reason":
-                                                                                      plan.reasons[key]})
-                    for key in plan.ranges]
-        context.log.info(f"release {plan.release}: {len(plan.ranges)} range(s) to run "
+        in_flight = context.instance.get_runs_count(RunsFilter(statuses=IN_FLIGHT, tags={RELEASE_TAG: plan.release}))
+        if in_flight:  # their ranges are still in the plan until they finish: wait rather than request them twice
+            return SkipReason(f"release {plan.release}: {in_flight} run(s) in flight")
+        requests = _range_requests(plan, snapshot.manifest.ranges, [*known, *plan.new_ranges])
+        context.log.info(f"release {plan.release}: {len(plan.ranges)} range(s) to run in {len(requests)} run(s) "
                          f"({len(plan.new_ranges)} new, {len(plan.emptied_ranges)} emptied)")
         return SensorResult(
             run_requests=requests,
@@ -88,6 +92,33 @@ def s2_release_ranges_sensor(context: SensorEvaluationContext, home: ProjectHome
         return SensorResult(run_requests=[RunRequest(run_key=f"{plan.release}:hub:{plan.publish_key}",
                                                      asset_selection=[AssetKey("hub_shards")])])
     return SkipReason(f"release {plan.release} is embedded and published")
+
+
+IN_FLIGHT = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
+             DagsterRunStatus.STARTED]
+RELEASE_TAG = "paper_assets/release"
+
+
+def _range_requests(plan, hashes: dict, ordered: list[str]) -> list[RunRequest]:
+    """Neighbouring ranges in runs of ``PAPER_ASSETS_PARTITIONS_PER_RUN`` (a backfill's grouping); a run key names
+    the release, the ranges and their content, so one content is requested once."""
+    per_run = load_settings().partitions_per_run
+    requests = []
+    for group in contiguous_runs(ordered, plan.ranges):
+        for start in range(0, len(group), per_run or len(group)):
+            keys = group[start:start + (per_run or len(group))]
+            content = hashlib.sha256("|".join(hashes.get(k, {}).get("content_hash", "empty") for k in keys)
+                                     .encode()).hexdigest()[:16]
+            reasons = sorted({plan.reasons[k] for k in keys})
+            tags = {RELEASE_TAG: plan.release, "paper_assets/reason": "; ".join(reasons)}
+            if len(keys) == 1:
+                requests.append(RunRequest(run_key=f"{plan.release}:{keys[0]}:{content}", partition_key=keys[0],
+                                           asset_selection=RANGE_ASSETS, tags=tags))
+            else:
+                requests.append(RunRequest(run_key=f"{plan.release}:{keys[0]}..{keys[-1]}:{content}",
+                                           asset_selection=RANGE_ASSETS,
+                                           tags={**tags, **range_tags(keys[0], keys[-1])}))
+    return requests
 
 
 @sensor(
