@@ -72,11 +72,9 @@ class IndexManifest:
         return cls(**json.loads(text))
 
     def month_range(self, first_month: str = "") -> list[str]:
-        """Every calendar month from the earliest dated paper (or ``first_month``, if later) to the latest: the
-        novelty partitions."""
-        if not self.months or (first_month and first_month > max(self.months)):
-            return []
-        return months_between(max(min(self.months), first_month), max(self.months))
+        """Every calendar month from the earliest dated paper (or ``first_month``, if later) to the latest."""
+        last = max(self.months) if self.months else ""
+        return months_between(max(min(self.months), first_month), last) if last >= first_month and last else []
 
     def month_bounds(self, month: str) -> tuple[int, int]:
         """Positions ``[start, end)`` of the month's papers; an empty month starts where the next one does."""
@@ -91,9 +89,7 @@ class IndexManifest:
         """A hash of every paper (id + vector) published up to the end of ``month``: what the month's metrics
         depend on. It changes exactly when a paper of this month or an earlier one changed."""
         digest = hashlib.sha256(self.fingerprint.encode())
-        for name in sorted(self.months):
-            if name > month:
-                break
+        for name in (m for m in sorted(self.months) if m <= month):
             digest.update(f"{name}:{self.months[name][2]}".encode())
         return digest.hexdigest()[:16]
 
