@@ -328,9 +328,11 @@ def test_a_worker_killed_mid_backfill_hands_its_step_to_the_other(tmp_path, tiny
     # Small chunks: each embedding step writes many checkpoints, so the kill lands in the middle of one. A fixed
     # budget and no compilation: each worker's first step would otherwise measure both (~80 s of a 2-vCPU machine
     # the two workers share); the backfill above runs with compile=auto, as a deployment does.
+    # A run per range: four runs for the two workers, and a worker's log names the one range its step embeds.
     settings = Settings(home=s3_home, source=str(make_source(tmp_path / "source.duckdb", papers, "VARCHAR")),
                         base_model=base, adapter=adapter, chunk_rows=10, device="cpu", token_budget=512,
-                        compile="off", pg_url=pg_url, celery_broker=amqp_url, celery_backend=redis_url)
+                        compile="off", pg_url=pg_url, celery_broker=amqp_url, celery_backend=redis_url,
+                        partitions_per_run=1)
 
     chunks_per_partition = 120 // 10
     killed_mid_step: list[tuple[str, str]] = []
