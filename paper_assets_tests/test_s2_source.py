@@ -186,6 +186,10 @@ def test_the_sensors_follow_s2_releases(s2_home, fake_s2):
         snapshot = tick(s2_source_release_sensor, defs, instance)
         assert [r.run_key for r in snapshot.run_requests] == [f"s2_source:s2-{V2}"]
         run_sensor_requests(snapshot, defs, instance)
+        [latest] = instance.fetch_materializations(AssetKey("s2_source"), limit=1).records
+        meta = {k: v.value for k, v in latest.asset_materialization.metadata.items()}
+        assert meta["s2_built_from"] == f"diffs from {V1}" and meta["s2_diff_steps"] == f"{V1} -> {V2}"
+        assert meta["s2_deleted"]["papers"] == 20 and meta["s2_papers_with_abstracts"] == 2010
         ranges = tick(s2_release_ranges_sensor, defs, instance)
         assert len(set(covered_ranges(ranges, instance))) == 6
         run_sensor_requests(ranges, defs, instance)

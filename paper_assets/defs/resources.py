@@ -6,6 +6,7 @@ embed (torch alone is ~1.7 s and ~150 MB per process on 2 vCPUs)."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Callable
@@ -106,6 +107,13 @@ class S2SourceResource(ConfigurableResource):
                 raise SourceError(f"source database {path} does not exist (check PAPER_ASSETS_SOURCE)")
             versions.append(local_version(path))
         return release_id(versions)
+
+    def s2_release_record(self, version: str) -> dict:
+        """For an S2 release already in the home: how it was built and its counts (``{}`` for other sources)."""
+        folder = Path(self.s2_folder) / version.removeprefix("s2-")
+        if not self.is_s2_datasets or not (folder / "manifest.json").exists():
+            return {}
+        return json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
 
     def resolve(self, log: Callable[[str], None] = print) -> list[SourceInfo]:
         """Every input of the current release, validated (a Hub source or an S2 release is downloaded here, never

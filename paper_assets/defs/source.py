@@ -24,6 +24,17 @@ def _inputs_table(inputs) -> str:
     return "\n".join(lines)
 
 
+def _s2_metadata(record: dict) -> dict:
+    """An S2 Datasets API release: how the home got it (a full download, or S2's diffs) and what it holds."""
+    if not record:
+        return {}
+    return {"s2_built_from": record["built_from"], "s2_diff_steps": ", ".join(record["diff_steps"]) or "none",
+            "s2_papers": record["papers"], "s2_abstracts": record["abstracts"],
+            "s2_papers_with_abstracts": record["papers_with_abstracts"],
+            "s2_updated": MetadataValue.json(record["updated"]), "s2_deleted": MetadataValue.json(record["deleted"]),
+            "s2_filter": record["filter"] or "none"}
+
+
 @asset(
     group_name="s2",
     code_version="2",  # 2: snapshot per release (int64 ids, duplicates resolved, several input files)
@@ -60,6 +71,7 @@ def s2_source(context: AssetExecutionContext, source: S2SourceResource, home: Pr
             "duplicate_corpusid_rows": manifest.duplicates_dropped,
             "invalid_corpusid_rows": manifest.invalid_corpusid,
             "quarantine": MetadataValue.path(str(snapshot.quarantine_file)) if manifest.invalid_corpusid else "none",
+            **_s2_metadata(source.s2_release_record(manifest.release)),
         },
         data_version=DataVersion(manifest.release),
     )
