@@ -26,7 +26,7 @@ from ..local_services import (
     temporary_postgres_database,
 )
 from ..processes import start_bound, stop_process_group
-from ..settings import DEFAULTS, Settings, variable
+from ..settings import Settings, variable
 from .measure import in_a_fresh_process
 
 RANGE_WIDTH = 1_000_000
@@ -126,17 +126,18 @@ def _timed_dagster(work: Path, mode: str, source: Path, engine_home: Path, env: 
     keys = [rng.key for rng in ranges]
     with temporary_postgres_database(pg_admin_url) as pg_url, empty_redis_database(redis_url) as broker:
         env = {**env, variable("home"): str(home), variable("pg_url"): pg_url, variable("celery_broker"): broker,
-               "DAGSTER_HOME": str(layout.dagster_home),
-               variable("partitions_per_run"): "0" if mode == "one_run" else str(DEFAULTS.partitions_per_run)}
+               "DAGSTER_HOME": str(layout.dagster_home)}
+        if mode == "one_run":  # the CLI's --partition-range needs the whole range in one run
+            env[variable("partitions_per_run")] = "0"
         log = work / "worker.log"
         with open(log, "w") as log_handle:
             worker = start_bound([python, "-m", "paper_assets.cli", "worker", "--device", device], env=env,
                                  stdout=log_handle, stderr=subprocess.STDOUT)
             try:
                 _wait_ready(worker, log)
-                materialize = [python, "-m", "dagster", "asset", "materialize", "-m", "paper_assets.definitions",
-                               "--select", "papers,paper_embeddings"]
-                _run([*materialize[:-2], "--select", "s2_source"], env, "s2_source run")
+                dagster = [python, "-m", "dagster", "asset", "materialize", "-m", "paper_assets.definitions"]
+                _run([*dagster, "--select", "s2_source"], env, "s2_source run")
+                materialize = [*dagster, "--select", "papers,paper_embeddings"]
                 started = time.perf_counter()
                 if mode == "one_run":
                     _run([*materialize, "--partition-range", f"{keys[0]}...{keys[-1]}"], env, "backfill run")

@@ -47,7 +47,7 @@ RANGES_PER_RUN = backfill_policy(load_settings().partitions_per_run)
 
 
 def partition_ranges(context: AssetExecutionContext) -> list[IdRange]:
-    """The ranges of this run: one, or every range of a backfill run (``ONE_RUN_PER_BACKFILL``)."""
+    """The ranges of this run: one, or every range of a backfill run (``RANGES_PER_RUN``)."""
     return [parse_range(key) for key in run_partition_keys(context)]
 
 

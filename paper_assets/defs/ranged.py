@@ -53,6 +53,19 @@ def range_tags(first: str, last: str) -> dict[str, str]:
     return {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last}
 
 
+def span(keys: list[str]) -> str:
+    """Neighbouring partitions named in a run key: ``key`` or ``first..last``."""
+    return keys[0] if len(keys) == 1 else f"{keys[0]}..{keys[-1]}"
+
+
+def run_target(keys: list[str], tags: Mapping[str, str]) -> dict:
+    """What a run over neighbouring partitions is given (a ``RunRequest`` or ``materialize``): one partition key,
+    or the range's tags."""
+    if len(keys) == 1:
+        return {"partition_key": keys[0], "tags": dict(tags)}
+    return {"tags": {**tags, **range_tags(keys[0], keys[-1])}}
+
+
 def contiguous_runs(ordered: list[str], wanted: Iterable[str]) -> list[list[str]]:
     """``wanted`` keys grouped into runs of neighbours in ``ordered`` (a partition range must be contiguous)."""
     wanted = set(wanted)
@@ -67,16 +80,16 @@ def contiguous_runs(ordered: list[str], wanted: Iterable[str]) -> list[list[str]
     return runs
 
 
-def range_run_requests(ordered: list[str], wanted: Iterable[str], asset_key, run_key_of) -> list[RunRequest]:
-    """One run request per contiguous range of ``wanted`` (a single partition as a plain partition request)."""
+def range_run_requests(ordered: list[str], wanted: Iterable[str], asset_selection: list, run_key_of,
+                       tags_of=lambda keys: {}, per_run: int = 0) -> list[RunRequest]:
+    """A run request per contiguous range of ``wanted``, cut into runs of at most ``per_run`` partitions (0: no
+    limit); a single partition as a plain partition request."""
     requests = []
-    for keys in contiguous_runs(ordered, wanted):
-        run_key = run_key_of(keys)
-        if len(keys) == 1:
-            requests.append(RunRequest(run_key=run_key, partition_key=keys[0], asset_selection=[asset_key]))
-        else:
-            requests.append(RunRequest(run_key=run_key, asset_selection=[asset_key],
-                                       tags=range_tags(keys[0], keys[-1])))
+    for group in contiguous_runs(ordered, wanted):
+        size = per_run or len(group)
+        for keys in (group[start:start + size] for start in range(0, len(group), size)):
+            requests.append(RunRequest(run_key=run_key_of(keys), asset_selection=list(asset_selection),
+                                       **run_target(keys, tags_of(keys))))
     return requests
 
 

@@ -13,7 +13,7 @@ from ..engine.planner import plan_release
 from ..engine.snapshot import current_snapshot
 from . import embeddings, novelty, shards, source, verification
 from .partitions import CORPUSID_RANGES, PUBLICATION_MONTHS
-from .ranged import contiguous_runs, range_tags
+from .ranged import contiguous_runs, run_target
 from .run_worker import HOST_TAG, PID_TAG, run_worker_alive, this_process_tags
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
@@ -100,9 +100,8 @@ def refresh_novelty(resources: dict, instance: DagsterInstance, tags: dict, publ
             return 0
     manifest, months, stale = plan.manifest, plan.months, plan.stale
     for keys in contiguous_runs(instance.get_dynamic_partitions(PUBLICATION_MONTHS), stale):
-        one = {"partition_key": keys[0]} if len(keys) == 1 else {"tags": {**tags, **range_tags(keys[0], keys[-1])}}
         materialize([novelty.paper_novelty], resources=resources, instance=instance, run_config=QUIET,
-                    **{"tags": tags, **one})
+                    **run_target(keys, tags))
     if stale:
         log(f"  paper_index {manifest.build}: {manifest.papers:,} papers; novelty of {len(stale)} month(s) "
             f"computed ({stale[0]} .. {stale[-1]}), {len(months) - len(stale)} already current")

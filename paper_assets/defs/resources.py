@@ -6,7 +6,6 @@ embed (torch alone is ~1.7 s and ~150 MB per process on 2 vCPUs)."""
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from ..engine.home import ProjectHome
 from ..engine.novelty_params import IndexParams, NoveltyParams
 from ..engine.quality import GatePolicy
 from ..engine.s2_api import S2Client
-from ..engine.s2_release import S2Release
+from ..engine.s2_release import S2Release, release_record
 from ..engine.snapshot import release_id
 from ..engine.source import SourceError, SourceInfo, inspect_source, local_version
 from ..settings import MODEL_SETTING_NAMES, S2_DATASETS_SOURCE, S2_KEY_VARIABLE, from_setting, variable
@@ -110,10 +109,9 @@ class S2SourceResource(ConfigurableResource):
 
     def s2_release_record(self, version: str) -> dict:
         """For an S2 release already in the home: how it was built and its counts (``{}`` for other sources)."""
-        folder = Path(self.s2_folder) / version.removeprefix("s2-")
-        if not self.is_s2_datasets or not (folder / "manifest.json").exists():
+        if not self.is_s2_datasets:
             return {}
-        return json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        return release_record(Path(self.s2_folder), version.removeprefix("s2-")) or {}
 
     def resolve(self, log: Callable[[str], None] = print) -> list[SourceInfo]:
         """Every input of the current release, validated (a Hub source or an S2 release is downloaded here, never

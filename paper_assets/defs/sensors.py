@@ -32,9 +32,9 @@ from ..engine import novelty
 from ..engine.errors import UserError
 from ..engine.planner import plan_release
 from ..engine.snapshot import current_snapshot
-from ..settings import load_settings
+from .embeddings import RANGES_PER_RUN
 from .partitions import CORPUSID_RANGES, PUBLICATION_MONTHS, corpusid_ranges, publication_months
-from .ranged import contiguous_runs, range_run_requests, range_tags
+from .ranged import range_run_requests, span
 from .resources import NoveltyResource, ProjectHomeResource, S2SourceResource, ShardPublisherResource
 
 RANGE_ASSETS = [AssetKey("papers"), AssetKey("paper_embeddings")]
@@ -100,25 +100,18 @@ RELEASE_TAG = "paper_assets/release"
 
 
 def _range_requests(plan, hashes: dict, ordered: list[str]) -> list[RunRequest]:
-    """Neighbouring ranges in runs of ``PAPER_ASSETS_PARTITIONS_PER_RUN`` (a backfill's grouping); a run key names
-    the release, the ranges and their content, so one content is requested once."""
-    per_run = load_settings().partitions_per_run
-    requests = []
-    for group in contiguous_runs(ordered, plan.ranges):
-        for start in range(0, len(group), per_run or len(group)):
-            keys = group[start:start + (per_run or len(group))]
-            content = hashlib.sha256("|".join(hashes.get(k, {}).get("content_hash", "empty") for k in keys)
-                                     .encode()).hexdigest()[:16]
-            reasons = sorted({plan.reasons[k] for k in keys})
-            tags = {RELEASE_TAG: plan.release, "paper_assets/reason": "; ".join(reasons)}
-            if len(keys) == 1:
-                requests.append(RunRequest(run_key=f"{plan.release}:{keys[0]}:{content}", partition_key=keys[0],
-                                           asset_selection=RANGE_ASSETS, tags=tags))
-            else:
-                requests.append(RunRequest(run_key=f"{plan.release}:{keys[0]}..{keys[-1]}:{content}",
-                                           asset_selection=RANGE_ASSETS,
-                                           tags={**tags, **range_tags(keys[0], keys[-1])}))
-    return requests
+    """Neighbouring ranges grouped as a backfill groups them (the assets' backfill policy); a run key names the
+    release, the ranges and their content, so one content is requested once."""
+
+    def run_key(keys: list[str]) -> str:
+        content = "|".join(hashes.get(k, {}).get("content_hash", "empty") for k in keys)
+        return f"{plan.release}:{span(keys)}:{hashlib.sha256(content.encode()).hexdigest()[:16]}"
+
+    def tags(keys: list[str]) -> dict:
+        return {RELEASE_TAG: plan.release, "paper_assets/reason": "; ".join(sorted({plan.reasons[k] for k in keys}))}
+
+    return range_run_requests(ordered, plan.ranges, RANGE_ASSETS, run_key, tags,
+                              RANGES_PER_RUN.max_partitions_per_run or 0)
 
 
 @sensor(
@@ -146,10 +139,9 @@ def novelty_sensor(context: SensorEvaluationContext, home: ProjectHomeResource, 
     new_months = [m for m in plan.months if m not in set(known)]
 
     def run_key(months: list[str]) -> str:
-        span = months[0] if len(months) == 1 else f"{months[0]}..{months[-1]}"
-        return f"paper_novelty:{span}:{novelty.month_input_hash(plan.manifest, months[-1], params)}"
+        return f"paper_novelty:{span(months)}:{novelty.month_input_hash(plan.manifest, months[-1], params)}"
 
     return SensorResult(
-        run_requests=range_run_requests([*known, *new_months], plan.stale, AssetKey("paper_novelty"), run_key),
+        run_requests=range_run_requests([*known, *new_months], plan.stale, [AssetKey("paper_novelty")], run_key),
         dynamic_partitions_requests=[publication_months.build_add_request(new_months)] if new_months else [],
     )

@@ -8,9 +8,10 @@ instance's run retries relaunch the run."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from dagster import RetryRequested
 from dagster._core.storage.tags import RETRY_ON_ASSET_OR_OP_FAILURE_TAG
@@ -25,43 +26,36 @@ def retry_transient_errors(body: Callable) -> Callable:
     """Decorate an asset body (its first argument is the context): a transient error becomes ``RetryRequested``
     with an exponential back-off (5, 10, 20, 40 s); the run fails only once the retries are spent."""
 
-    def retry_or_fail(context, error: Exception) -> Exception:
-        if not is_transient(error):
-            mark_not_retriable(context)
-            return error
-        wait = FIRST_WAIT_SECONDS * 2 ** context.retry_number
-        context.log.warning(f"transient error, retrying in {wait:.0f} s: {type(error).__name__}: {error}")
-        return RetryRequested(max_retries=STEP_RETRIES, seconds_to_wait=wait)
-
     if inspect.isgeneratorfunction(body):  # a body that reports partition by partition
 
         @functools.wraps(body)
         def run_generator(context, *args, **kwargs):
-            try:
+            with _retrying_transient_errors(context):
                 yield from body(context, *args, **kwargs)
-            except RetryRequested:
-                raise
-            except Exception as error:
-                outcome = retry_or_fail(context, error)
-                if outcome is error:
-                    raise
-                raise outcome from error
 
         return run_generator
 
     @functools.wraps(body)
     def run(context, *args, **kwargs):
-        try:
+        with _retrying_transient_errors(context):
             return body(context, *args, **kwargs)
-        except RetryRequested:
-            raise
-        except Exception as error:
-            outcome = retry_or_fail(context, error)
-            if outcome is error:
-                raise
-            raise outcome from error
 
     return run
+
+
+@contextlib.contextmanager
+def _retrying_transient_errors(context) -> Iterator[None]:
+    try:
+        yield
+    except RetryRequested:
+        raise
+    except Exception as error:
+        if not is_transient(error):
+            mark_not_retriable(context)
+            raise
+        wait = FIRST_WAIT_SECONDS * 2 ** context.retry_number
+        context.log.warning(f"transient error, retrying in {wait:.0f} s: {type(error).__name__}: {error}")
+        raise RetryRequested(max_retries=STEP_RETRIES, seconds_to_wait=wait) from error
 
 
 def mark_not_retriable(context) -> None:

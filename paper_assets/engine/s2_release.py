@@ -71,6 +71,12 @@ class ReleaseManifest:
     filter: str = ""
 
 
+def release_record(root: Path, release: str) -> dict | None:
+    """The manifest of a complete release in ``root``: how it was built, its counts and filter (None if absent)."""
+    path = root / release / "manifest.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
 def _json_scan(files: list[Path], dataset: str) -> str:
     names = "[" + ", ".join("'" + str(f).replace("'", "''") + "'" for f in files) + "]"
     columns = "{" + ", ".join(f"'{k}': '{v}'" for k, v in _COLUMNS[dataset].items()) + "}"
@@ -151,8 +157,7 @@ class S2Release:
         return self.database(release)
 
     def _same_filter(self, release: str) -> bool:
-        manifest = json.loads((self.root / release / "manifest.json").read_text(encoding="utf-8"))
-        return manifest.get("filter", "") == self.where
+        return (release_record(self.root, release) or {}).get("filter", "") == self.where
 
     def _fetch(self, urls: list[str], folder: Path) -> list[Path]:
         done = download_all(urls, folder, self.workers)
