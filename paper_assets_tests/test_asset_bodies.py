@@ -90,7 +90,7 @@ class FakeEncoder:
 
 
 class StubSpecter2(Specter2Resource):
-    def get_encoder(self):
+    def get_encoder(self, expected_rows=None):
         return _ENCODER
 
     def is_loaded(self) -> bool:

@@ -157,3 +157,17 @@ def test_dagster_steps_compile_the_model_only_on_long_lived_workers(tmp_path):
     assert compile_of(celery_broker="redis://127.0.0.1:6379/0") == "auto"
     assert compile_of(executor="celery", celery_broker="redis://127.0.0.1:6379/0") == "auto"
     assert compile_of(compile="on") == "on" and compile_of(compile="off", celery_broker="redis://x:6379/0") == "off"
+
+
+def test_celery_runs_hand_a_finished_step_on_within_a_tenth_of_a_second():
+    """dagster-celery's coordinator polls its steps every TICK_SECONDS (1 s by default): the executor the project
+    configures polls every COORDINATOR_POLL_SECONDS."""
+    import dagster_celery.core_execution_loop as coordinator_loop
+
+    from paper_assets.defs.executor import COORDINATOR_POLL_SECONDS, executor_for
+    from paper_assets.settings import Settings
+
+    coordinator_loop.TICK_SECONDS = 1
+    executor = executor_for(Settings(home="", source="", executor="celery", celery_broker="redis://127.0.0.1:6379/0"))
+    assert executor.name == "celery_workers"
+    assert coordinator_loop.TICK_SECONDS == COORDINATOR_POLL_SECONDS <= 0.1

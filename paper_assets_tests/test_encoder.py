@@ -733,3 +733,31 @@ def test_on_a_cpu_a_chunk_runs_when_it_is_collected(fp32, texts):
         assert len(calls) == stats.batches >= 1 and vectors.shape == (20, fp32.hidden_size)
     finally:
         hook.remove()
+
+
+def test_a_long_lived_encoder_compiles_only_for_a_step_that_repays_it(tiny_model, tmp_path, monkeypatch):
+    """`compile=auto` on a CPU: a worker's encoder decides per step as `embed` decides per run. A short step stays
+    eager (the compilation would cost more than it saves); a later step long enough to repay it compiles the same
+    encoder; a compiled encoder stays compiled."""
+    from paper_assets.defs import resources
+    from paper_assets.engine import calibrate
+
+    base, adapter = tiny_model
+    cache = tmp_path / "calibration.json"
+    specter2 = resources.Specter2Resource(base_model=base, adapter=adapter, device="cpu", precision="fp32",
+                                          compile="auto", calibration_file=str(cache), token_budget=2048)
+    loaded = load_model(specter2.model_config_key())
+    key = calibrate.machine_key(loaded.hidden_size, loaded.num_layers, "fp32")
+    # A compiled forward twice as fast, compiled in 60 s: repaid after 120 s of eager work.
+    calibrate.compile_measurement(cache, key, lambda: ([1000.0] * 3, [2000.0] * 3, 60.0))
+    monkeypatch.setattr(resources, "_MODEL_CACHE", {})
+    warm_ups = []
+    monkeypatch.setattr(Encoder, "warm_up", lambda self: warm_ups.append(self.compiled))
+
+    short = specter2.get_encoder(expected_rows=100)
+    assert short.compiled is False and warm_ups == []
+    assert specter2.get_encoder(expected_rows=200) is short and short.compiled is False
+    long_rows = int(130 * 1000 / calibrate.ROW_TOKENS)  # 130 s of eager work
+    assert specter2.get_encoder(expected_rows=long_rows) is short
+    assert short.compiled is True and warm_ups == [True]
+    assert specter2.get_encoder(expected_rows=10).compiled is True and warm_ups == [True]

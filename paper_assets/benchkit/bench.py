@@ -316,6 +316,7 @@ class BenchOptions:
     novelty_papers: int = 0  # novelty backfill vs the authors' month-by-month loop on this many papers (0: skip)
     stand_in: str = "bert-base"  # the offline stand-in's shape where no model is given: bert-base | gpu-rate
     novelty_months: int = 24
+    corpus_papers: int = 0  # the whole job on a synthetic S2-shaped source of this many papers, and a tenth (0: skip)
 
 
 def bench_dir() -> Path:
@@ -352,7 +353,7 @@ def run_benchmark(options: BenchOptions) -> int:
         result["releases"] = run_release_bench(options.release_rows, work)
         print_release_bench(result["releases"])
     if options.dagster_partitions:
-        from .dagster_bench import run_dagster_bench
+        from .dagster_bench import print_dagster_bench, run_dagster_bench
 
         if options.base_model and options.adapter:
             base, adapter = options.base_model, options.adapter
@@ -363,13 +364,7 @@ def run_benchmark(options: BenchOptions) -> int:
         result["dagster_backfill"] = backfill
         result["dagster_papers_per_s"] = backfill["dagster_papers_per_s"]
         result["engine_papers_per_s"] = backfill["engine_papers_per_s"]
-        print(f"dagster backfill of {backfill['partitions']} partitions x {backfill['papers_per_partition']} papers: "
-              f"{backfill['dagster_papers_per_s']:.2f} papers/s vs paper-assets embed "
-              f"{backfill['engine_papers_per_s']:.2f} papers/s ({backfill['ratio']:.2f}x)")
-        for mode, what in (("one_run", "one run for the backfill"), ("run_per_partition", "a run per partition")):
-            figures = backfill[mode]
-            print(f"  {what}: {figures['papers_per_s']:.2f} papers/s ({figures['ratio']:.2f}x), "
-                  f"{figures['overhead_seconds_per_partition']:.2f} s of overhead per partition")
+        print_dagster_bench(backfill)
     if options.retrieval:
         from .retrieval import run as run_retrieval
 
@@ -381,6 +376,11 @@ def run_benchmark(options: BenchOptions) -> int:
         from .novelty_bench import run as run_novelty
 
         result["novelty"] = run_novelty(options.novelty_papers, options.novelty_months)
+    if options.corpus_papers:
+        from .corpus_bench import print_corpus, run_corpus
+
+        result["corpus"] = run_corpus(options.corpus_papers, work)
+        print_corpus(result["corpus"])
     if options.json:
         Path(options.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
     return 0

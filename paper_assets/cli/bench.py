@@ -39,6 +39,10 @@ def register(sub) -> None:
     bench.add_argument("--novelty", type=int, default=0, metavar="N",
                        help="also backfill novelty for N synthetic papers against the authors' month-by-month "
                        "FAISS loop and exact search (e.g. 100000)")
+    bench.add_argument("--corpus", type=int, default=0, metavar="N",
+                       help="also run the whole job (snapshot, sensor, planner, update, hub_shards, paper_index, "
+                       "every novelty month, catalog queries) on a synthetic source of N papers shaped like S2's, "
+                       "with the tiny stand-in model, at N/10 and N (e.g. 2360000)")
     bench.add_argument("--novelty-months", type=int, default=24, help="months the N papers span (default %(default)s)")
     bench.set_defaults(func=run)
 
@@ -53,5 +57,6 @@ def run(args) -> int:
         token_budget=args.token_budget, device=args.device,
         json=args.json, pipeline_papers=args.pipeline_papers, release_rows=args.release_rows,
         dagster_partitions=args.dagster_partitions, dagster_papers_per_partition=args.dagster_papers_per_partition,
-        retrieval=args.retrieval, novelty_papers=args.novelty, novelty_months=args.novelty_months,
+        retrieval=args.retrieval, novelty_papers=args.novelty, corpus_papers=args.corpus,
+        novelty_months=args.novelty_months,
         stand_in=args.stand_in))

@@ -147,7 +147,7 @@ def paper_embeddings(
                                                                                                  b"{}"))))
     load_started = time.perf_counter()
     model_was_loaded = specter2.is_loaded()
-    encoder = specter2.get_encoder()
+    encoder = specter2.get_encoder(expected_rows=rows)
     loaded = encoder.loaded
     load_seconds = time.perf_counter() - load_started
     worker = f"{socket.gethostname()}:{os.getpid()}"

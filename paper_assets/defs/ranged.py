@@ -80,17 +80,21 @@ def contiguous_runs(ordered: list[str], wanted: Iterable[str]) -> list[list[str]
     return runs
 
 
-def range_run_requests(ordered: list[str], wanted: Iterable[str], asset_selection: list, run_key_of,
-                       tags_of=lambda keys: {}, per_run: int = 0) -> list[RunRequest]:
-    """A run request per contiguous range of ``wanted``, cut into runs of at most ``per_run`` partitions (0: no
-    limit); a single partition as a plain partition request."""
-    requests = []
+def range_runs(ordered: list[str], wanted: Iterable[str], per_run: int = 0) -> list[list[str]]:
+    """``wanted`` keys as runs: contiguous ranges of ``ordered``, cut into runs of at most ``per_run`` partitions
+    (0: no limit)."""
+    runs = []
     for group in contiguous_runs(ordered, wanted):
         size = per_run or len(group)
-        for keys in (group[start:start + size] for start in range(0, len(group), size)):
-            requests.append(RunRequest(run_key=run_key_of(keys), asset_selection=list(asset_selection),
-                                       **run_target(keys, tags_of(keys))))
-    return requests
+        runs += [group[start:start + size] for start in range(0, len(group), size)]
+    return runs
+
+
+def range_run_requests(ordered: list[str], wanted: Iterable[str], asset_selection: list, run_key_of,
+                       tags_of=lambda keys: {}, per_run: int = 0) -> list[RunRequest]:
+    """A run request per run of :func:`range_runs`; a single partition as a plain partition request."""
+    return [RunRequest(run_key=run_key_of(keys), asset_selection=list(asset_selection),
+                       **run_target(keys, tags_of(keys))) for keys in range_runs(ordered, wanted, per_run)]
 
 
 def _check_result(outcome: Outcome, partition: str) -> dict:

@@ -182,18 +182,23 @@ class Specter2Resource(ConfigurableResource):
         with _MODEL_LOCK:
             return self.model_config_key() in _MODEL_CACHE
 
-    def get_encoder(self) -> Encoder:
+    def get_encoder(self, expected_rows: int | None = None) -> Encoder:
+        """The process's encoder, ready for a step of ``expected_rows`` rows: with ``compile=auto`` on a CPU it
+        compiles once a step is long enough to repay the compilation, as `paper-assets embed` decides for its run
+        (None: a long-lived encoder, compiled wherever compiling is faster)."""
         from ..engine.encoder import Encoder
         from ..engine.model import load_model
 
         key = self.model_config_key()
         with _MODEL_LOCK:
             if key not in _MODEL_CACHE:
-                encoder = Encoder(load_model(key, setting_names=MODEL_SETTING_NAMES))
+                encoder = Encoder(load_model(key, setting_names=MODEL_SETTING_NAMES), expected_rows=expected_rows)
                 sep = encoder.tokenizer.sep_token
                 if sep != self.sep_token:
                     raise ValueError(f"tokenizer sep token {sep!r} differs from the configured {self.sep_token!r}")
                 _MODEL_CACHE[key] = encoder
+            elif expected_rows is not None:
+                _MODEL_CACHE[key].prepare_for(expected_rows)
             return _MODEL_CACHE[key]
 
     def gate_policy(self) -> GatePolicy:

@@ -121,9 +121,21 @@ class Encoder:
         self._pool = TokenizerPool(self.text_tokenizer, workers) if workers and self.text_tokenizer else None
         self._positions = torch.arange(max(self.max_length, 1), device=self.device)
         self._forward = ModelForward(loaded)
+        self._configured_budget = token_budget
         plan = plan_encoding(self._forward, expected_rows, token_budget)
         self.compiled, self.token_budget = plan.compiled, plan.token_budget
         if self.compiled or self.device.type == "cuda":
+            self.warm_up()
+
+    def prepare_for(self, rows: int) -> None:
+        """A long-lived encoder about to embed ``rows`` rows decides as a run of that size would: an eager one
+        compiles now where that many rows repay the compilation (``compile=auto`` on a CPU); compiled stays compiled.
+        """
+        if self.compiled or self.device.type == "cuda":
+            return
+        plan = plan_encoding(self._forward, rows, self._configured_budget)
+        if plan.compiled:
+            self.compiled, self.token_budget = True, plan.token_budget
             self.warm_up()
 
     def warm_up(self) -> None:

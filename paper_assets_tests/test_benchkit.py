@@ -1,0 +1,47 @@
+"""The benchmark tools' own parts: the whole-corpus source and the run-phase accounting."""
+
+import datetime
+import time
+
+import duckdb
+from dagster import asset, instance_for_test, materialize
+
+from paper_assets.benchkit.corpus_bench import ID_SPAN, corpus_source
+from paper_assets.benchkit.run_phases import run_phases
+
+
+def test_the_corpus_source_is_shaped_like_the_users(tmp_path):
+    path = corpus_source(tmp_path / "corpus.duckdb", 6000)
+    with duckdb.connect(str(path), read_only=True) as conn:
+        rows, distinct_ids, low, high, ranges, first_day, last_day = conn.execute(
+            "SELECT count(*), count(DISTINCT corpusid), min(corpusid), max(corpusid), "
+            "count(DISTINCT corpusid // 1000000), min(publication_date), max(publication_date) "
+            "FROM papers_with_abstracts").fetchone()
+        texts, median_abstract, median_title = conn.execute(
+            "SELECT count(DISTINCT title || abstract), median(length(abstract)), median(length(title)) "
+            "FROM papers_with_abstracts").fetchone()
+    assert rows == distinct_ids == 6000 and texts > 0.99 * rows  # (the sample repeats a few titles)
+    assert 0 <= low and high < ID_SPAN and ranges == 280  # ~280 one-million-id ranges whatever the size
+    assert datetime.date(2000, 1, 1) <= first_day < datetime.date(2000, 3, 1)
+    assert datetime.date(2025, 10, 1) < last_day <= datetime.date(2025, 12, 31)
+    assert 400 < median_abstract < 3000 and 30 < median_title < 200  # real papers' lengths
+
+
+def test_run_phases_accounts_for_each_step_of_a_run():
+    @asset
+    def first():
+        time.sleep(0.3)
+
+    @asset(deps=[first])
+    def second():
+        time.sleep(0.1)
+
+    with instance_for_test() as instance:
+        launched = time.time()
+        result = materialize([first, second], instance=instance)
+        phases = run_phases(instance, result.run_id, launched, time.time())
+    assert set(phases["steps"]) == {"first", "second"}
+    assert phases["steps"]["first"]["body_s"] >= 0.3 and phases["steps"]["second"]["body_s"] >= 0.1
+    assert phases["materializations"] == 2
+    in_steps = sum(step["span_s"] for step in phases["steps"].values())
+    assert phases["run_s"] >= in_steps and phases["before_run_start_s"] >= 0 and phases["after_run_end_s"] >= 0
