@@ -374,3 +374,88 @@ def test_auto_search_takes_the_device_where_it_pays():
     assert choose_search(auto, 10**5, 10**6, has_graph=True, device_pays=False) == "hnsw"
     assert choose_search(NoveltyParams(search="device"), 1, 1, has_graph=False, device_pays=False) == "device"
     assert choose_search(NoveltyParams(search="exact"), 1, 1, has_graph=True, device_pays=True) == "exact"
+
+
+def test_device_search_in_blocks_smaller_than_a_month_equals_faiss_with_ties(monkeypatch):
+    """Query and prior blocks far smaller than the month, duplicated papers (exact ties) and months with fewer
+    priors than k: the ids, cosines and metrics equal FAISS's exact search (ids up to the order within a tie)."""
+    import faiss
+    import torch
+
+    from paper_assets.engine import device_knn as knn
+    from paper_assets.engine.novelty import metrics_from_cosines
+
+    monkeypatch.setattr(knn, "QUERY_ROWS", 37)
+    monkeypatch.setattr(knn, "PRIOR_ROWS", 101)
+    monkeypatch.setattr(knn, "RESCORE_ROWS", 16)
+    rng = np.random.default_rng(11)
+    centres = rng.normal(size=(8, 32))
+    priors = _unit(centres[rng.integers(0, 8, 900)] + 0.4 * rng.normal(size=(900, 32)))
+    priors[300:340] = priors[100:140]  # exact ties
+    queries, k = priors[800:900], 20
+    for end in (7, 400, 800):
+        sims, truth = faiss.knn(queries, priors[:end], min(k, end), metric=faiss.METRIC_INNER_PRODUCT)
+        positions, cosines = knn.device_knn(queries, priors, end, k, torch.device("cpu"))
+        k_eff = min(k, end)
+        np.testing.assert_allclose(cosines[:, :k_eff], sims, atol=2e-6)
+        assert (positions[:, k_eff:] == -1).all() and (cosines[:, k_eff:] == 0).all()
+        exact = queries @ priors[:end].T
+        for row, (mine, theirs) in enumerate(zip(positions[:, :k_eff], truth, strict=True)):
+            for other in set(mine) ^ set(theirs):  # only papers tied with the k-th may differ
+                assert exact[row, other] == pytest.approx(sims[row, -1], abs=2e-6)
+        mine = metrics_from_cosines(cosines, (positions >= 0).sum(axis=1), k)
+        padded = np.zeros((len(sims), k), np.float32)
+        padded[:, :k_eff] = sims
+        theirs = metrics_from_cosines(padded, np.full(len(sims), k_eff), k)
+        for name, values in mine.items():
+            np.testing.assert_allclose(values, theirs[name], atol=1e-5)
+
+
+def test_fp32_rescoring_corrects_a_kth_neighbour_that_bf16_swaps():
+    """Two papers whose bf16 scores rank them the other way round from their fp32 cosines: with no spare candidate
+    the bf16 winner is picked, its certificate fails and the fp32 search returns the true nearest."""
+    import torch
+
+    from paper_assets.engine.device_knn import DeviceKnnStats, device_knn
+
+    rng = np.random.default_rng(3)
+    query = _unit(rng.normal(size=(1, 64)))
+    for _ in range(10_000):
+        near = query + 0.3 * rng.normal(size=(1, 64))
+        pair = _unit(near + 1e-3 * rng.normal(size=(2, 64)))  # cosines ~1e-4 apart, below bf16's resolution
+        fp32 = pair @ query[0]
+        low = (torch.from_numpy(pair).bfloat16() @ torch.from_numpy(query[0]).bfloat16()).float().numpy()
+        if fp32[0] > fp32[1] and low[0] < low[1]:
+            break
+    else:
+        pytest.fail("no pair that bf16 orders the other way round")
+    priors = np.vstack([pair, -pair]).astype(np.float32)  # two far papers after the pair
+    stats = DeviceKnnStats()
+    positions, cosines = device_knn(query, priors, 4, 1, torch.device("cpu"), margin=0, stats=stats)
+    assert positions[0, 0] == 0 and cosines[0, 0] == pytest.approx(fp32[0], abs=1e-6)
+    assert stats.searched_again_in_fp32 == 1
+
+
+def _device_search_peak_rss(priors_count: int) -> int:
+    import torch
+
+    from paper_assets.benchkit.measure import PeakRSS
+    from paper_assets.engine.device_knn import device_knn
+
+    rng = np.random.default_rng(0)
+    priors = _unit(rng.normal(size=(priors_count, 64)))
+    queries = priors[-4000:].copy()
+    with PeakRSS() as rss:
+        device_knn(queries, priors, priors_count - 4000, 100, torch.device("cpu"))
+    return rss.peak
+
+
+def test_device_search_memory_is_bounded_by_its_blocks_not_by_the_priors():
+    """Three times the priors (an unblocked search would hold 2.4 GB more query x prior scores) adds little more
+    than the priors themselves (+41 MB), measured in child processes."""
+    from paper_assets.benchkit.measure import in_a_fresh_process
+
+    small = in_a_fresh_process(_device_search_peak_rss, 80_000)
+    large = in_a_fresh_process(_device_search_peak_rss, 240_000)
+    priors_growth = 160_000 * 64 * 4
+    assert large - small < priors_growth + 200 * 2**20, (small, large)

@@ -159,7 +159,7 @@ def _catalog_queries(defs, dagster) -> dict:
 
     layout = defs.resources["home"].layout()
     with duckdb.connect(str(layout.warehouse), read_only=True) as conn:
-        (corpusid,) = conn.execute("SELECT corpusid FROM paper_novelty ORDER BY corpusid LIMIT 1 OFFSET 100"
+        (corpusid,) = conn.execute("SELECT corpus_id FROM paper_novelty ORDER BY corpus_id LIMIT 1 OFFSET 100"
                                    ).fetchone()
         timings = {}
         started = time.perf_counter()

@@ -1,16 +1,20 @@
 """Exact k nearest earlier papers by blocked matrix products on the embedding device (torch: CUDA, or a CPU with
 native bf16), so that novelty over millions of papers costs minutes instead of hours.
 
-Each block of prior papers is multiplied with a block of queries in low precision (bf16) to pick candidates: the top
-``k + margin`` per query, merged block by block, so memory is bounded by the block sizes, not by N². The candidates
-are then rescored in fp32 and the top k taken by (cosine, then position), as the fp32 search orders them.
+Each block of prior papers is rounded to bf16 once and multiplied with every block of queries: the top
+``k + margin`` per query are kept, merged block by block, so memory is bounded by the block sizes, not by N². The
+candidates are then rescored in fp32 and the top k taken by (cosine, then position), as the fp32 search orders them.
 
-Exactness is certified, not hoped for: with unit vectors every bf16 cosine is within ``BF16_COSINE_ERROR`` of its
-fp32 value (each operand rounded to bf16, relative error ≤ 2⁻⁹ per element; products accumulated in fp32; by
-Cauchy-Schwarz the sum's error is ≤ (2·2⁻⁹ + 2⁻¹⁸)·|q|·|p| plus fp32 rounding). A paper outside the candidates had a
-bf16 cosine ≤ the last candidate's, so its fp32 cosine is at most that plus twice the bound. Where the k-th rescored
-cosine is not above that ceiling, the query is searched again in fp32 over every prior paper. So the neighbours
-equal an exact fp32 search up to exact ties and fp32 rounding (≈ 1e-7).
+Exactness is certified per query, not hoped for. Write q = q̂ + δq and p = p̂ + δp with q̂, p̂ the bf16 roundings;
+the device computes q̂·p̂ with fp32 accumulation and rounds the result to bf16, so
+
+    |q·p − score| ≤ |δq|·|p̂| + |q̂|·|δp| + |δq|·|δp| + (2⁻⁹ + 768·2⁻²⁴)·|q̂|·|p̂|  =: e(q)
+
+with the norms measured on the actual vectors (largest over the priors). A paper outside the candidates scored
+at most the last candidate's score s, so its fp32 cosine is at most s + e(q). Where the k-th rescored cosine is
+above that ceiling the query's neighbours are certified; otherwise it is searched again in fp32 over every prior
+paper. Only candidates whose score reaches the k-th score − 2·e(q) can be among the k best, so only those are
+rescored. The neighbours equal an exact fp32 search up to exact ties and fp32 rounding (≈ 1e-7).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-BF16_COSINE_ERROR = 2.0**-8 + 2.0**-17  # |cos_bf16 - cos_fp32| for unit vectors, with room for fp32 accumulation
+OUTPUT_ROUNDING = 2.0**-9 + 768 * 2.0**-24  # bf16 rounding of the result plus fp32 accumulation over 768 terms
 QUERY_ROWS = 4096
 PRIOR_ROWS = 32768
 RESCORE_ROWS = 256
@@ -31,6 +35,23 @@ class DeviceKnnStats:
     queries: int = 0
     certified: int = 0
     searched_again_in_fp32: int = 0
+    rescored: int = 0  # candidate cosines recomputed in fp32
+
+
+@dataclass
+class _Rounded:
+    """A block of unit vectors on the device in the search's dtype, with the norms its rounding error bound needs."""
+
+    low: torch.Tensor
+    norm_max: float  # largest |p̂|
+    error_max: float  # largest |δp|
+
+
+def _round(rows: np.ndarray, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, _Rounded]:
+    full = torch.from_numpy(np.array(rows, dtype=np.float32)).to(device)  # a copy: the index is a read-only map
+    low = full.to(dtype)
+    back = low.float()
+    return full, _Rounded(low, float(back.norm(dim=1).max()), float((back - full).norm(dim=1).max()))
 
 
 def _topk_merge(best_val: torch.Tensor | None, best_pos: torch.Tensor | None, val: torch.Tensor, pos: torch.Tensor,
@@ -43,41 +64,56 @@ def _topk_merge(best_val: torch.Tensor | None, best_pos: torch.Tensor | None, va
     return val, pos
 
 
-def _candidates(queries: torch.Tensor, priors: np.ndarray, end: int, keep: int, dtype: torch.dtype,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``keep`` highest-scoring prior positions per query in ``dtype`` (values in fp32), block by block."""
-    low = queries.to(dtype)
-    best_val = best_pos = None
+def _candidates(chunks: list[torch.Tensor], priors: np.ndarray, end: int, keep: int, dtype: torch.dtype,
+                device: torch.device) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float, float]:
+    """Per query chunk the ``keep`` best prior positions by ``dtype`` score (values as fp32, best first), and the
+    largest |p̂| and |δp| over the priors. Each prior block is rounded once for all chunks."""
+    best: list[tuple[torch.Tensor | None, torch.Tensor | None]] = [(None, None)] * len(chunks)
+    norm_max = error_max = 0.0
     for start in range(0, end, PRIOR_ROWS):
-        # A copy: the index's vectors are a read-only memory map, which torch will not wrap.
-        block = torch.from_numpy(np.array(priors[start:min(end, start + PRIOR_ROWS)], dtype=np.float32))
-        scores = (low @ block.to(device).to(dtype).T).float()
-        take = min(keep, scores.shape[1])
-        val, index = torch.topk(scores, take, dim=1)
-        best_val, best_pos = _topk_merge(best_val, best_pos, val, index + start, keep)
-    return best_val, best_pos
+        _, block = _round(priors[start:min(end, start + PRIOR_ROWS)], dtype, device)
+        norm_max, error_max = max(norm_max, block.norm_max), max(error_max, block.error_max)
+        for i, chunk in enumerate(chunks):
+            scores = chunk @ block.low.T
+            val, index = torch.topk(scores, min(keep, scores.shape[1]), dim=1)
+            best[i] = _topk_merge(*best[i], val.float(), index + start, keep)
+    return best, norm_max, error_max
 
 
-def _rescore(queries: torch.Tensor, priors: np.ndarray, positions: torch.Tensor, k: int
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """The candidates' fp32 cosines; the top k per query ordered by (cosine descending, position ascending)."""
-    pos = positions.cpu().numpy()
-    query_rows = queries.cpu().numpy()
-    cos = np.empty(pos.shape, dtype=np.float32)
-    for start in range(0, len(pos), RESCORE_ROWS):  # gathers a slice's candidate vectors at a time
-        rows = pos[start:start + RESCORE_ROWS]
-        wanted = np.unique(rows)
-        vectors = np.asarray(priors[wanted], dtype=np.float32)[np.searchsorted(wanted, rows)]
-        cos[start:start + RESCORE_ROWS] = np.einsum("qd,qcd->qc", query_rows[start:start + RESCORE_ROWS], vectors)
-    order = np.lexsort((pos, -cos), axis=1)[:, :k]
-    return np.take_along_axis(pos, order, 1), np.take_along_axis(cos, order, 1)
+def _rescore(queries: torch.Tensor, priors: np.ndarray, positions: torch.Tensor, widths: torch.Tensor, k: int
+             ) -> tuple[np.ndarray, np.ndarray, int]:
+    """fp32 cosines of each query's first ``widths[i]`` candidates (the others cannot be among its k best); the top
+    k per query ordered by (cosine descending, position ascending), and how many cosines were computed."""
+    pos = positions.cpu()
+    query_rows = queries.cpu()
+    n = len(pos)
+    found = np.empty((n, k), dtype=np.int64)
+    cos = np.empty((n, k), dtype=np.float32)
+    rescored = 0
+    for start in range(0, n, RESCORE_ROWS):
+        stop = min(n, start + RESCORE_ROWS)
+        width = max(k, int(widths[start:stop].max()))
+        rows = pos[start:stop, :width]
+        vectors = torch.from_numpy(np.take(priors, rows.reshape(-1).numpy(), axis=0)).view(stop - start, width, -1)
+        sims = torch.bmm(vectors, query_rows[start:stop, :, None])[:, :, 0]
+        beyond = torch.arange(width)[None, :] >= widths[start:stop, None].cpu()
+        sims[beyond] = -torch.inf  # outside the band: cannot be among the k best
+        rescored += (stop - start) * width
+        # (cosine desc, position asc): sort by position, then a stable sort by cosine.
+        by_pos, pos_order = torch.sort(rows, dim=1)
+        sims = torch.gather(sims, 1, pos_order)
+        top, order = torch.sort(sims, dim=1, descending=True, stable=True)
+        found[start:stop] = torch.gather(by_pos, 1, order[:, :k]).numpy()
+        cos[start:stop] = top[:, :k].numpy()
+    return found, cos, rescored
 
 
 def _fp32_search(queries: np.ndarray, priors: np.ndarray, end: int, k: int, device: torch.device
                  ) -> tuple[np.ndarray, np.ndarray]:
     q = torch.from_numpy(queries).to(device)
-    val, pos = _candidates(q, priors, end, k + 8, torch.float32, device)
-    return _rescore(q, priors, pos, k)
+    # A few spare candidates: the blocked product and the rescoring may round a near-tie differently.
+    [(_, pos)], _, _ = _candidates([q], priors, end, min(end, k + 8), torch.float32, device)
+    return _rescore(q, priors, pos, torch.full((len(q),), pos.shape[1]), k)[:2]
 
 
 def device_knn(queries: np.ndarray, priors: np.ndarray, end: int, k: int, device: torch.device,
@@ -93,24 +129,32 @@ def device_knn(queries: np.ndarray, priors: np.ndarray, end: int, k: int, device
         return positions, cosines
     keep = min(end, k_eff + (k_eff if margin is None else margin))
     dtype = torch.bfloat16 if low_precision else torch.float32
-    bound = 2 * BF16_COSINE_ERROR if low_precision else 0.0
     stats = stats if stats is not None else DeviceKnnStats()
-    for start in range(0, n, QUERY_ROWS):
-        chunk = np.array(queries[start:start + QUERY_ROWS], dtype=np.float32)  # a writable copy, as above
-        q = torch.from_numpy(chunk).to(device)
-        val, pos = _candidates(q, priors, end, keep, dtype, device)
-        found, cos = _rescore(q, priors, pos, k_eff)
+    rounded = [_round(queries[start:start + QUERY_ROWS], dtype, device) for start in range(0, n, QUERY_ROWS)]
+    best, norm_max, error_max = _candidates([r.low for _, r in rounded], priors, end, keep, dtype, device)
+    for i, ((full, query), (val, pos)) in enumerate(zip(rounded, best, strict=True)):
+        start = i * QUERY_ROWS
+        if low_precision:
+            q_norm = query.low.float().norm(dim=1)
+            q_error = (query.low.float() - full).norm(dim=1)
+            bound = q_error * norm_max + q_norm * error_max + q_error * error_max + OUTPUT_ROUNDING * q_norm * norm_max
+            widths = (val >= (val[:, k_eff - 1] - 2 * bound)[:, None]).sum(dim=1)
+        else:
+            widths = torch.full((len(full),), val.shape[1])
+        found, cos, rescored = _rescore(full, priors, pos, widths, k_eff)
         doubtful = np.zeros(0, dtype=np.int64)  # every prior is a candidate, or the candidates were scored in fp32
         if keep < end and low_precision:
-            ceiling = val[:, -1].cpu().numpy() + bound  # the best an uncandidated paper can be, in fp32
+            ceiling = (val[:, -1] + bound).cpu().numpy()  # the best an uncandidated paper can be, in fp32
             doubtful = np.flatnonzero(cos[:, -1] <= ceiling)
             if len(doubtful):
-                found[doubtful], cos[doubtful] = _fp32_search(chunk[doubtful], priors, end, k_eff, device)
-        stats.queries += len(chunk)
+                chunk = full.cpu().numpy()[doubtful]
+                found[doubtful], cos[doubtful] = _fp32_search(chunk, priors, end, k_eff, device)
+        stats.queries += len(full)
         stats.searched_again_in_fp32 += len(doubtful)
-        stats.certified += len(chunk) - len(doubtful)
-        positions[start:start + len(chunk), :k_eff] = found
-        cosines[start:start + len(chunk), :k_eff] = cos
+        stats.certified += len(full) - len(doubtful)
+        stats.rescored += rescored
+        positions[start:start + len(full), :k_eff] = found
+        cosines[start:start + len(full), :k_eff] = cos
     return positions, cosines
 
 
