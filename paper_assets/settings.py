@@ -98,16 +98,17 @@ class Settings:
     novelty_k: int = setting(NoveltyParams.k, "neighbours per paper")
     novelty_from: str = setting(NoveltyParams.first_month, "first publication month (`YYYY-MM`) with novelty scores; "
                                 "papers of earlier months still count as prior papers", shown="the earliest paper's")
-    novelty_search: str = setting(NoveltyParams.search, "`auto` (`device` on a GPU; else `exact` while a month's "
-                                  "queries × prior papers ≤ 10⁸, else the HNSW graph), `device` (exact: bf16 "
+    novelty_search: str = setting(NoveltyParams.search, "`auto` (`device` on a GPU or a CPU with native "
+                                  "bf16; else `exact` while a month's queries × prior papers ≤ 10⁸, else the HNSW "
+                                  "graph), `device` (exact: bf16 "
                                   "candidates on the embedding device, rescored and certified in fp32), `exact` "
                                   "(FAISS, fp32), `hnsw`")
     novelty_ef_search: int = setting(NoveltyParams.ef_search, "HNSW search beam (the authors')")
     novelty_min_recall: float = setting(NoveltyParams.min_recall, "the `recall_at_k` check's threshold")
     novelty_hnsw_m: int = setting(IndexParams.hnsw_m, "HNSW graph degree (the authors')")
     novelty_ef_construction: int = setting(IndexParams.ef_construction, "HNSW build beam (the authors')")
-    novelty_graph: str = setting(IndexParams.graph, "build the HNSW graph: `auto` (from 200,000 papers), `always`, "
-                                 "`never`")
+    novelty_graph: str = setting(IndexParams.graph, "build the HNSW graph: `auto` (from 200,000 papers where "
+                                 "`auto` search would use it: no GPU, no native bf16), `always`, `never`")
 
     def gate_policy(self) -> GatePolicy:
         return GatePolicy(norm_k=self.norm_k, max_norm_outlier_fraction=self.max_norm_outlier_fraction)

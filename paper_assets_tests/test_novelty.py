@@ -387,7 +387,6 @@ def test_device_search_in_blocks_smaller_than_a_month_equals_faiss_with_ties(mon
 
     monkeypatch.setattr(knn, "QUERY_ROWS", 37)
     monkeypatch.setattr(knn, "PRIOR_ROWS", 101)
-    monkeypatch.setattr(knn, "RESCORE_ROWS", 16)
     rng = np.random.default_rng(11)
     centres = rng.normal(size=(8, 32))
     priors = _unit(centres[rng.integers(0, 8, 900)] + 0.4 * rng.normal(size=(900, 32)))

@@ -19,6 +19,9 @@ import numpy as np
 
 from ..engine import novelty
 from ..engine.paper_index import IndexParams, PaperIndex, month_of, month_start_day, normalise, write_index
+from .measure import PeakRSS
+
+USER_CORPUS = 2_356_819
 
 
 def synthetic_corpus(papers: int, months: int, dim: int = 768, topics: int = 400, seed: int = 0,
@@ -74,12 +77,13 @@ def authors_loop(ids: np.ndarray, days: np.ndarray, vectors: np.ndarray, k: int 
     return results, time.perf_counter() - started
 
 
-def platform_backfill(index: PaperIndex, params: novelty.NoveltyParams) -> tuple[dict[int, np.ndarray], dict]:
+def platform_backfill(index: PaperIndex, params: novelty.NoveltyParams, device_pays: bool | None = None
+                      ) -> tuple[dict[int, np.ndarray], dict]:
     """Every month through ``novelty.compute_month`` (what paper_novelty runs per partition)."""
     results: dict[int, np.ndarray] = {}
     recalls, modes, seconds = [], {}, 0.0
     for month in sorted(index.manifest.months):
-        month_result = novelty.compute_month(index, month, params)
+        month_result = novelty.compute_month(index, month, params, device_pays=device_pays)
         seconds += month_result.seconds
         if month_result.recall is not None:
             recalls.append(month_result.recall)
@@ -97,19 +101,21 @@ def _agreement(results: dict[int, np.ndarray], exact: dict[int, np.ndarray]) -> 
     want = np.stack([exact[k] for k in keys])
     error = np.abs(got[:, 0] - want[:, 0])
     return {"novelty_mean_max_abs_error": float(error.max()),
+            "every_metric_max_abs_error": float(np.abs(got - want).max()),
             "share_within_0_01": float((error <= 0.01).mean()),
             "novelty_mean_p99_abs_error": float(np.quantile(error, 0.99))}
 
 
-def _platform(ids, days, vectors, index_params: IndexParams, params: novelty.NoveltyParams) -> tuple[dict, dict]:
+def _platform(ids, days, vectors, index_params: IndexParams, params: novelty.NoveltyParams,
+              device_pays: bool | None = None) -> tuple[dict, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         manifest = write_index(Path(tmp), ids, days, vectors, "synthetic", "synthetic", index_params)
         index_seconds = time.perf_counter() - started
         index = PaperIndex(Path(tmp) / manifest.build)
-        results, info = platform_backfill(index, params)
+        results, info = platform_backfill(index, params, device_pays)
+        info["graph"] = index.has_graph
     info["index_build_seconds"] = index_seconds
-    info["graph"] = index_params.builds_graph(len(ids))
     info["total_seconds"] = index_seconds + info["months_seconds"]
     return results, info
 
@@ -123,15 +129,23 @@ def run(papers: int, months: int, dim: int = 768, seed: int = 0, log=print) -> d
     log(f"  authors' loop (IndexHNSWFlat, month by month): {authors_seconds:.1f} s")
     report = {"papers": papers, "months": months, "dim": dim, "authors_loop_seconds": round(authors_seconds, 2),
               "exact_loop_seconds": round(exact_seconds, 2), "authors_vs_exact": _agreement(authors, exact)}
-    # default: what `auto` picks here (the device's exact search where it multiplies in bf16, else FAISS's);
-    # faiss_exact: FAISS's fp32 exact search; graph: every month through the HNSW graph.
+    # default: what `auto` picks here (the device's exact search where it multiplies in bf16, else as below);
+    # auto_without_device: `auto` where the device search does not pay (FAISS's exact search while a month's
+    # queries x priors <= exact_max_pairs, else the HNSW graph, built from graph_min_papers papers on);
+    # faiss_exact: FAISS's fp32 exact search; graph: every month through the HNSW graph (up to 100k papers: beyond,
+    # auto_without_device takes the graph for nearly every month).
+    fallback_graph = "always" if papers >= IndexParams().graph_min_papers else "never"
     variants = {
-        "default": (IndexParams(), novelty.NoveltyParams()),
-        "faiss_exact": (IndexParams(), novelty.NoveltyParams(search="exact")),
-        "graph": (IndexParams(graph="always"), novelty.NoveltyParams(search="hnsw")),
+        "default": (IndexParams(), novelty.NoveltyParams(), None),
+        "auto_without_device": (IndexParams(graph=fallback_graph), novelty.NoveltyParams(), False),
+        "faiss_exact": (IndexParams(graph="never"), novelty.NoveltyParams(search="exact"), False),
     }
-    for name, (index_params, params) in variants.items():
-        results, info = _platform(ids, days, vectors, index_params, params)
+    if papers <= 100_000:
+        variants["graph"] = (IndexParams(graph="always"), novelty.NoveltyParams(search="hnsw"), False)
+    for name, (index_params, params, device_pays) in variants.items():
+        with PeakRSS() as rss:
+            before = rss.peak
+            results, info = _platform(ids, days, vectors, index_params, params, device_pays)
         total = info["total_seconds"]
         log(f"  platform [{name}]: paper_index {info['index_build_seconds']:.1f} s (graph: {info['graph']}), every "
             f"paper_novelty month {info['months_seconds']:.1f} s {info['months_by_search']}; total {total:.1f} s = "
@@ -142,5 +156,12 @@ def run(papers: int, months: int, dim: int = 768, seed: int = 0, log=print) -> d
             "speedup_vs_authors": round(authors_seconds / total, 2),
             "recall_at_100_min": info["recall_min"], "recall_at_100_mean": info["recall_mean"],
             "months_by_search": info["months_by_search"], "vs_exact": _agreement(results, exact),
+            "rss_before_mb": round(before / 2**20), "peak_rss_mb": round(rss.peak / 2**20),
+            # every paper against every earlier one: the products grow with N squared
+            "projected_seconds_at_2_36m_papers": round(total * (USER_CORPUS / papers) ** 2),
         }
+    report["vectors_mb"] = round(vectors.nbytes / 2**20)
+    slower = report["auto_without_device"]["total_seconds"]
+    for name in variants:
+        report[name]["speedup_vs_auto_without_device"] = round(slower / report[name]["total_seconds"], 2)
     return report

@@ -19,6 +19,7 @@ rescored. The neighbours equal an exact fp32 search up to exact ties and fp32 ro
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +28,7 @@ import torch
 OUTPUT_ROUNDING = 2.0**-9 + 768 * 2.0**-24  # bf16 rounding of the result plus fp32 accumulation over 768 terms
 QUERY_ROWS = 4096
 PRIOR_ROWS = 32768
-RESCORE_ROWS = 256
+GROUP_COLUMNS = 128
 
 
 @dataclass
@@ -48,8 +49,13 @@ class _Rounded:
 
 
 def _round(rows: np.ndarray, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, _Rounded]:
-    full = torch.from_numpy(np.array(rows, dtype=np.float32)).to(device)  # a copy: the index is a read-only map
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the index's vectors are a read-only memory map; nothing here writes to it
+        full = torch.from_numpy(np.asarray(rows, dtype=np.float32)).to(device)
     low = full.to(dtype)
+    if dtype == torch.float32:
+        norm_max = float(full.norm(dim=1).max()) if len(full) else 0.0
+        return full, _Rounded(low, norm_max, 0.0)
     back = low.float()
     return full, _Rounded(low, float(back.norm(dim=1).max()), float((back - full).norm(dim=1).max()))
 
@@ -75,45 +81,77 @@ def _candidates(chunks: list[torch.Tensor], priors: np.ndarray, end: int, keep: 
         norm_max, error_max = max(norm_max, block.norm_max), max(error_max, block.error_max)
         for i, chunk in enumerate(chunks):
             scores = chunk @ block.low.T
-            val, index = torch.topk(scores, min(keep, scores.shape[1]), dim=1)
-            best[i] = _topk_merge(*best[i], val.float(), index + start, keep)
+            best_val, best_pos = best[i]
+            if best_val is not None and best_val.shape[1] == keep:
+                val, index = _above(scores, best_val[:, -1])
+            else:
+                val, index = torch.topk(scores, min(keep, scores.shape[1]), dim=1)
+            best[i] = _topk_merge(best_val, best_pos, val.float(), index + start, keep)
     return best, norm_max, error_max
+
+
+def _above(scores: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row the scores above the row's threshold (the current ``keep``-th best) and their columns, padded with
+    -inf. Once a few blocks are merged few scores qualify: the maximum of each group of ``GROUP_COLUMNS`` columns
+    rules most groups out in one cheap pass, and only the groups left are compared element by element."""
+    n, width = scores.shape
+    limit = threshold.to(scores.dtype)
+    grouped = width - width % GROUP_COLUMNS
+    group_rows, groups = torch.nonzero(scores[:, :grouped].view(n, -1, GROUP_COLUMNS).amax(dim=2) > limit[:, None],
+                                       as_tuple=True)
+    candidates = scores[:, :grouped].view(n, -1, GROUP_COLUMNS)[group_rows, groups]
+    hit, offset = torch.nonzero(candidates > limit[group_rows, None], as_tuple=True)
+    rows, cols = group_rows[hit], groups[hit] * GROUP_COLUMNS + offset
+    if grouped < width:  # the last columns, fewer than a group
+        tail_rows, tail_cols = torch.nonzero(scores[:, grouped:] > limit[:, None], as_tuple=True)
+        rows, cols = torch.cat([rows, tail_rows]), torch.cat([cols, tail_cols + grouped])
+    counts = torch.bincount(rows, minlength=n)
+    most = int(counts.max()) if len(rows) else 0
+    val = torch.full((n, most), -torch.inf, dtype=scores.dtype, device=scores.device)
+    index = torch.zeros((n, most), dtype=torch.int64, device=scores.device)
+    if most:
+        order = torch.argsort(rows, stable=True)
+        rows, cols = rows[order], cols[order]
+        rank = torch.arange(len(rows), device=scores.device) - (torch.cumsum(counts, 0) - counts)[rows]
+        val[rows, rank] = scores[rows, cols]
+        index[rows, rank] = cols
+    return val, index
 
 
 def _rescore(queries: torch.Tensor, priors: np.ndarray, positions: torch.Tensor, widths: torch.Tensor, k: int
              ) -> tuple[np.ndarray, np.ndarray, int]:
-    """fp32 cosines of each query's first ``widths[i]`` candidates (the others cannot be among its k best); the top
-    k per query ordered by (cosine descending, position ascending), and how many cosines were computed."""
-    pos = positions.cpu()
-    query_rows = queries.cpu()
-    n = len(pos)
-    found = np.empty((n, k), dtype=np.int64)
-    cos = np.empty((n, k), dtype=np.float32)
-    rescored = 0
-    for start in range(0, n, RESCORE_ROWS):
-        stop = min(n, start + RESCORE_ROWS)
-        width = max(k, int(widths[start:stop].max()))
-        rows = pos[start:stop, :width]
-        vectors = torch.from_numpy(np.take(priors, rows.reshape(-1).numpy(), axis=0)).view(stop - start, width, -1)
-        sims = torch.bmm(vectors, query_rows[start:stop, :, None])[:, :, 0]
-        beyond = torch.arange(width)[None, :] >= widths[start:stop, None].cpu()
-        sims[beyond] = -torch.inf  # outside the band: cannot be among the k best
-        rescored += (stop - start) * width
-        # (cosine desc, position asc): sort by position, then a stable sort by cosine.
-        by_pos, pos_order = torch.sort(rows, dim=1)
-        sims = torch.gather(sims, 1, pos_order)
-        top, order = torch.sort(sims, dim=1, descending=True, stable=True)
-        found[start:stop] = torch.gather(by_pos, 1, order[:, :k]).numpy()
-        cos[start:stop] = top[:, :k].numpy()
-    return found, cos, rescored
+    """fp32 cosines of each query's first ``widths[i]`` candidates (the others cannot be among its k best), as a
+    sampled matrix product on the CPU (no gathered copy of the candidates' vectors); the top k per query ordered by
+    (cosine descending, position ascending), and how many cosines were computed."""
+    pos, widths, query_rows = positions.cpu(), widths.cpu(), queries.cpu()
+    n, keep = pos.shape
+    first = torch.arange(keep)[None, :] < widths[:, None]
+    # Each row's band in ascending position (the order CSR wants and the tie order): the rest pushed past the end.
+    by_pos = torch.where(first, pos, torch.iinfo(torch.int64).max).sort(dim=1).values
+    cols = by_pos[first]
+    crow = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(widths, 0)])
+    end = int(cols.max()) + 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # read-only memory map and CSR's beta notice: nothing here writes to it
+        prior_rows = torch.from_numpy(np.asarray(priors[:end], dtype=np.float32))
+        pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(len(cols)), size=(n, end))
+        sampled = torch.sparse.sampled_addmm(pattern, query_rows, prior_rows.T, beta=0.0)
+    sims = torch.full((n, keep), -torch.inf)
+    sims[first] = sampled.values()
+    top, order = torch.sort(sims, dim=1, descending=True, stable=True)
+    found = torch.gather(by_pos, 1, order[:, :k]).numpy()
+    return found, top[:, :k].contiguous().numpy(), len(cols)
 
 
 def _fp32_search(queries: np.ndarray, priors: np.ndarray, end: int, k: int, device: torch.device
                  ) -> tuple[np.ndarray, np.ndarray]:
-    q = torch.from_numpy(queries).to(device)
+    """The exact search in fp32, one pass over the priors for every block of queries."""
+    chunks = [torch.from_numpy(queries[i:i + QUERY_ROWS]).to(device) for i in range(0, len(queries), QUERY_ROWS)]
     # A few spare candidates: the blocked product and the rescoring may round a near-tie differently.
-    [(_, pos)], _, _ = _candidates([q], priors, end, min(end, k + 8), torch.float32, device)
-    return _rescore(q, priors, pos, torch.full((len(q),), pos.shape[1]), k)[:2]
+    best, _, _ = _candidates(chunks, priors, end, min(end, k + 8), torch.float32, device)
+    found = [_rescore(q, priors, pos, torch.full((len(q),), pos.shape[1]), k)[:2]
+             for q, (_, pos) in zip(chunks, best, strict=True)]
+    return np.concatenate([f for f, _ in found]), np.concatenate([c for _, c in found])
 
 
 def device_knn(queries: np.ndarray, priors: np.ndarray, end: int, k: int, device: torch.device,
@@ -132,6 +170,7 @@ def device_knn(queries: np.ndarray, priors: np.ndarray, end: int, k: int, device
     stats = stats if stats is not None else DeviceKnnStats()
     rounded = [_round(queries[start:start + QUERY_ROWS], dtype, device) for start in range(0, n, QUERY_ROWS)]
     best, norm_max, error_max = _candidates([r.low for _, r in rounded], priors, end, keep, dtype, device)
+    doubtful: list[np.ndarray] = []
     for i, ((full, query), (val, pos)) in enumerate(zip(rounded, best, strict=True)):
         start = i * QUERY_ROWS
         if low_precision:
@@ -142,19 +181,19 @@ def device_knn(queries: np.ndarray, priors: np.ndarray, end: int, k: int, device
         else:
             widths = torch.full((len(full),), val.shape[1])
         found, cos, rescored = _rescore(full, priors, pos, widths, k_eff)
-        doubtful = np.zeros(0, dtype=np.int64)  # every prior is a candidate, or the candidates were scored in fp32
-        if keep < end and low_precision:
+        if keep < end and low_precision:  # else every prior is a candidate, or the candidates were scored in fp32
             ceiling = (val[:, -1] + bound).cpu().numpy()  # the best an uncandidated paper can be, in fp32
-            doubtful = np.flatnonzero(cos[:, -1] <= ceiling)
-            if len(doubtful):
-                chunk = full.cpu().numpy()[doubtful]
-                found[doubtful], cos[doubtful] = _fp32_search(chunk, priors, end, k_eff, device)
-        stats.queries += len(full)
-        stats.searched_again_in_fp32 += len(doubtful)
-        stats.certified += len(full) - len(doubtful)
+            doubtful.append(start + np.flatnonzero(cos[:, -1] <= ceiling))
         stats.rescored += rescored
         positions[start:start + len(full), :k_eff] = found
         cosines[start:start + len(full), :k_eff] = cos
+    again = np.concatenate(doubtful) if doubtful else np.zeros(0, dtype=np.int64)
+    if len(again):  # one fp32 pass over the priors for every query whose certificate failed
+        rows = np.array(queries[again], dtype=np.float32)
+        positions[again, :k_eff], cosines[again, :k_eff] = _fp32_search(rows, priors, end, k_eff, device)
+    stats.queries += n
+    stats.searched_again_in_fp32 += len(again)
+    stats.certified += n - len(again)
     return positions, cosines
 
 
@@ -169,7 +208,7 @@ def knn_device() -> tuple[torch.device, bool]:
 
 
 def device_search_pays() -> bool:
-    """Whether ``auto`` takes the device search: on a GPU. On a CPU FAISS's fp32 exact search was faster even where
-    the CPU multiplies bf16 natively (a 2-vCPU Zen 4: 10.0 s against 32.6 s for 50,000 papers; BENCHMARKS.md), so
-    there ``device`` must be asked for."""
-    return torch.cuda.is_available()
+    """Whether ``auto`` takes the device search: on a GPU, or a CPU that multiplies bf16 natively (AMX or
+    AVX512-BF16: there bf16 products run at 2x (AVX512-BF16) to 15x (AMX) FAISS's fp32 rate; BENCHMARKS.md). On
+    other CPUs the device search would run in fp32, which FAISS's exact search does as fast."""
+    return knn_device()[1]

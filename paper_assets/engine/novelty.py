@@ -94,7 +94,8 @@ def month_input_hash(manifest: IndexManifest, month: str, params: NoveltyParams)
 
 def choose_search(params: NoveltyParams, queries: int, priors: int, has_graph: bool,
                   device_pays: bool | None = None) -> str:
-    """``auto``: exact search on the embedding device where that pays (a GPU: ``device_knn``), else FAISS's exact
+    """``auto``: exact search on the embedding device where that pays (a GPU or a CPU with native bf16:
+    ``device_knn``), else FAISS's exact
     search while queries x priors stays under ``exact_max_pairs``, else the HNSW graph."""
     if params.search == "device":
         return "device"
@@ -128,12 +129,13 @@ def tuned_ef(index: PaperIndex, sample: np.ndarray, priors: int, params: Novelty
     return min(ef, MAX_EF_SEARCH)
 
 
-def compute_month(index: PaperIndex, month: str, params: NoveltyParams, seed: int = 0) -> MonthNovelty:
+def compute_month(index: PaperIndex, month: str, params: NoveltyParams, seed: int = 0,
+                  device_pays: bool | None = None) -> MonthNovelty:
     started = time.perf_counter()
     start, end = index.manifest.month_bounds(month)
     priors = index.prior_end(month_start_day(month))
     queries = np.asarray(index.vectors[start:end])
-    mode = choose_search(params, end - start, priors, index.has_graph)
+    mode = choose_search(params, end - start, priors, index.has_graph, device_pays)
     recall, sample_size, ef = None, 0, None
     if mode == "exact":
         found = index.search_exact(queries, params.k, priors)

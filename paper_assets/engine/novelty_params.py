@@ -12,7 +12,8 @@ GRAPH_MODES = ("auto", "always", "never")
 @dataclass(frozen=True)
 class IndexParams:
     """The authors' HNSW settings by default. ``graph``: ``auto`` builds the HNSW graph from ``graph_min_papers``
-    papers on (below it exact search is faster than building the graph: BENCHMARKS.md), ``always`` or ``never``."""
+    papers on (below it exact search is faster than building the graph: BENCHMARKS.md) unless the exact search on
+    the embedding device is the default search (then nothing would read the graph), ``always`` or ``never``."""
 
     hnsw_m: int = 32
     ef_construction: int = 200
@@ -23,8 +24,9 @@ class IndexParams:
         if self.graph not in GRAPH_MODES:
             raise ValueError(f"index graph must be auto, always or never, not {self.graph!r}")
 
-    def builds_graph(self, papers: int) -> bool:
-        return self.graph == "always" or (self.graph == "auto" and papers >= self.graph_min_papers)
+    def builds_graph(self, papers: int, device_search: bool = False) -> bool:
+        return self.graph == "always" or (self.graph == "auto" and papers >= self.graph_min_papers
+                                          and not device_search)
 
 
 @dataclass(frozen=True)

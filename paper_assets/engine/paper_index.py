@@ -196,7 +196,9 @@ def _write_build(root: HomePath, manifest: IndexManifest, ids: np.ndarray, days:
         pq.write_table(pa.table({"corpusid": pa.array(ids, pa.int64()), "publication_date": dates}),
                        staging / "papers.parquet", compression="zstd")
         np.save(staging / "vectors.npy", vectors)
-        if params.builds_graph(len(ids)):
+        from .device_knn import device_search_pays
+
+        if params.builds_graph(len(ids), device_search=device_search_pays()):
             graph = faiss.IndexHNSWFlat(manifest.dim, params.hnsw_m)
             graph.hnsw.efConstruction = params.ef_construction
             graph.add(vectors)
