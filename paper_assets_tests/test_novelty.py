@@ -458,3 +458,13 @@ def test_device_search_memory_is_bounded_by_its_blocks_not_by_the_priors():
     large = in_a_fresh_process(_device_search_peak_rss, 240_000)
     priors_growth = 160_000 * 64 * 4
     assert large - small < priors_growth + 200 * 2**20, (small, large)
+
+
+def test_recall_counts_a_paper_tied_with_the_last_true_neighbour():
+    from paper_assets.engine.novelty import recall_at_k
+    from paper_assets.engine.paper_index import Neighbours
+
+    truth = Neighbours(np.array([[0, 1]]), np.array([[0.9, 0.8]], np.float32))
+    tied = Neighbours(np.array([[0, 2]]), np.array([[0.9, 0.8 - 1e-7]], np.float32))
+    lower = Neighbours(np.array([[0, 3]]), np.array([[0.9, 0.79]], np.float32))
+    assert recall_at_k(tied, truth) == 1.0 and recall_at_k(lower, truth) == 0.5

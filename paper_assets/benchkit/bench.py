@@ -317,6 +317,7 @@ class BenchOptions:
     stand_in: str = "bert-base"  # the offline stand-in's shape where no model is given: bert-base | gpu-rate
     novelty_months: int = 24
     corpus_papers: int = 0  # the whole job on a synthetic S2-shaped source of this many papers, and a tenth (0: skip)
+    corpus_until: str = "catalog_queries"  # the last stage of the whole job the corpus bench runs
 
 
 def bench_dir() -> Path:
@@ -379,7 +380,7 @@ def run_benchmark(options: BenchOptions) -> int:
     if options.corpus_papers:
         from .corpus_bench import print_corpus, run_corpus
 
-        result["corpus"] = run_corpus(options.corpus_papers, work)
+        result["corpus"] = run_corpus(options.corpus_papers, work, until=options.corpus_until)
         print_corpus(result["corpus"])
     if options.json:
         Path(options.json).write_text(json.dumps(result, indent=2), encoding="utf-8")

@@ -183,15 +183,16 @@ _STAGE_BODIES = {"s2_source": _s2_source, "sensor_tick": _sensor_tick, "planner"
                  "paper_novelty": _paper_novelty, "catalog_queries": _catalog_queries}
 
 
-def run_corpus(papers: int, work: Path, stages: tuple[str, ...] = STAGES) -> dict:
-    """Every stage at ``papers`` and at a tenth of it; per stage its seconds, peak RSS and growth."""
+def run_corpus(papers: int, work: Path, until: str = STAGES[-1]) -> dict:
+    """Every stage up to ``until`` at ``papers`` and at a tenth of it; per stage its seconds, peak RSS and growth."""
+    stages = STAGES[:STAGES.index(until) + 1]
     work = work / "corpus-bench"
     model = work / "model-tiny"
     if not (model / "adapter" / "adapter_config.json").exists():
         pool = sample_source.read_jsonl_papers(SAMPLE_PAPERS)
         build_model(model, [f"{p['title']} [SEP] {p['abstract']}" for p in pool], shape=TINY)
     result: dict = {"model": "tiny stand-in (BERT + seq_bn adapter, 2 layers x 64)", "id_span": ID_SPAN,
-                    "range_width": RANGE_WIDTH, "runs": {}}
+                    "range_width": RANGE_WIDTH, "stages": stages, "runs": {}}
     for size in (max(papers // 10, 1), papers):
         home = work / f"home-{size}"
         shutil.rmtree(home, ignore_errors=True)

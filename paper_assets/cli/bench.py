@@ -43,6 +43,10 @@ def register(sub) -> None:
                        help="also run the whole job (snapshot, sensor, planner, update, hub_shards, paper_index, "
                        "every novelty month, catalog queries) on a synthetic source of N papers shaped like S2's, "
                        "with the tiny stand-in model, at N/10 and N (e.g. 2360000)")
+    bench.add_argument("--corpus-until", default="catalog_queries", metavar="STAGE",
+                       choices=["s2_source", "sensor_tick", "planner", "update_embedding", "hub_shards", "paper_index",
+                                "paper_novelty", "catalog_queries"],
+                       help="the last stage --corpus runs (each needs the ones before it; default %(default)s)")
     bench.add_argument("--novelty-months", type=int, default=24, help="months the N papers span (default %(default)s)")
     bench.set_defaults(func=run)
 
@@ -58,5 +62,6 @@ def run(args) -> int:
         json=args.json, pipeline_papers=args.pipeline_papers, release_rows=args.release_rows,
         dagster_partitions=args.dagster_partitions, dagster_papers_per_partition=args.dagster_papers_per_partition,
         retrieval=args.retrieval, novelty_papers=args.novelty, corpus_papers=args.corpus,
+        corpus_until=args.corpus_until,
         novelty_months=args.novelty_months,
         stand_in=args.stand_in))

@@ -32,11 +32,11 @@ from .novelty_params import NoveltyParams
 from .paper_index import (
     MAX_EF_SEARCH,
     IndexManifest,
+    Neighbours,
     PaperIndex,
     current_manifest,
     index_inputs,
     month_start_day,
-    recall_at_k,
 )
 from .schemas import METADATA_KEY, file_metadata
 
@@ -115,6 +115,28 @@ def choose_search(params: NoveltyParams, queries: int, priors: int, has_graph: b
     return "exact" if queries * priors <= params.exact_max_pairs else "hnsw"
 
 
+def recall_at_k(found: Neighbours, truth: Neighbours, tie: float = 1e-6) -> float:
+    """Mean over rows of the share of ``truth``'s neighbours found (-1 entries ignored); a found paper outside the
+    truth counts where its cosine equals the truth's last one within ``tie`` (fp32 rounding decides such ties)."""
+    scores = []
+    rows = zip(found.positions, found.cosines, truth.positions, truth.cosines, strict=True)
+    for got, got_cos, want, want_cos in rows:
+        want_set = set(int(w) for w in want if w >= 0)
+        if want_set:
+            last = want_cos[len(want_set) - 1] - tie
+            hits = sum(1 for g, c in zip(got, got_cos, strict=True) if g >= 0 and (int(g) in want_set or c >= last))
+            scores.append(min(hits, len(want_set)) / len(want_set))
+    return float(np.mean(scores)) if scores else 1.0
+
+
+def _recomputed(index: PaperIndex, queries: np.ndarray, found: Neighbours, rows: np.ndarray) -> Neighbours:
+    """The sampled rows' neighbours with their cosines computed from the index's vectors (what the recall's tie rule
+    compares; a search over the wrong vectors reports cosines of those)."""
+    positions = found.positions[rows]
+    vectors = np.asarray(index.vectors[np.maximum(positions, 0).ravel()]).reshape(*positions.shape, -1)
+    return Neighbours(positions, np.where(positions >= 0, np.einsum("qd,qkd->qk", queries[rows], vectors), 0.0))
+
+
 def tuned_ef(index: PaperIndex, sample: np.ndarray, priors: int, params: NoveltyParams) -> int:
     """The smallest beam, growing by ``EF_STEP`` from ``ef_search``, whose recall@K against exact search on
     ``sample`` reaches ``min_recall`` + ``RECALL_MARGIN``. The authors' efSearch 50 gives recall@100 of ~0.92 on the
@@ -123,7 +145,7 @@ def tuned_ef(index: PaperIndex, sample: np.ndarray, priors: int, params: Novelty
     ef = params.ef_search
     while ef < MAX_EF_SEARCH:
         found = index.search_hnsw(sample, params.k, priors, ef)
-        if recall_at_k(found.positions, truth.positions) >= params.min_recall + RECALL_MARGIN:
+        if recall_at_k(found, truth) >= params.min_recall + RECALL_MARGIN:
             break
         ef = int(ef * EF_STEP)
     return min(ef, MAX_EF_SEARCH)
@@ -146,7 +168,7 @@ def compute_month(index: PaperIndex, month: str, params: NoveltyParams, seed: in
         if end > start and priors > 0:  # checked against FAISS's fp32 exact search, as the graph's results are
             check = np.random.default_rng(seed).permutation(end - start)[:params.recall_sample]
             truth = index.search_exact(queries[check], params.k, priors)
-            recall, sample_size = recall_at_k(found.positions[check], truth.positions), len(check)
+            recall, sample_size = recall_at_k(_recomputed(index, queries, found, check), truth), len(check)
     else:
         # Disjoint samples: one tunes the beam, the other estimates the recall the check judges.
         order = np.random.default_rng(seed).permutation(end - start)
@@ -156,7 +178,7 @@ def compute_month(index: PaperIndex, month: str, params: NoveltyParams, seed: in
         ef = tuned_ef(index, queries[tune], priors, params)
         found = index.search_hnsw(queries, params.k, priors, ef)
         truth = index.search_exact(queries[check], params.k, priors)
-        recall, sample_size = recall_at_k(found.positions[check], truth.positions), len(check)
+        recall, sample_size = recall_at_k(_recomputed(index, queries, found, check), truth), len(check)
     neighbours = (found.positions >= 0).sum(axis=1)
     metrics = metrics_from_cosines(found.cosines, neighbours, params.k)
     days = index.days[start:end]

@@ -1,9 +1,9 @@
-"""The similar-paper index: every embedded paper, ordered by publication date, in one FAISS HNSW graph.
+"""The similar-paper index: every embedded paper ordered by publication date, and an HNSW graph where needed.
 
-Why one graph ordered by date: the novelty metrics need "the K nearest papers published before date D" for every
-month. Papers are added in (publication_date, corpusid) order, so FAISS id == position and "published before D"
-is the id range ``[0, first position dated >= D)``: no per-month index is ever built (the metrics' authors rebuild
-theirs month by month). Undated papers come last: ``similar`` finds them, no month counts them as prior papers.
+Novelty needs "the K nearest papers published before date D" for every month. Papers are stored in
+(publication_date, corpusid) order, so position == FAISS id and "published before D" is the range ``[0, first
+position dated >= D)``: no per-month index is built. Undated papers come last: ``similar`` finds them, no month
+counts them as prior papers.
 
 Layout under ``<home>/index/``::
 
@@ -370,16 +370,6 @@ def current_index(root: HomePath, cache: Path | None = None) -> PaperIndex | Non
     if not is_local(root) and cache is None:
         raise ValueError("an object-storage index needs a local cache folder")
     return PaperIndex(local_version(root / build, cache))
-
-
-def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-    """Mean over rows of |found ∩ truth| / |truth| (positions; -1 entries ignored)."""
-    scores = []
-    for got, want in zip(found, truth, strict=True):
-        want_set = set(int(w) for w in want if w >= 0)
-        if want_set:
-            scores.append(len(want_set & set(int(g) for g in got if g >= 0)) / len(want_set))
-    return float(np.mean(scores)) if scores else 1.0
 
 
 def similar_papers(index: PaperIndex, corpusid: int, k: int = 10, before_day: int | None = None,
