@@ -99,7 +99,7 @@ class Settings:
     novelty_from: str = setting(NoveltyParams.first_month, "first publication month (`YYYY-MM`) with novelty scores; "
                                 "papers of earlier months still count as prior papers", shown="the earliest paper's")
     novelty_search: str = setting(NoveltyParams.search, "`auto` (`device` on a GPU or a CPU with native "
-                                  "bf16; else `exact` while a month's queries × prior papers ≤ 10⁸, else the HNSW "
+                                  "bf16; else `exact` while a month's queries × prior papers ≤ 10¹⁰, else the HNSW "
                                   "graph), `device` (exact: bf16 "
                                   "candidates on the embedding device, rescored and certified in fp32), `exact` "
                                   "(FAISS, fp32), `hnsw`")
@@ -107,7 +107,7 @@ class Settings:
     novelty_min_recall: float = setting(NoveltyParams.min_recall, "the `recall_at_k` check's threshold")
     novelty_hnsw_m: int = setting(IndexParams.hnsw_m, "HNSW graph degree (the authors')")
     novelty_ef_construction: int = setting(IndexParams.ef_construction, "HNSW build beam (the authors')")
-    novelty_graph: str = setting(IndexParams.graph, "build the HNSW graph: `auto` (from 200,000 papers where "
+    novelty_graph: str = setting(IndexParams.graph, "build the HNSW graph: `auto` (from 1,000,000 papers where "
                                  "`auto` search would use it: no GPU, no native bf16), `always`, `never`")
 
     def gate_policy(self) -> GatePolicy:

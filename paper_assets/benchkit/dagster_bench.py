@@ -62,9 +62,11 @@ def _run(argv: list[str], env: dict, what: str, timeout: float = 6 * 3600) -> No
         raise UserError(f"{what} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
 
 
-def _wait_ready(worker: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+def _wait_ready(worker: subprocess.Popen, log: Path, preloaded: bool, timeout: float = 300) -> None:
+    """Until the worker takes tasks and, where it preloads, its process holds the model."""
     deadline = time.time() + timeout
-    while " ready." not in log.read_text(errors="replace"):
+    wanted = [" ready."] + (["model loaded at worker start"] if preloaded else [])
+    while not all(line in log.read_text(errors="replace") for line in wanted):
         if worker.poll() is not None or time.time() > deadline:
             raise UserError(f"the Celery worker did not start:\n{log.read_text(errors='replace')[-3000:]}")
         time.sleep(0.5)
@@ -124,7 +126,7 @@ def run_dagster_bench(partitions: int, per_partition: int, work: Path, base: str
               "engine": "paper-assets embed (one process: imports, model load, every range)",
               "timed": "dagster: from launching the run(s) to the last one finishing (s2_source untimed); ui_backfill: "
                        "from the GraphQL launch to the backfill's COMPLETED status"}
-    for mode in ("one_run", "run_per_partition", "ui_backfill"):
+    for mode in ("one_run", "one_run_cold_worker", "run_per_partition", "ui_backfill"):
         seconds, phases = min(timings[mode]) if mode in timings else timed(mode, 0)
         result[mode] = {"seconds": seconds, "papers_per_s": total / seconds, "ratio": engine_seconds / seconds,
                         "overhead_seconds_per_partition": (seconds - engine_seconds) / partitions,
@@ -164,16 +166,20 @@ def _timed_dagster(work: Path, mode: str, source: Path, engine_home: Path, env: 
     with temporary_postgres_database(pg_admin_url) as pg_url, empty_redis_database(redis_url) as broker:
         env = {**env, variable("home"): str(home), variable("pg_url"): pg_url, variable("celery_broker"): broker,
                "DAGSTER_HOME": str(layout.dagster_home)}
-        if mode == "one_run":  # the CLI's --partition-range needs the whole range in one run
+        if mode.startswith("one_run"):  # the CLI's --partition-range needs the whole range in one run
             env[variable("partitions_per_run")] = "0"
         else:
             env.pop(variable("partitions_per_run"), None)
         log = work / "worker.log"
         with open(log, "w") as log_handle:
-            worker = start_bound([python, "-m", "paper_assets.cli", "worker", "--device", device], env=env,
-                                 stdout=log_handle, stderr=subprocess.STDOUT)
+            # one_run_cold_worker: the worker loads the model in the timed run's first step, as a backfill's first
+            # run on a new worker does; elsewhere it loaded it when it started, as for every later run.
+            cold = mode == "one_run_cold_worker"
+            worker = start_bound([python, "-m", "paper_assets.cli", "worker", "--device", device,
+                                  *(["--no-preload"] if cold else [])], env=env, stdout=log_handle,
+                                 stderr=subprocess.STDOUT)
             try:
-                _wait_ready(worker, log)
+                _wait_ready(worker, log, preloaded=not cold)
                 dagster = [python, "-m", "dagster", "asset", "materialize", "-m", "paper_assets.definitions"]
                 _run([*dagster, "--select", "s2_source"], env, "s2_source run")
                 materialize = [*dagster, "--select", "papers,paper_embeddings"]
@@ -182,7 +188,7 @@ def _timed_dagster(work: Path, mode: str, source: Path, engine_home: Path, env: 
                     phases = _phases(env, launched_at, launched_at + seconds)
                     return seconds, phases
                 started, launched_at = time.perf_counter(), time.time()
-                if mode == "one_run":
+                if mode.startswith("one_run"):
                     _run([*materialize, "--partition-range", f"{keys[0]}...{keys[-1]}"], env, "backfill run")
                 else:
                     with ThreadPoolExecutor(concurrent_runs) as launcher:  # as the run queue starts them
@@ -256,7 +262,9 @@ def print_dagster_bench(backfill: dict) -> None:
     print(f"dagster backfill of {backfill['partitions']} partitions x {backfill['papers_per_partition']} papers: "
           f"{backfill['dagster_papers_per_s']:.2f} papers/s vs paper-assets embed "
           f"{backfill['engine_papers_per_s']:.2f} papers/s ({backfill['ratio']:.2f}x)")
-    for mode, what in (("one_run", "one run for the backfill"), ("run_per_partition", "a run per partition"),
+    for mode, what in (("one_run", "one run for the backfill"),
+                       ("one_run_cold_worker", "the same on a worker that loads the model in the run"),
+                       ("run_per_partition", "a run per partition"),
                        ("ui_backfill", "a UI backfill (webserver, daemon)")):
         figures = backfill[mode]
         print(f"  {what}: {figures['papers_per_s']:.2f} papers/s ({figures['ratio']:.2f}x), "

@@ -18,6 +18,9 @@ def register(sub) -> None:
                         "GPU machines: --queue embed)")
     worker.add_argument("--concurrency", type=int, default=1, help="steps at once (default 1: one per device)")
     worker.add_argument("--name", help="Celery node name (default paper-assets-<device>-<pid>@<host>)")
+    worker.add_argument("--no-preload", dest="preload", action="store_false",
+                        help="do not load the model when the worker starts (by default a worker serving the embed "
+                        "queue loads it at start, so its first step does not wait for it)")
     worker.set_defaults(func=run)
 
 
@@ -45,6 +48,9 @@ def run(args) -> int:
     config = celery_config(settings)
     module = [f"broker_url = {config['broker']!r}\n", f"result_backend = {config['backend']!r}\n"]
     module += [f"{key} = {value!r}\n" for key, value in config["config_source"].items()]
+    if args.preload and EMBED_QUEUE in queues:
+        # Celery gives a new worker process 4 s to start by default; loading SPECTER2 on a GPU takes longer.
+        module += ["imports = ('paper_assets.defs.worker_preload',)\n", "worker_proc_alive_timeout = 600\n"]
     (config_dir / "dagster_celery_config.py").write_text("".join(module), encoding="utf-8")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(config_dir), os.environ.get("PYTHONPATH")]))
     name = args.name or f"paper-assets-{device.replace(':', '')}-{os.getpid()}@{socket.gethostname()}"

@@ -12,13 +12,14 @@ GRAPH_MODES = ("auto", "always", "never")
 @dataclass(frozen=True)
 class IndexParams:
     """The authors' HNSW settings by default. ``graph``: ``auto`` builds the HNSW graph from ``graph_min_papers``
-    papers on (below it exact search is faster than building the graph: BENCHMARKS.md) unless the exact search on
-    the embedding device is the default search (then nothing would read the graph), ``always`` or ``never``."""
+    papers on (below it exact search is faster than building and searching the graph: BENCHMARKS.md) unless the
+    exact search on the embedding device is the default search (then nothing would read the graph), ``always`` or
+    ``never``."""
 
     hnsw_m: int = 32
     ef_construction: int = 200
     graph: str = "auto"
-    graph_min_papers: int = 200_000
+    graph_min_papers: int = 1_000_000
 
     def __post_init__(self):
         if self.graph not in GRAPH_MODES:
@@ -33,8 +34,10 @@ class IndexParams:
 class NoveltyParams:
     k: int = 100
     search: str = "auto"
-    # auto: exact search while queries x prior papers stays under this (~1 s of matrix products on 2 cores).
-    exact_max_pairs: int = 100_000_000
+    # auto without the device search: FAISS's exact search while queries x prior papers stays under this (~80 s of
+    # fp32 products on 2 cores); beyond, the graph. At 300k papers exact search took 388 s for 36 months against the
+    # graph's 1,476 s (build included), and the graph's recall fell to 0.88 (BENCHMARKS.md).
+    exact_max_pairs: int = 10_000_000_000
     ef_search: int = 50
     recall_sample: int = 256
     min_recall: float = 0.95
