@@ -376,9 +376,11 @@ def test_auto_search_takes_the_device_where_it_pays():
     assert choose_search(NoveltyParams(search="exact"), 1, 1, has_graph=True, device_pays=True) == "exact"
 
 
-def test_device_search_in_blocks_smaller_than_a_month_equals_faiss_with_ties(monkeypatch):
-    """Query and prior blocks far smaller than the month, duplicated papers (exact ties) and months with fewer
-    priors than k: the ids, cosines and metrics equal FAISS's exact search (ids up to the order within a tie)."""
+@pytest.mark.parametrize("prior_rows", [101, 7], ids=["blocks_above_k", "blocks_below_k"])
+def test_device_search_in_blocks_smaller_than_a_month_equals_faiss_with_ties(monkeypatch, prior_rows):
+    """Query and prior blocks far smaller than the month (prior blocks even smaller than k), duplicated papers
+    (exact ties) and months with fewer priors than k: the ids, cosines and metrics equal FAISS's exact search (ids
+    up to the order within a tie)."""
     import faiss
     import torch
 
@@ -386,13 +388,13 @@ def test_device_search_in_blocks_smaller_than_a_month_equals_faiss_with_ties(mon
     from paper_assets.engine.novelty import metrics_from_cosines
 
     monkeypatch.setattr(knn, "QUERY_ROWS", 37)
-    monkeypatch.setattr(knn, "PRIOR_ROWS", 101)
+    monkeypatch.setattr(knn, "PRIOR_ROWS", prior_rows)
     rng = np.random.default_rng(11)
     centres = rng.normal(size=(8, 32))
     priors = _unit(centres[rng.integers(0, 8, 900)] + 0.4 * rng.normal(size=(900, 32)))
     priors[300:340] = priors[100:140]  # exact ties
     queries, k = priors[800:900], 20
-    for end in (7, 400, 800):
+    for end in (7, 30, 400, 800):
         sims, truth = faiss.knn(queries, priors[:end], min(k, end), metric=faiss.METRIC_INNER_PRODUCT)
         positions, cosines = knn.device_knn(queries, priors, end, k, torch.device("cpu"))
         k_eff = min(k, end)
