@@ -307,10 +307,11 @@ def test_ui_backfill_of_8_partitions_on_two_workers_into_an_s3_home(tmp_path, ti
         loads.setdefault(meta["worker"], {})[meta["run_id"]] = meta["model_loaded_in_this_step"]
     # Each long-lived worker process loaded the model when it started: no step, however many runs, waited for it.
     assert len(loads) == 2 and all(sum(steps.values()) == 0 for steps in loads.values()), loads
-    # compile=auto on a worker: measured once, by its first step, into that machine's own calibration file.
+    # compile=auto on a worker is decided per step, as `embed` decides per run: steps of a few hundred rows are too
+    # short to be worth measuring compilation, so neither machine's calibration holds a compile measurement.
     for i in range(2):
         calibration = json.loads((tmp_path / f"gpu-machine-{i}" / "stats" / "calibration.json").read_text())
-        assert sum(key.endswith("|compile") for key in calibration) == 1, sorted(calibration)
+        assert sum(key.endswith("|compile") for key in calibration) == 0, sorted(calibration)
 
 
 def test_a_worker_killed_mid_backfill_hands_its_step_to_the_other(tmp_path, tiny_model, generated_papers, pg_url,

@@ -49,10 +49,9 @@ def apply_release(defs: Definitions, instance: DagsterInstance, publish: bool,
 
 def embed_release(defs: Definitions, instance: DagsterInstance, log: Callable[[str], None] = lambda _: None,
                   on_partition: Callable[[str, dict], None] = lambda key, meta: None) -> tuple[dict, list[str]]:
-    """s2_source when the release is new, then papers + paper_embeddings for the planned ranges: each stretch of
-    neighbouring ranges in one run (this one process executes them in turn, so smaller runs would only add each
-    run's fixed cost, ~1.5 s: BENCHMARKS.md); the summary and the ranges run. ``on_partition`` gets each range's
-    paper_embeddings metadata."""
+    """s2_source when the release is new, then papers + paper_embeddings for the planned ranges, neighbouring
+    ranges together in runs of the assets' backfill policy (``PAPER_ASSETS_PARTITIONS_PER_RUN``); the summary and
+    the ranges run. ``on_partition`` gets each range's paper_embeddings metadata."""
     resources = defs.resources
     layout = resources["home"].layout()
     recover_abandoned_runs(instance, log)
@@ -71,7 +70,9 @@ def embed_release(defs: Definitions, instance: DagsterInstance, log: Callable[[s
                "rows_deleted": 0}
     model: dict = {}
     checks = [c for c in defs.asset_checks or [] if c is verification.matches_s2_specter2]
-    for keys in range_runs(instance.get_dynamic_partitions(CORPUSID_RANGES), plan.ranges):
+    # Dagster runs a separately defined asset check (matches_s2_specter2) only in single-partition runs.
+    per_run = 1 if checks else (embeddings.RANGES_PER_RUN.max_partitions_per_run or 0)
+    for keys in range_runs(instance.get_dynamic_partitions(CORPUSID_RANGES), plan.ranges, per_run):
         reasons = ", ".join(sorted({plan.reasons[key] for key in keys}))
         result = materialize([embeddings.papers, embeddings.paper_embeddings, *checks], resources=resources,
                              instance=instance, run_config=QUIET,
