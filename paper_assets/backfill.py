@@ -33,6 +33,15 @@ class WebserverUnavailable(BackfillError):
     as it does while it or its database restarts: worth asking again."""
 
 
+def webserver_up(url: str) -> bool:
+    """Whether the Dagster webserver at ``url`` answers."""
+    try:
+        with urllib.request.urlopen(f"{url}/server_info", timeout=5):
+            return True
+    except OSError:
+        return False
+
+
 def graphql(url: str, query: str, variables: dict) -> dict:
     request = urllib.request.Request(f"{url.rstrip('/')}/graphql", headers={"Content-Type": "application/json"},
                                      data=json.dumps({"query": query, "variables": variables}).encode())

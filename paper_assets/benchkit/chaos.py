@@ -22,11 +22,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from .. import backfill
 from ..demo_kit import sample_source
 from ..local_services import (
     DEFAULT_REDIS,
@@ -116,14 +116,6 @@ def _wait_for(what: str, ready, timeout: float, process: subprocess.Popen | None
         time.sleep(0.5)
 
 
-def _webserver_up(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/server_info", timeout=5):
-            return True
-    except OSError:
-        return False
-
-
 def _latest_pid(ui_log: Path, service: str) -> int:
     marker = f"paper-assets ui: {service} started (pid "
     lines = [line for line in ui_log.read_text(errors="replace").splitlines() if marker in line]
@@ -152,7 +144,7 @@ class Deployment:
             log = work / f"worker{i}.log"
             _wait_for(f"worker {i} ready", lambda log=log: " ready." in log.read_text(errors="replace"), 180,
                       worker, log)
-        _wait_for("the webserver", lambda: _webserver_up(self.url), 180, self.ui, work / "ui.log")
+        _wait_for("the webserver", lambda: backfill.webserver_up(self.url), 180, self.ui, work / "ui.log")
 
     def _start_worker(self, index: int) -> subprocess.Popen:
         env = machine_env(self.settings, self.work / f"gpu-machine-{index}")

@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -215,7 +214,7 @@ def _ui_backfill(work: Path, env: dict, keys: list[str]) -> tuple[float, float]:
                          env=env, stdout=log_handle, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[2])
     try:
         deadline = time.time() + 300
-        while not _webserver_up(url):
+        while not backfill.webserver_up(url):
             if ui.poll() is not None or time.time() > deadline:
                 raise UserError(f"`paper-assets ui` did not start:\n{log.read_text(errors='replace')[-3000:]}")
             time.sleep(0.5)
@@ -228,14 +227,6 @@ def _ui_backfill(work: Path, env: dict, keys: list[str]) -> tuple[float, float]:
     if status not in backfill.SUCCEEDED:
         raise UserError(f"the UI backfill ended {status}:\n{log.read_text(errors='replace')[-3000:]}")
     return seconds, launched_at
-
-
-def _webserver_up(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/server_info", timeout=5):
-            return True
-    except OSError:
-        return False
 
 
 def _phases(env: dict, launched_at: float, finished_at: float) -> list[dict]:
