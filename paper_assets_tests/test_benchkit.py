@@ -45,3 +45,19 @@ def test_run_phases_accounts_for_each_step_of_a_run():
     assert phases["materializations"] == 2
     in_steps = sum(step["span_s"] for step in phases["steps"].values())
     assert phases["run_s"] >= in_steps and phases["before_run_start_s"] >= 0 and phases["after_run_end_s"] >= 0
+
+
+def test_the_novelty_bench_runs_each_distinct_search_once_and_reports_the_reference(monkeypatch):
+    from paper_assets.benchkit import novelty_bench
+    from paper_assets.engine import device_knn
+
+    monkeypatch.setattr(novelty_bench, "REFERENCE_GRAPH_MIN_PAPERS", 1000)
+    monkeypatch.setattr(novelty_bench, "REFERENCE_EXACT_MAX_PAIRS", 10_000)
+    monkeypatch.setattr(device_knn, "device_search_pays", lambda: False)
+    report = novelty_bench.run(1500, 4, dim=16, log=lambda line: None)
+    assert report["default"]["same_as"] == report["faiss_exact"]["same_as"] == "auto_without_device"
+    assert set(report["auto_without_device"]["months_by_search"]) == {"exact"}
+    reference = report["graph_from_200k_papers"]
+    assert reference["graph"] and "hnsw" in reference["months_by_search"]
+    assert report["speedup_reference"] == "graph_from_200k_papers" and reference["speedup_vs_reference"] == 1
+    assert report["graph"]["graph"] and report["default"]["vs_exact"]["every_metric_max_abs_error"] < 1e-5
