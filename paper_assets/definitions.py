@@ -65,22 +65,24 @@ def build_resources(settings: Settings) -> dict:
     }
 
 
-def s2_verification(settings: Settings) -> tuple[list, dict]:
-    """The matches_s2_specter2 check and its resource, where an S2 API key is set."""
+def s2_verification(settings: Settings) -> tuple[list, list, dict]:
+    """The matches_s2_specter2 check, the sensor that runs it after ranged runs, and its resource, where an S2 API
+    key is set."""
     if not os.environ.get(S2_KEY_VARIABLE):
-        return [], {}
-    return [verification.matches_s2_specter2], {"s2_graph": verification.S2GraphResource(
-        api=settings.s2_api, api_key=EnvVar(S2_KEY_VARIABLE), min_interval=settings.s2_min_interval)}
+        return [], [], {}
+    return [verification.matches_s2_specter2], [verification.s2_check_sensor], {
+        "s2_graph": verification.S2GraphResource(api=settings.s2_api, api_key=EnvVar(S2_KEY_VARIABLE),
+                                                 min_interval=settings.s2_min_interval)}
 
 
 def build_definitions(settings: Settings | None = None) -> Definitions:
     settings = settings or load_settings()
-    checks, check_resources = s2_verification(settings)
+    checks, check_sensors, check_resources = s2_verification(settings)
     return Definitions(
         assets=[source.s2_source, embeddings.papers, embeddings.paper_embeddings, shards.hub_shards,
                 novelty.paper_index, novelty.paper_novelty, novelty.hub_novelty],
         asset_checks=[*load_asset_checks_from_modules([embeddings, shards, novelty]), *checks],
-        sensors=[s2_source_release_sensor, s2_release_ranges_sensor, novelty_sensor],
+        sensors=[s2_source_release_sensor, s2_release_ranges_sensor, novelty_sensor, *check_sensors],
         resources={**build_resources(settings), **check_resources},
         executor=recording_run_worker(executor_for(settings)),
     )

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -98,3 +99,23 @@ def stop_process_group(process: subprocess.Popen, timeout: float = 30) -> None:
             return
         except (ProcessLookupError, subprocess.TimeoutExpired):
             continue
+
+
+def wait_until(what: str, ready: Callable[[], object], timeout: float, process: subprocess.Popen | None = None,
+               log: str | os.PathLike | None = None, poll: float = 0.5) -> object:
+    """``ready()``'s first truthy value, polled every ``poll`` seconds; a RuntimeError naming ``what`` (with the
+    tail of ``log``) once ``timeout`` passes or ``process`` ends first."""
+    deadline = time.time() + timeout
+    while True:
+        value = ready()
+        if value:
+            return value
+        ended = process is not None and process.poll() is not None
+        if ended or time.time() > deadline:
+            tail = ""
+            if log is not None and os.path.exists(log):
+                with open(log, errors="replace") as handle:
+                    tail = handle.read()[-3000:]
+            why = f"its process ended (exit {process.returncode})" if ended else f"not within {timeout:.0f} s"
+            raise RuntimeError(f"{what} did not happen: {why}\n{tail}")
+        time.sleep(poll)

@@ -61,3 +61,26 @@ def test_the_novelty_bench_runs_each_distinct_search_once_and_reports_the_refere
     assert reference["graph"] and "hnsw" in reference["months_by_search"]
     assert report["speedup_reference"] == "graph_from_200k_papers" and reference["speedup_vs_reference"] == 1
     assert report["graph"]["graph"] and report["default"]["vs_exact"]["every_metric_max_abs_error"] < 1e-5
+
+
+def test_wait_until_returns_the_first_ready_value_and_names_what_never_came(tmp_path):
+    import subprocess
+    import sys
+
+    import pytest
+
+    from paper_assets.processes import wait_until
+
+    answers = iter([None, 0, "up"])
+    assert wait_until("the service", lambda: next(answers), 5, poll=0.01) == "up"
+    log = tmp_path / "service.log"
+    log.write_text("address already in use\n")
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    started = time.monotonic()
+    ended_message = r"(?s)the webserver did not happen: its process ended \(exit 0\).*address already in use"
+    with pytest.raises(RuntimeError, match=ended_message):
+        wait_until("the webserver", lambda: False, 60, ended, log, poll=0.01)
+    assert time.monotonic() - started < 5  # the ended process stops the wait, not the timeout
+    with pytest.raises(RuntimeError, match="the worker did not happen: not within 0 s"):
+        wait_until("the worker", lambda: False, 0.05, poll=0.01)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from dagster import AssetKey, instance_for_test, materialize
+from dagster import AssetKey, AssetSelection, build_sensor_context, instance_for_test, materialize
 
 from paper_assets import cli
 from paper_assets.definitions import build_definitions
 from paper_assets.defs import embeddings, verification
+from paper_assets.defs.ranged import range_tags
 from paper_assets.engine.home import ProjectHome
 from paper_assets.engine.s2_verify import compare
 
@@ -33,8 +34,9 @@ def test_verify_and_the_check_read_1_against_our_own_vectors_and_fail_against_pe
         s2_home, fake_s2, capsys):  # noqa: F811 - the fixtures imported above
     assert update(capsys)["rows_embedded"] == 2000
     checked = [p for _, p, _ in fake_s2.state.requests if p == "/graph/v1/paper/batch"]
-    assert len(checked) == 5  # the check ran beside each of the 5 partitions; failing (S2 knew no vector), it
-    fake_s2.state.requests.clear()  # did not block them
+    # The check ran for each of the 5 partitions (update's runs of 4 and 1); failing (S2 knew no vector), it did
+    assert len(checked) == 5  # not block them
+    fake_s2.state.requests.clear()
     ours = home_vectors(ProjectHome(s2_home.home))
     unknown = set(sorted(ours)[::50])
     fake_s2.state.vectors = {i: (2.5 * v).tolist() for i, v in ours.items() if i not in unknown}
@@ -59,7 +61,31 @@ def test_verify_and_the_check_read_1_against_our_own_vectors_and_fail_against_pe
         (evaluation,) = [e for e in result.get_asset_check_evaluations()
                          if e.check_name == verification.CHECK_NAME]
         assert evaluation.passed and evaluation.asset_key == AssetKey("paper_embeddings")
-        assert evaluation.metadata["partition"].value == key
+        assert evaluation.metadata["partition"].value == evaluation.partition == key
+
+        # A ranged run skips the separate check; s2_check_sensor then asks for a check-only run over the same range
+        # (not for a run whose launcher runs the check itself, as update does), which checks each partition.
+        ranged = sorted(p.stem.split("-", 1)[1] for p in ProjectHome(s2_home.home).embeddings_dir.glob(
+            "embeddings-*.parquet"))[:3]
+        instance.add_dynamic_partitions("corpusid_ranges", ranged[1:])
+        steps, tags = [embeddings.papers, embeddings.paper_embeddings], range_tags(ranged[0], ranged[-1])
+        for launcher_tags in ({verification.CHECKED_BY_LAUNCHER_TAG: "update"}, {}):
+            assert materialize(steps, tags={**tags, **launcher_tags}, resources=defs.resources,
+                               instance=instance).success
+        tick = verification.s2_check_sensor.evaluate_tick(build_sensor_context(instance=instance, definitions=defs))
+        (request,) = tick.run_requests
+        assert request.asset_check_keys == [verification.CHECK_KEY] and request.tags.items() >= tags.items()
+        fake_s2.state.requests.clear()
+        result = materialize([*steps, verification.matches_s2_specter2], tags=request.tags, resources=defs.resources,
+                             selection=AssetSelection.checks(*request.asset_check_keys), instance=instance)
+        evaluations = [e for e in result.get_asset_check_evaluations() if e.check_name == verification.CHECK_NAME]
+        assert {e.partition: e.passed for e in evaluations if e.partition} == dict.fromkeys(ranged, True)
+        (summary,) = [e for e in evaluations if not e.partition]
+        assert summary.passed and summary.metadata["partition_count"].value == len(ranged)
+        later = verification.s2_check_sensor.evaluate_tick(build_sensor_context(
+            instance=instance, definitions=defs, cursor=tick.cursor))
+        assert later.run_requests == []  # the check-only run is not one to check again
+        assert len([p for _, p, _ in fake_s2.state.requests if p == "/graph/v1/paper/batch"]) == len(ranged)
 
     rng = np.random.default_rng(0)
     fake_s2.state.vectors = {i: (v + rng.normal(0, 0.5, v.shape)).tolist() for i, v in ours.items()}

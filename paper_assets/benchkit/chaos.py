@@ -37,7 +37,7 @@ from ..local_services import (
     temporary_bucket,
     temporary_rabbitmq_vhost,
 )
-from ..processes import start_bound, stop_process_group
+from ..processes import start_bound, stop_process_group, wait_until
 from ..settings import Settings, variable
 
 FAULTS = ("daemon", "webserver", "run_worker", "celery_worker", "postgres")
@@ -104,18 +104,6 @@ def machine_env(settings: Settings, local: Path, **extra: str) -> dict:
     return {**env, variable("home"): settings.home, **extra}
 
 
-def _wait_for(what: str, ready, timeout: float, process: subprocess.Popen | None = None, log: Path | None = None):
-    deadline = time.time() + timeout
-    while True:
-        value = ready()
-        if value:
-            return value
-        if time.time() > deadline or (process is not None and process.poll() is not None):
-            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-            raise RuntimeError(f"{what} did not happen within {timeout:.0f} s\n{tail}")
-        time.sleep(0.5)
-
-
 def _latest_pid(ui_log: Path, service: str) -> int:
     marker = f"paper-assets ui: {service} started (pid "
     lines = [line for line in ui_log.read_text(errors="replace").splitlines() if marker in line]
@@ -142,9 +130,9 @@ class Deployment:
         stack.callback(self.stop)
         for i, worker in enumerate(self.workers):
             log = work / f"worker{i}.log"
-            _wait_for(f"worker {i} ready", lambda log=log: " ready." in log.read_text(errors="replace"), 180,
+            wait_until(f"worker {i} ready", lambda log=log: " ready." in log.read_text(errors="replace"), 180,
                       worker, log)
-        _wait_for("the webserver", lambda: backfill.webserver_up(self.url), 180, self.ui, work / "ui.log")
+        wait_until("the webserver", lambda: backfill.webserver_up(self.url), 180, self.ui, work / "ui.log")
 
     def _start_worker(self, index: int) -> subprocess.Popen:
         env = machine_env(self.settings, self.work / f"gpu-machine-{index}")
@@ -250,7 +238,7 @@ def run_trial(work: Path, fault: str, base_model: str, adapter: str, papers: lis
                                      deployment.url, "--timeout", str(deadline_s)], env=deployment.env,
                                     stdout=subprocess.PIPE, stderr=err, text=True)
         instance = deployment.instance()
-        _wait_for("a run in flight", lambda: [r for r in _started_runs(instance) if r.tags.get("paper_assets/pid")],
+        wait_until("a run in flight", lambda: [r for r in _started_runs(instance) if r.tags.get("paper_assets/pid")],
                   600, fill, fill_log)
         time.sleep(rng.uniform(0, 8))
         hit = _inject(fault, deployment, postgres, instance)

@@ -30,7 +30,7 @@ from ..local_services import (
     free_port,
     temporary_postgres_database,
 )
-from ..processes import start_bound, stop_process_group
+from ..processes import start_bound, stop_process_group, wait_until
 from ..settings import Settings, variable
 from .measure import in_a_fresh_process
 from .run_phases import run_phases
@@ -63,12 +63,9 @@ def _run(argv: list[str], env: dict, what: str, timeout: float = 6 * 3600) -> No
 
 def _wait_ready(worker: subprocess.Popen, log: Path, preloaded: bool, timeout: float = 300) -> None:
     """Until the worker takes tasks and, where it preloads, its process holds the model."""
-    deadline = time.time() + timeout
     wanted = [" ready."] + (["model loaded at worker start"] if preloaded else [])
-    while not all(line in log.read_text(errors="replace") for line in wanted):
-        if worker.poll() is not None or time.time() > deadline:
-            raise UserError(f"the Celery worker did not start:\n{log.read_text(errors='replace')[-3000:]}")
-        time.sleep(0.5)
+    wait_until("the Celery worker's start", lambda: all(line in log.read_text(errors="replace") for line in wanted),
+               timeout, worker, log)
 
 
 def _timed_embed(work: Path, source: Path, engine_home: Path, shared_papers: Path, base: str, adapter: str,
@@ -213,11 +210,7 @@ def _ui_backfill(work: Path, env: dict, keys: list[str]) -> tuple[float, float]:
         ui = start_bound([sys.executable, "-m", "paper_assets.cli", "ui", "--port", url.rsplit(":", 1)[1]],
                          env=env, stdout=log_handle, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[2])
     try:
-        deadline = time.time() + 300
-        while not backfill.webserver_up(url):
-            if ui.poll() is not None or time.time() > deadline:
-                raise UserError(f"`paper-assets ui` did not start:\n{log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.5)
+        wait_until("`paper-assets ui` serving", lambda: backfill.webserver_up(url), 300, ui, log)
         started, launched_at = time.perf_counter(), time.time()
         status = backfill.wait(url, backfill.launch(url, keys, list(backfill.DEFAULT_ASSETS)), timeout=6 * 3600,
                                poll=0.5)

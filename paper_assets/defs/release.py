@@ -5,7 +5,7 @@ Used by `paper-assets update` (cron users without the daemon) and `paper-assets 
 import socket
 from collections.abc import Callable
 
-from dagster import DagsterInstance, DagsterRunStatus, Definitions, RunsFilter, materialize
+from dagster import AssetSelection, DagsterInstance, DagsterRunStatus, Definitions, RunsFilter, materialize
 
 from ..engine.errors import UserError
 from ..engine.novelty import plan_novelty
@@ -70,13 +70,17 @@ def embed_release(defs: Definitions, instance: DagsterInstance, log: Callable[[s
                "rows_deleted": 0}
     model: dict = {}
     checks = [c for c in defs.asset_checks or [] if c is verification.matches_s2_specter2]
-    # Dagster runs a separately defined asset check (matches_s2_specter2) only in single-partition runs.
-    per_run = 1 if checks else (embeddings.RANGES_PER_RUN.max_partitions_per_run or 0)
+    per_run = embeddings.RANGES_PER_RUN.max_partitions_per_run or 0
     for keys in range_runs(instance.get_dynamic_partitions(CORPUSID_RANGES), plan.ranges, per_run):
         reasons = ", ".join(sorted({plan.reasons[key] for key in keys}))
-        result = materialize([embeddings.papers, embeddings.paper_embeddings, *checks], resources=resources,
-                             instance=instance, run_config=QUIET,
-                             **run_target(keys, {**tags, "paper_assets/reason": reasons}))
+        steps, ranged_check = [embeddings.papers, embeddings.paper_embeddings], bool(checks) and len(keys) > 1
+        run_tags = {**tags, "paper_assets/reason": reasons}
+        result = materialize([*steps, *checks] if len(keys) == 1 else steps, resources=resources, instance=instance,
+                             run_config=QUIET, **run_target(keys, {**run_tags, **(
+                                 {verification.CHECKED_BY_LAUNCHER_TAG: "update"} if ranged_check else {})}))
+        if ranged_check:  # a ranged paper_embeddings step yields no output: the check runs alone, as the sensor does
+            materialize([*steps, *checks], selection=AssetSelection.checks(*checks), resources=resources,
+                        instance=instance, run_config=QUIET, **run_target(keys, run_tags))
         for materialization in result.asset_materializations_for_node("paper_embeddings"):
             key = materialization.partition
             meta = {k: v.value for k, v in materialization.metadata.items()}
