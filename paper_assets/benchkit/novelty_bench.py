@@ -123,15 +123,9 @@ def _platform(ids, days, vectors, index_params: IndexParams, params: novelty.Nov
     return results, info
 
 
-def run(papers: int, months: int, dim: int = 768, seed: int = 0, log=print) -> dict:
-    ids, days, vectors = synthetic_corpus(papers, months, dim=dim, seed=seed)
-    log(f"novelty bench: {papers:,} synthetic papers over {months} months, {dim}-d")
-    exact, exact_seconds = authors_loop(ids, days, vectors, exact=True)
-    log(f"  exact reference loop (IndexFlatL2, month by month): {exact_seconds:.1f} s")
-    authors, authors_seconds = authors_loop(ids, days, vectors)
-    log(f"  authors' loop (IndexHNSWFlat, month by month): {authors_seconds:.1f} s")
-    report = {"papers": papers, "months": months, "dim": dim, "authors_loop_seconds": round(authors_seconds, 2),
-              "exact_loop_seconds": round(exact_seconds, 2), "authors_vs_exact": _agreement(authors, exact)}
+def _variants(papers: int) -> tuple[dict[str, tuple], dict[str, str | None]]:
+    """The searches to time (name -> index params, novelty params, device_pays), and the names that resolve to the
+    same search as another one here (name -> that one), which are reported, not rerun."""
     # default: what `auto` picks here (the device's exact search where it multiplies in bf16, else as below);
     # auto_without_device: `auto` where the device search does not pay (FAISS's exact search while a month's
     # queries x priors <= exact_max_pairs, else the HNSW graph, built from graph_min_papers papers on);
@@ -154,7 +148,19 @@ def run(papers: int, months: int, dim: int = 768, seed: int = 0, log=print) -> d
                                               novelty.NoveltyParams(exact_max_pairs=REFERENCE_EXACT_MAX_PAIRS), False)
     if papers <= 100_000:
         variants["graph"] = (IndexParams(graph="always"), novelty.NoveltyParams(search="hnsw"), False)
-    variants = {name: spec for name, spec in variants.items() if same_as.get(name) is None}
+    return {name: spec for name, spec in variants.items() if same_as.get(name) is None}, same_as
+
+
+def run(papers: int, months: int, dim: int = 768, seed: int = 0, log=print) -> dict:
+    ids, days, vectors = synthetic_corpus(papers, months, dim=dim, seed=seed)
+    log(f"novelty bench: {papers:,} synthetic papers over {months} months, {dim}-d")
+    exact, exact_seconds = authors_loop(ids, days, vectors, exact=True)
+    log(f"  exact reference loop (IndexFlatL2, month by month): {exact_seconds:.1f} s")
+    authors, authors_seconds = authors_loop(ids, days, vectors)
+    log(f"  authors' loop (IndexHNSWFlat, month by month): {authors_seconds:.1f} s")
+    report = {"papers": papers, "months": months, "dim": dim, "authors_loop_seconds": round(authors_seconds, 2),
+              "exact_loop_seconds": round(exact_seconds, 2), "authors_vs_exact": _agreement(authors, exact)}
+    variants, same_as = _variants(papers)
     for name, (index_params, params, device_pays) in variants.items():
         with PeakRSS() as rss:
             before = rss.peak
