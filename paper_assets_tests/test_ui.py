@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from paper_assets.backfill import webserver_up
 from paper_assets.local_services import free_port
-from paper_assets.processes import start_bound
+from paper_assets.processes import start_bound, wait_until
 
 from .conftest import REPO, stop_process_group
 
@@ -24,15 +25,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 
 
 def wait_for_webserver(url: str, server: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/server_info", timeout=5):
-                return
-        except OSError as err:
-            if time.time() > deadline or server.poll() is not None:
-                raise RuntimeError(f"paper-assets ui did not start: {log.read_text()[-3000:]}") from err
-            time.sleep(1)
+    wait_until("paper-assets ui serving", lambda: webserver_up(url), timeout, server, log)
 
 
 def graphql(url: str, query: str, variables: dict | None = None) -> dict:

@@ -123,7 +123,7 @@ def _platform(ids, days, vectors, index_params: IndexParams, params: novelty.Nov
     return results, info
 
 
-def _variants(papers: int) -> tuple[dict[str, tuple], dict[str, str | None]]:
+def _variants(papers: int) -> tuple[dict[str, tuple], dict[str, str]]:
     """The searches to time (name -> index params, novelty params, device_pays), and the names that resolve to the
     same search as another one here (name -> that one), which are reported, not rerun."""
     # default: what `auto` picks here (the device's exact search where it multiplies in bf16, else as below);
@@ -135,20 +135,23 @@ def _variants(papers: int) -> tuple[dict[str, tuple], dict[str, str | None]]:
     from ..engine.device_knn import device_search_pays
 
     fallback_graph = "always" if papers >= IndexParams().graph_min_papers else "never"
-    variants: dict[str, tuple] = {
-        "auto_without_device": (IndexParams(graph=fallback_graph), novelty.NoveltyParams(), False),
-        "faiss_exact": (IndexParams(graph="never"), novelty.NoveltyParams(search="exact"), False),
-    }
-    same_as = {"default": None if device_search_pays() else "auto_without_device",
-               "faiss_exact": "auto_without_device" if fallback_graph == "never" else None}
-    if same_as["default"] is None:
-        variants = {"default": (IndexParams(), novelty.NoveltyParams(), None), **variants}
+    variants: dict[str, tuple] = {}
+    same_as: dict[str, str] = {}
+    if device_search_pays():
+        variants["default"] = (IndexParams(), novelty.NoveltyParams(), None)
+    else:
+        same_as["default"] = "auto_without_device"
+    variants["auto_without_device"] = (IndexParams(graph=fallback_graph), novelty.NoveltyParams(), False)
+    if fallback_graph == "never":  # no graph: `auto` takes FAISS's exact search for every month
+        same_as["faiss_exact"] = "auto_without_device"
+    else:
+        variants["faiss_exact"] = (IndexParams(graph="never"), novelty.NoveltyParams(search="exact"), False)
     if papers >= REFERENCE_GRAPH_MIN_PAPERS:
         variants["graph_from_200k_papers"] = (IndexParams(graph_min_papers=REFERENCE_GRAPH_MIN_PAPERS),
                                               novelty.NoveltyParams(exact_max_pairs=REFERENCE_EXACT_MAX_PAIRS), False)
     if papers <= 100_000:
         variants["graph"] = (IndexParams(graph="always"), novelty.NoveltyParams(search="hnsw"), False)
-    return {name: spec for name, spec in variants.items() if same_as.get(name) is None}, same_as
+    return variants, same_as
 
 
 def run(papers: int, months: int, dim: int = 768, seed: int = 0, log=print) -> dict:
@@ -179,15 +182,14 @@ def run(papers: int, months: int, dim: int = 768, seed: int = 0, log=print) -> d
             # every paper against every earlier one: the products grow with N squared
             "projected_seconds_at_2_36m_papers": round(total * (USER_CORPUS / papers) ** 2),
         }
-    for name, original in same_as.items():
-        if original is not None:
-            report[name] = {"same_as": original, **report[original]}
     report["vectors_mb"] = round(vectors.nbytes / 2**20)
-    reference = "graph_from_200k_papers" if "graph_from_200k_papers" in report else "auto_without_device"
+    reference = "graph_from_200k_papers" if "graph_from_200k_papers" in variants else "auto_without_device"
     report["speedup_reference"] = reference
-    for name in [*variants, *[n for n, o in same_as.items() if o is not None]]:
+    for name in variants:
         report[name]["speedup_vs_auto_without_device"] = round(
             report["auto_without_device"]["total_seconds"] / report[name]["total_seconds"], 2)
         report[name]["speedup_vs_reference"] = round(
             report[reference]["total_seconds"] / report[name]["total_seconds"], 2)
+    for name, original in same_as.items():
+        report[name] = {"same_as": original, **report[original]}
     return report

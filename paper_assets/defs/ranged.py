@@ -136,9 +136,13 @@ def partition_results(context: AssetExecutionContext, results: Mapping[str, tupl
                                                    **_check_result(outcome, partition)))
     for name in check_names:
         failed = [p for p, (_, outcomes) in results.items() if any(o.name == name and not o.passed for o in outcomes)]
-        keys = list(results)
-        yield AssetCheckResult(check_name=name, passed=not failed, severity=AssetCheckSeverity.ERROR,
-                               description="every partition of the run; each partition's own result is recorded "
-                               "with it", metadata={"partitions": f"{keys[0]} .. {keys[-1]}" if keys else "none",
-                                                    "partition_count": len(keys),
-                                                    "failed_partitions": ", ".join(failed) or "none"})
+        yield run_check_result(name, list(results), failed, AssetCheckSeverity.ERROR)
+
+
+def run_check_result(check_name: str, keys: list[str], failed: list[str],
+                     severity: AssetCheckSeverity) -> AssetCheckResult:
+    """The one result that resolves a ranged run's planned check: passed where no partition failed."""
+    return AssetCheckResult(check_name=check_name, passed=not failed, severity=severity,
+                            description="every partition of the run; each partition's own result is recorded with it",
+                            metadata={"partitions": f"{keys[0]} .. {keys[-1]}" if keys else "none",
+                                      "partition_count": len(keys), "failed_partitions": ", ".join(failed) or "none"})

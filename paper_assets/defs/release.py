@@ -73,12 +73,13 @@ def embed_release(defs: Definitions, instance: DagsterInstance, log: Callable[[s
     per_run = embeddings.RANGES_PER_RUN.max_partitions_per_run or 0
     for keys in range_runs(instance.get_dynamic_partitions(CORPUSID_RANGES), plan.ranges, per_run):
         reasons = ", ".join(sorted({plan.reasons[key] for key in keys}))
-        steps, ranged_check = [embeddings.papers, embeddings.paper_embeddings], bool(checks) and len(keys) > 1
-        run_tags = {**tags, "paper_assets/reason": reasons}
-        result = materialize([*steps, *checks] if len(keys) == 1 else steps, resources=resources, instance=instance,
-                             run_config=QUIET, **run_target(keys, {**run_tags, **(
-                                 {verification.CHECKED_BY_LAUNCHER_TAG: "update"} if ranged_check else {})}))
-        if ranged_check:  # a ranged paper_embeddings step yields no output: the check runs alone, as the sensor does
+        steps, run_tags = [embeddings.papers, embeddings.paper_embeddings], {**tags, "paper_assets/reason": reasons}
+        if len(keys) == 1 or not checks:
+            result = materialize([*steps, *checks], resources=resources, instance=instance, run_config=QUIET,
+                                 **run_target(keys, run_tags))
+        else:  # a ranged paper_embeddings step yields no output: the check runs alone after it, as the sensor does
+            result = materialize(steps, resources=resources, instance=instance, run_config=QUIET,
+                                 **run_target(keys, {**run_tags, verification.CHECKED_BY_LAUNCHER_TAG: "update"}))
             materialize([*steps, *checks], selection=AssetSelection.checks(*checks), resources=resources,
                         instance=instance, run_config=QUIET, **run_target(keys, run_tags))
         for materialization in result.asset_materializations_for_node("paper_embeddings"):

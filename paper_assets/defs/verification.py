@@ -41,7 +41,7 @@ from ..engine.s2_api import S2Client
 from ..engine.s2_verify import verify_home
 from ..settings import from_setting
 from .partitions import corpusid_ranges
-from .ranged import range_tags
+from .ranged import range_tags, run_check_result
 from .resources import ProjectHomeResource
 
 CHECK_NAME = "matches_s2_specter2"
@@ -88,10 +88,7 @@ def matches_s2_specter2(context: AssetCheckExecutionContext, home: ProjectHomeRe
         run.log_event(AssetCheckEvaluation(asset_key=AssetKey("paper_embeddings"), partition=key, **evaluation))
         if not evaluation["passed"]:
             failed.append(key)
-    return AssetCheckResult(check_name=CHECK_NAME, passed=not failed, severity=AssetCheckSeverity.WARN,
-                            description="every partition of the run; each partition's own result is recorded with it",
-                            metadata={"partitions": f"{keys[0]} .. {keys[-1]}", "partition_count": len(keys),
-                                      "failed_partitions": ", ".join(failed) or "none"})
+    return run_check_result(CHECK_NAME, keys, failed, AssetCheckSeverity.WARN)
 
 
 @sensor(
