@@ -119,6 +119,7 @@ SLOW_TESTS = {
     "paper_assets_tests/test_cli.py::test_gpu_hosts_data_path_probe_tokenises_every_paper_alike_in_every_mode",
     "paper_assets_tests/test_cli.py::test_publish_command_uses_the_asset_code",
     "paper_assets_tests/test_cli.py::test_publish_to_the_hub_without_a_token_is_a_one_line_error",
+    "paper_assets_tests/test_device_knn.py::test_device_search_memory_is_bounded_by_its_blocks_not_by_the_priors",
     "paper_assets_tests/test_encoder.py::test_a_run_that_measured_the_compile_itself_keeps_the_compiled_model_its_time_being_paid",
     "paper_assets_tests/test_encoder.py::test_a_tokenizer_pool_is_ready_when_built_and_a_worker_that_cannot_start_is_raised_there",
     "paper_assets_tests/test_encoder.py::test_a_wrong_folder_or_device_fails_before_the_model_libraries_load",

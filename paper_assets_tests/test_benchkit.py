@@ -63,6 +63,25 @@ def test_the_novelty_bench_runs_each_distinct_search_once_and_reports_the_refere
     assert report["graph"]["graph"] and report["default"]["vs_exact"]["every_metric_max_abs_error"] < 1e-5
 
 
+def test_the_novelty_bench_reports_where_the_device_search_spends_its_time(monkeypatch):
+    import torch
+
+    from paper_assets.benchkit import novelty_bench
+    from paper_assets.engine import device_knn
+
+    monkeypatch.setattr(device_knn, "device_search_pays", lambda: True)
+    monkeypatch.setattr(device_knn, "knn_device", lambda: (torch.device("cpu"), True))
+    report = novelty_bench.run(1500, 4, dim=16, log=lambda line: None)
+    default = report["default"]
+    assert set(default["months_by_search"]) == {"device"} and default["recall_at_100_min"] == 1.0
+    breakdown = default["device_search"]
+    assert breakdown["certified"] + breakdown["searched_again_in_fp32"] == breakdown["queries"] > 0
+    parts = sum(breakdown[f"seconds_{what}"] for what in ("rounding", "products", "selection", "rescoring",
+                                                           "fp32_again"))
+    assert 0 < parts <= default["months_seconds"]
+    assert "device_search" not in report["auto_without_device"]
+
+
 def test_wait_until_returns_the_first_ready_value_and_names_what_never_came(tmp_path):
     import subprocess
     import sys

@@ -2,7 +2,6 @@
 
 import datetime
 import json
-import warnings
 
 import duckdb
 import faiss
@@ -319,51 +318,6 @@ def test_an_identical_rebuild_reuses_the_build_and_records_its_new_inputs(tmp_pa
     assert PaperIndex(tmp_path / first.build).manifest.inputs == {"a": "2"}
 
 
-def _unit(rows: np.ndarray) -> np.ndarray:
-    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
-
-
-@pytest.mark.parametrize("low_precision", [True, False], ids=["bf16_candidates", "fp32"])
-def test_device_search_equals_exact_fp32_search(low_precision):
-    """bf16 candidates rescored in fp32 give the exact fp32 neighbours: the same cosines (to fp32 rounding) and the
-    same papers except where two cosines are equal to that rounding. Clustered vectors put many near-ties at the
-    k-th neighbour, so some queries must be searched again in fp32 (the certificate at work)."""
-    import torch
-
-    from paper_assets.engine.device_knn import DeviceKnnStats, device_knn
-
-    rng = np.random.default_rng(5)
-    centres = rng.normal(size=(20, 64))
-    priors = _unit(centres[rng.integers(0, 20, 6000)] + 0.5 * rng.normal(size=(6000, 64)))
-    queries, end, k = priors[5000:5300], 5000, 50
-    sims = queries @ priors[:end].T
-    truth = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-    stats = DeviceKnnStats()
-    positions, cosines = device_knn(queries, priors, end, k, torch.device("cpu"), low_precision=low_precision,
-                                    margin=10, stats=stats)
-    np.testing.assert_allclose(cosines, np.take_along_axis(sims, truth, 1), atol=2e-6)
-    differ = positions != truth
-    assert differ.mean() < 0.01
-    np.testing.assert_allclose(np.take_along_axis(sims, positions, 1)[differ], cosines[differ], atol=2e-6)
-    assert stats.queries == 300
-    if low_precision:
-        assert stats.searched_again_in_fp32 > 0 and stats.certified + stats.searched_again_in_fp32 == 300
-
-
-def test_device_search_with_fewer_priors_than_k():
-    import torch
-
-    from paper_assets.engine.device_knn import device_knn
-
-    priors = _unit(np.random.default_rng(1).normal(size=(30, 16)))
-    priors.setflags(write=False)  # as the index's memory-mapped vectors are
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        positions, cosines = device_knn(priors[20:], priors, 5, 8, torch.device("cpu"))
-    assert (positions[:, :5] >= 0).all() and (positions[:, 5:] == -1).all() and (cosines[:, 5:] == 0).all()
-    assert sorted(positions[0, :5]) == [0, 1, 2, 3, 4]
-
-
 def test_auto_search_takes_the_device_where_it_pays():
     from paper_assets.engine.novelty import choose_search
     from paper_assets.engine.novelty_params import NoveltyParams
@@ -374,92 +328,6 @@ def test_auto_search_takes_the_device_where_it_pays():
     assert choose_search(auto, 10**5, 10**6, has_graph=True, device_pays=False) == "hnsw"
     assert choose_search(NoveltyParams(search="device"), 1, 1, has_graph=False, device_pays=False) == "device"
     assert choose_search(NoveltyParams(search="exact"), 1, 1, has_graph=True, device_pays=True) == "exact"
-
-
-@pytest.mark.parametrize("prior_rows", [101, 7], ids=["blocks_above_k", "blocks_below_k"])
-def test_device_search_in_blocks_smaller_than_a_month_equals_faiss_with_ties(monkeypatch, prior_rows):
-    """Query and prior blocks far smaller than the month (prior blocks even smaller than k), duplicated papers
-    (exact ties) and months with fewer priors than k: the ids, cosines and metrics equal FAISS's exact search (ids
-    up to the order within a tie)."""
-    import faiss
-    import torch
-
-    from paper_assets.engine import device_knn as knn
-    from paper_assets.engine.novelty import metrics_from_cosines
-
-    monkeypatch.setattr(knn, "QUERY_ROWS", 37)
-    monkeypatch.setattr(knn, "PRIOR_ROWS", prior_rows)
-    rng = np.random.default_rng(11)
-    centres = rng.normal(size=(8, 32))
-    priors = _unit(centres[rng.integers(0, 8, 900)] + 0.4 * rng.normal(size=(900, 32)))
-    priors[300:340] = priors[100:140]  # exact ties
-    queries, k = priors[800:900], 20
-    for end in (7, 30, 400, 800):
-        sims, truth = faiss.knn(queries, priors[:end], min(k, end), metric=faiss.METRIC_INNER_PRODUCT)
-        positions, cosines = knn.device_knn(queries, priors, end, k, torch.device("cpu"))
-        k_eff = min(k, end)
-        np.testing.assert_allclose(cosines[:, :k_eff], sims, atol=2e-6)
-        assert (positions[:, k_eff:] == -1).all() and (cosines[:, k_eff:] == 0).all()
-        exact = queries @ priors[:end].T
-        for row, (mine, theirs) in enumerate(zip(positions[:, :k_eff], truth, strict=True)):
-            for other in set(mine) ^ set(theirs):  # only papers tied with the k-th may differ
-                assert exact[row, other] == pytest.approx(sims[row, -1], abs=2e-6)
-        mine = metrics_from_cosines(cosines, (positions >= 0).sum(axis=1), k)
-        padded = np.zeros((len(sims), k), np.float32)
-        padded[:, :k_eff] = sims
-        theirs = metrics_from_cosines(padded, np.full(len(sims), k_eff), k)
-        for name, values in mine.items():
-            np.testing.assert_allclose(values, theirs[name], atol=1e-5)
-
-
-def test_fp32_rescoring_corrects_a_kth_neighbour_that_bf16_swaps():
-    """Two papers whose bf16 scores rank them the other way round from their fp32 cosines: with no spare candidate
-    the bf16 winner is picked, its certificate fails and the fp32 search returns the true nearest."""
-    import torch
-
-    from paper_assets.engine.device_knn import DeviceKnnStats, device_knn
-
-    rng = np.random.default_rng(3)
-    query = _unit(rng.normal(size=(1, 64)))
-    for _ in range(10_000):
-        near = query + 0.3 * rng.normal(size=(1, 64))
-        pair = _unit(near + 1e-3 * rng.normal(size=(2, 64)))  # cosines ~1e-4 apart, below bf16's resolution
-        fp32 = pair @ query[0]
-        low = (torch.from_numpy(pair).bfloat16() @ torch.from_numpy(query[0]).bfloat16()).float().numpy()
-        if fp32[0] > fp32[1] and low[0] < low[1]:
-            break
-    else:
-        pytest.fail("no pair that bf16 orders the other way round")
-    priors = np.vstack([pair, -pair]).astype(np.float32)  # two far papers after the pair
-    stats = DeviceKnnStats()
-    positions, cosines = device_knn(query, priors, 4, 1, torch.device("cpu"), margin=0, stats=stats)
-    assert positions[0, 0] == 0 and cosines[0, 0] == pytest.approx(fp32[0], abs=1e-6)
-    assert stats.searched_again_in_fp32 == 1
-
-
-def _device_search_peak_rss(priors_count: int) -> int:
-    import torch
-
-    from paper_assets.benchkit.measure import PeakRSS
-    from paper_assets.engine.device_knn import device_knn
-
-    rng = np.random.default_rng(0)
-    priors = _unit(rng.normal(size=(priors_count, 64)))
-    queries = priors[-4000:].copy()
-    with PeakRSS() as rss:
-        device_knn(queries, priors, priors_count - 4000, 100, torch.device("cpu"))
-    return rss.peak
-
-
-def test_device_search_memory_is_bounded_by_its_blocks_not_by_the_priors():
-    """Three times the priors (an unblocked search would hold 2.4 GB more query x prior scores) adds little more
-    than the priors themselves (+41 MB), measured in child processes."""
-    from paper_assets.benchkit.measure import in_a_fresh_process
-
-    small = in_a_fresh_process(_device_search_peak_rss, 80_000)
-    large = in_a_fresh_process(_device_search_peak_rss, 240_000)
-    priors_growth = 160_000 * 64 * 4
-    assert large - small < priors_growth + 200 * 2**20, (small, large)
 
 
 def test_recall_counts_a_paper_tied_with_the_last_true_neighbour():

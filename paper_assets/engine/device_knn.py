@@ -19,8 +19,11 @@ rescored. The neighbours equal an exact fp32 search up to exact ties and fp32 ro
 
 from __future__ import annotations
 
+import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -29,6 +32,10 @@ OUTPUT_ROUNDING = 2.0**-9 + 768 * 2.0**-24  # bf16 rounding of the result plus f
 QUERY_ROWS = 4096
 PRIOR_ROWS = 32768
 GROUP_COLUMNS = 128
+# A query chunk's first prior block: the keep-th largest of this many column groups' maxima is a score at least
+# keep scores of the row reach (each maximum is a distinct score), so one cheap pass replaces a full top-k.
+FIRST_BLOCK_GROUPS = 1024
+ROUNDED_CACHE_BYTES = 1 << 30  # rounded prior blocks kept across months (the oldest ones, which every month reads)
 
 
 @dataclass
@@ -37,6 +44,24 @@ class DeviceKnnStats:
     certified: int = 0
     searched_again_in_fp32: int = 0
     rescored: int = 0  # candidate cosines recomputed in fp32
+    seconds_rounding: float = 0.0  # prior and query blocks to the search's dtype, with their error norms
+    seconds_products: float = 0.0  # the query x prior block products
+    seconds_selection: float = 0.0  # top-k and threshold passes over the scores, merging candidates
+    seconds_rescoring: float = 0.0  # fp32 cosines of the candidates, certificates
+    seconds_fp32_again: float = 0.0  # the fp32 search of queries whose certificate failed
+
+    def add(self, other: DeviceKnnStats) -> None:
+        for field in fields(self):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+
+    @contextmanager
+    def timing(self, what: str, device: torch.device) -> Iterator[None]:
+        started = time.perf_counter()
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        name = f"seconds_{what}"
+        setattr(self, name, getattr(self, name) + time.perf_counter() - started)
 
 
 @dataclass
@@ -60,6 +85,40 @@ def _round(rows: np.ndarray, dtype: torch.dtype, device: torch.device) -> tuple[
     return full, _Rounded(low, float(back.norm(dim=1).max()), float((back - full).norm(dim=1).max()))
 
 
+class PriorBlocks:
+    """The prior papers as the search reads them: blocks of ``PRIOR_ROWS`` rounded to the search's dtype with their
+    error norms. Months in date order read the same leading blocks again, so full blocks are kept rounded up to
+    ``budget`` bytes (the oldest first, as every later month reads them) and the norms of every full block are
+    kept; the block that ends at a month's boundary is rounded for each call."""
+
+    def __init__(self, priors: np.ndarray, dtype: torch.dtype, device: torch.device,
+                 budget: int = ROUNDED_CACHE_BYTES):
+        self.priors, self.dtype, self.device = priors, dtype, device
+        self.budget = budget if dtype != torch.float32 else 0  # an fp32 copy would only duplicate the vectors
+        self.kept_bytes = 0
+        self._blocks: dict[int, _Rounded] = {}
+        self._norms: dict[int, tuple[float, float]] = {}
+
+    def block(self, start: int, stop: int) -> _Rounded:
+        full = stop - start == PRIOR_ROWS
+        if full and start in self._blocks:
+            return self._blocks[start]
+        if full and start in self._norms:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a read-only memory map; nothing here writes to it
+                rows = torch.from_numpy(np.asarray(self.priors[start:stop], dtype=np.float32))
+            rounded = _Rounded(rows.to(self.device).to(self.dtype), *self._norms[start])
+        else:
+            _, rounded = _round(self.priors[start:stop], self.dtype, self.device)
+        if full:
+            self._norms[start] = (rounded.norm_max, rounded.error_max)
+            size = rounded.low.numel() * rounded.low.element_size()
+            if self.kept_bytes + size <= self.budget:
+                self._blocks[start] = rounded
+                self.kept_bytes += size
+        return rounded
+
+
 def _topk_merge(best_val: torch.Tensor | None, best_pos: torch.Tensor | None, val: torch.Tensor, pos: torch.Tensor,
                 keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The best ``keep`` of both, best first (merged values always come out sorted, also when fewer than ``keep``)."""
@@ -71,40 +130,62 @@ def _topk_merge(best_val: torch.Tensor | None, best_pos: torch.Tensor | None, va
     return val, pos
 
 
-def _candidates(chunks: list[torch.Tensor], priors: np.ndarray, end: int, keep: int, dtype: torch.dtype,
-                device: torch.device) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float, float]:
-    """Per query chunk the ``keep`` best prior positions by ``dtype`` score (values as fp32, best first), and the
-    largest |p̂| and |δp| over the priors. Each prior block is rounded once for all chunks."""
+def _candidates(chunks: list[torch.Tensor], blocks: PriorBlocks, end: int, keep: int, stats: DeviceKnnStats
+                ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float, float]:
+    """Per query chunk the ``keep`` best prior positions by score in the blocks' dtype (values as fp32, best
+    first), and the largest |p̂| and |δp| over the priors. Each prior block is rounded once for all chunks."""
     best: list[tuple[torch.Tensor | None, torch.Tensor | None]] = [(None, None)] * len(chunks)
     norm_max = error_max = 0.0
+    device = blocks.device
     for start in range(0, end, PRIOR_ROWS):
-        _, block = _round(priors[start:min(end, start + PRIOR_ROWS)], dtype, device)
+        with stats.timing("rounding", device):
+            block = blocks.block(start, min(end, start + PRIOR_ROWS))
         norm_max, error_max = max(norm_max, block.norm_max), max(error_max, block.error_max)
         for i, chunk in enumerate(chunks):
-            scores = chunk @ block.low.T
-            best_val, best_pos = best[i]
-            if best_val is not None and best_val.shape[1] == keep:
-                val, index = _above(scores, best_val[:, -1])
-            else:
-                val, index = torch.topk(scores, min(keep, scores.shape[1]), dim=1)
-            best[i] = _topk_merge(best_val, best_pos, val.float(), index + start, keep)
+            with stats.timing("products", device):
+                scores = chunk @ block.low.T
+            with stats.timing("selection", device):
+                best_val, best_pos = best[i]
+                if best_val is not None and best_val.shape[1] == keep:
+                    val, index = _above(scores, best_val[:, -1])
+                else:
+                    val, index = _first_block(scores, keep)
+                best[i] = _topk_merge(best_val, best_pos, val.float(), index + start, keep)
     return best, norm_max, error_max
 
 
-def _above(scores: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row the scores above the row's threshold (the current ``keep``-th best) and their columns, padded with
-    -inf. Once a few blocks are merged few scores qualify: the maximum of each group of ``GROUP_COLUMNS`` columns
-    rules most groups out in one cheap pass, and only the groups left are compared element by element."""
+def _first_block(scores: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of which the ``keep`` best of each row are the row's best (unsorted, padded with -inf): where the
+    block is wide, those reaching the keep-th largest maximum of ``FIRST_BLOCK_GROUPS`` column groups (at least
+    ``keep`` do: each maximum is a distinct score); else a top-k."""
+    n, width = scores.shape
+    groups = FIRST_BLOCK_GROUPS
+    if width < groups * 4 or groups < 4 * keep:
+        return torch.topk(scores, min(keep, width), dim=1)
+    grouped = width - width % groups
+    # Column j is in group j % groups: the maxima are an elementwise max over contiguous slices.
+    maxima = scores[:, :grouped].view(n, grouped // groups, groups).amax(dim=1)
+    floor = torch.topk(maxima, keep, dim=1).values[:, -1]
+    return _above(scores, floor, inclusive=True)
+
+
+def _above(scores: torch.Tensor, threshold: torch.Tensor, inclusive: bool = False
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row the scores above the row's threshold (the current ``keep``-th best; or reaching it, ``inclusive``)
+    and their columns, padded with -inf. Once a few blocks are merged few scores qualify: the maximum of each group
+    of ``GROUP_COLUMNS`` columns rules most groups out in one cheap pass, and only the groups left are compared
+    element by element."""
     n, width = scores.shape
     limit = threshold.to(scores.dtype)
+    passes = torch.ge if inclusive else torch.gt
     grouped = width - width % GROUP_COLUMNS
-    group_rows, groups = torch.nonzero(scores[:, :grouped].view(n, -1, GROUP_COLUMNS).amax(dim=2) > limit[:, None],
-                                       as_tuple=True)
+    group_rows, groups = torch.nonzero(passes(scores[:, :grouped].view(n, -1, GROUP_COLUMNS).amax(dim=2),
+                                              limit[:, None]), as_tuple=True)
     candidates = scores[:, :grouped].view(n, -1, GROUP_COLUMNS)[group_rows, groups]
-    hit, offset = torch.nonzero(candidates > limit[group_rows, None], as_tuple=True)
+    hit, offset = torch.nonzero(passes(candidates, limit[group_rows, None]), as_tuple=True)
     rows, cols = group_rows[hit], groups[hit] * GROUP_COLUMNS + offset
     if grouped < width:  # the last columns, fewer than a group
-        tail_rows, tail_cols = torch.nonzero(scores[:, grouped:] > limit[:, None], as_tuple=True)
+        tail_rows, tail_cols = torch.nonzero(passes(scores[:, grouped:], limit[:, None]), as_tuple=True)
         rows, cols = torch.cat([rows, tail_rows]), torch.cat([cols, tail_cols + grouped])
     counts = torch.bincount(rows, minlength=n)
     most = int(counts.max()) if len(rows) else 0
@@ -149,17 +230,19 @@ def _fp32_search(queries: np.ndarray, priors: np.ndarray, end: int, k: int, devi
     """The exact search in fp32, one pass over the priors for every block of queries."""
     chunks = [torch.from_numpy(queries[i:i + QUERY_ROWS]).to(device) for i in range(0, len(queries), QUERY_ROWS)]
     # A few spare candidates: the blocked product and the rescoring may round a near-tie differently.
-    best, _, _ = _candidates(chunks, priors, end, min(end, k + 8), torch.float32, device)
+    best, _, _ = _candidates(chunks, PriorBlocks(priors, torch.float32, device), end, min(end, k + 8),
+                             DeviceKnnStats())
     found = [_rescore(q, priors, pos, torch.full((len(q),), pos.shape[1]), k)[:2]
              for q, (_, pos) in zip(chunks, best, strict=True)]
     return np.concatenate([f for f, _ in found]), np.concatenate([c for _, c in found])
 
 
 def device_knn(queries: np.ndarray, priors: np.ndarray, end: int, k: int, device: torch.device,
-               low_precision: bool = True, margin: int | None = None,
-               stats: DeviceKnnStats | None = None) -> tuple[np.ndarray, np.ndarray]:
+               low_precision: bool = True, margin: int | None = None, stats: DeviceKnnStats | None = None,
+               blocks: PriorBlocks | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Positions (-1 where fewer than k priors) and fp32 cosines of the k most similar rows of ``priors[:end]`` (unit
-    vectors) for each query, best first."""
+    vectors) for each query, best first. ``blocks``: the priors' rounded blocks kept from earlier calls (a
+    ``PriorBlocks`` over the same ``priors``, dtype and device)."""
     n = len(queries)
     positions = np.full((n, k), -1, dtype=np.int64)
     cosines = np.zeros((n, k), dtype=np.float32)
@@ -167,35 +250,47 @@ def device_knn(queries: np.ndarray, priors: np.ndarray, end: int, k: int, device
     if n == 0 or k_eff == 0:
         return positions, cosines
     keep = min(end, k_eff + (k_eff if margin is None else margin))
-    dtype = torch.bfloat16 if low_precision else torch.float32
+    dtype = search_dtype(low_precision)
+    if blocks is None:
+        blocks = PriorBlocks(priors, dtype, device, budget=0)
+    elif blocks.priors is not priors or blocks.dtype != dtype or blocks.device != device:
+        raise ValueError("the prior blocks were rounded from other vectors, or for another dtype or device")
     stats = stats if stats is not None else DeviceKnnStats()
-    rounded = [_round(queries[start:start + QUERY_ROWS], dtype, device) for start in range(0, n, QUERY_ROWS)]
-    best, norm_max, error_max = _candidates([r.low for _, r in rounded], priors, end, keep, dtype, device)
+    with stats.timing("rounding", device):
+        rounded = [_round(queries[start:start + QUERY_ROWS], dtype, device) for start in range(0, n, QUERY_ROWS)]
+    best, norm_max, error_max = _candidates([r.low for _, r in rounded], blocks, end, keep, stats)
     doubtful: list[np.ndarray] = []
     for i, ((full, query), (val, pos)) in enumerate(zip(rounded, best, strict=True)):
         start = i * QUERY_ROWS
-        if low_precision:
-            q_norm = query.low.float().norm(dim=1)
-            q_error = (query.low.float() - full).norm(dim=1)
-            bound = q_error * norm_max + q_norm * error_max + q_error * error_max + OUTPUT_ROUNDING * q_norm * norm_max
-            widths = (val >= (val[:, k_eff - 1] - 2 * bound)[:, None]).sum(dim=1)
-        else:
-            widths = torch.full((len(full),), val.shape[1])
-        found, cos, rescored = _rescore(full, priors, pos, widths, k_eff)
-        if keep < end and low_precision:  # else every prior is a candidate, or the candidates were scored in fp32
-            ceiling = (val[:, -1] + bound).cpu().numpy()  # the best an uncandidated paper can be, in fp32
-            doubtful.append(start + np.flatnonzero(cos[:, -1] <= ceiling))
+        with stats.timing("rescoring", device):
+            if low_precision:
+                q_norm = query.low.float().norm(dim=1)
+                q_error = (query.low.float() - full).norm(dim=1)
+                bound = (q_error * norm_max + q_norm * error_max + q_error * error_max
+                         + OUTPUT_ROUNDING * q_norm * norm_max)
+                widths = (val >= (val[:, k_eff - 1] - 2 * bound)[:, None]).sum(dim=1)
+            else:
+                widths = torch.full((len(full),), val.shape[1])
+            found, cos, rescored = _rescore(full, priors, pos, widths, k_eff)
+            if keep < end and low_precision:  # else every prior is a candidate, or the candidates were in fp32
+                ceiling = (val[:, -1] + bound).cpu().numpy()  # the best an uncandidated paper can be, in fp32
+                doubtful.append(start + np.flatnonzero(cos[:, -1] <= ceiling))
         stats.rescored += rescored
         positions[start:start + len(full), :k_eff] = found
         cosines[start:start + len(full), :k_eff] = cos
     again = np.concatenate(doubtful) if doubtful else np.zeros(0, dtype=np.int64)
     if len(again):  # one fp32 pass over the priors for every query whose certificate failed
-        rows = np.array(queries[again], dtype=np.float32)
-        positions[again, :k_eff], cosines[again, :k_eff] = _fp32_search(rows, priors, end, k_eff, device)
+        with stats.timing("fp32_again", device):
+            rows = np.array(queries[again], dtype=np.float32)
+            positions[again, :k_eff], cosines[again, :k_eff] = _fp32_search(rows, priors, end, k_eff, device)
     stats.queries += n
     stats.searched_again_in_fp32 += len(again)
     stats.certified += n - len(again)
     return positions, cosines
+
+
+def search_dtype(low_precision: bool) -> torch.dtype:
+    return torch.bfloat16 if low_precision else torch.float32
 
 
 def knn_device() -> tuple[torch.device, bool]:

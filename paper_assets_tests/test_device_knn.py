@@ -1,0 +1,216 @@
+"""The exact k-NN search on the embedding device (``engine.device_knn``): equal to FAISS's fp32 exact search,
+certified per query, bounded in memory, and reusing the rounded prior blocks across months."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("low_precision", [True, False], ids=["bf16_candidates", "fp32"])
+def test_device_search_equals_exact_fp32_search(low_precision):
+    """bf16 candidates rescored in fp32 give the exact fp32 neighbours: the same cosines (to fp32 rounding) and the
+    same papers except where two cosines are equal to that rounding. Clustered vectors put many near-ties at the
+    k-th neighbour, so some queries must be searched again in fp32 (the certificate at work)."""
+    import torch
+
+    from paper_assets.engine.device_knn import DeviceKnnStats, device_knn
+
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(20, 64))
+    priors = _unit(centres[rng.integers(0, 20, 6000)] + 0.5 * rng.normal(size=(6000, 64)))
+    queries, end, k = priors[5000:5300], 5000, 50
+    sims = queries @ priors[:end].T
+    truth = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    stats = DeviceKnnStats()
+    positions, cosines = device_knn(queries, priors, end, k, torch.device("cpu"), low_precision=low_precision,
+                                    margin=10, stats=stats)
+    np.testing.assert_allclose(cosines, np.take_along_axis(sims, truth, 1), atol=2e-6)
+    differ = positions != truth
+    assert differ.mean() < 0.01
+    np.testing.assert_allclose(np.take_along_axis(sims, positions, 1)[differ], cosines[differ], atol=2e-6)
+    assert stats.queries == 300
+    if low_precision:
+        assert stats.searched_again_in_fp32 > 0 and stats.certified + stats.searched_again_in_fp32 == 300
+
+
+def test_device_search_with_fewer_priors_than_k():
+    import torch
+
+    from paper_assets.engine.device_knn import device_knn
+
+    priors = _unit(np.random.default_rng(1).normal(size=(30, 16)))
+    priors.setflags(write=False)  # as the index's memory-mapped vectors are
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        positions, cosines = device_knn(priors[20:], priors, 5, 8, torch.device("cpu"))
+    assert (positions[:, :5] >= 0).all() and (positions[:, 5:] == -1).all() and (cosines[:, 5:] == 0).all()
+    assert sorted(positions[0, :5]) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("prior_rows", [101, 7], ids=["blocks_above_k", "blocks_below_k"])
+def test_device_search_in_blocks_smaller_than_a_month_equals_faiss_with_ties(monkeypatch, prior_rows):
+    """Query and prior blocks far smaller than the month (prior blocks even smaller than k), duplicated papers
+    (exact ties) and months with fewer priors than k: the ids, cosines and metrics equal FAISS's exact search (ids
+    up to the order within a tie)."""
+    import faiss
+    import torch
+
+    from paper_assets.engine import device_knn as knn
+    from paper_assets.engine.novelty import metrics_from_cosines
+
+    monkeypatch.setattr(knn, "QUERY_ROWS", 37)
+    monkeypatch.setattr(knn, "PRIOR_ROWS", prior_rows)
+    rng = np.random.default_rng(11)
+    centres = rng.normal(size=(8, 32))
+    priors = _unit(centres[rng.integers(0, 8, 900)] + 0.4 * rng.normal(size=(900, 32)))
+    priors[300:340] = priors[100:140]  # exact ties
+    queries, k = priors[800:900], 20
+    for end in (7, 30, 400, 800):
+        sims, truth = faiss.knn(queries, priors[:end], min(k, end), metric=faiss.METRIC_INNER_PRODUCT)
+        positions, cosines = knn.device_knn(queries, priors, end, k, torch.device("cpu"))
+        k_eff = min(k, end)
+        np.testing.assert_allclose(cosines[:, :k_eff], sims, atol=2e-6)
+        assert (positions[:, k_eff:] == -1).all() and (cosines[:, k_eff:] == 0).all()
+        exact = queries @ priors[:end].T
+        for row, (mine, theirs) in enumerate(zip(positions[:, :k_eff], truth, strict=True)):
+            for other in set(mine) ^ set(theirs):  # only papers tied with the k-th may differ
+                assert exact[row, other] == pytest.approx(sims[row, -1], abs=2e-6)
+        mine = metrics_from_cosines(cosines, (positions >= 0).sum(axis=1), k)
+        padded = np.zeros((len(sims), k), np.float32)
+        padded[:, :k_eff] = sims
+        theirs = metrics_from_cosines(padded, np.full(len(sims), k_eff), k)
+        for name, values in mine.items():
+            np.testing.assert_allclose(values, theirs[name], atol=1e-5)
+
+
+def test_fp32_rescoring_corrects_a_kth_neighbour_that_bf16_swaps():
+    """Two papers whose bf16 scores rank them the other way round from their fp32 cosines: with no spare candidate
+    the bf16 winner is picked, its certificate fails and the fp32 search returns the true nearest."""
+    import torch
+
+    from paper_assets.engine.device_knn import DeviceKnnStats, device_knn
+
+    rng = np.random.default_rng(3)
+    query = _unit(rng.normal(size=(1, 64)))
+    for _ in range(10_000):
+        near = query + 0.3 * rng.normal(size=(1, 64))
+        pair = _unit(near + 1e-3 * rng.normal(size=(2, 64)))  # cosines ~1e-4 apart, below bf16's resolution
+        fp32 = pair @ query[0]
+        low = (torch.from_numpy(pair).bfloat16() @ torch.from_numpy(query[0]).bfloat16()).float().numpy()
+        if fp32[0] > fp32[1] and low[0] < low[1]:
+            break
+    else:
+        pytest.fail("no pair that bf16 orders the other way round")
+    priors = np.vstack([pair, -pair]).astype(np.float32)  # two far papers after the pair
+    stats = DeviceKnnStats()
+    positions, cosines = device_knn(query, priors, 4, 1, torch.device("cpu"), margin=0, stats=stats)
+    assert positions[0, 0] == 0 and cosines[0, 0] == pytest.approx(fp32[0], abs=1e-6)
+    assert stats.searched_again_in_fp32 == 1
+
+
+def _device_search_peak_rss(priors_count: int) -> int:
+    import torch
+
+    from paper_assets.benchkit.measure import PeakRSS
+    from paper_assets.engine.device_knn import device_knn
+
+    rng = np.random.default_rng(0)
+    priors = _unit(rng.normal(size=(priors_count, 64)))
+    queries = priors[-4000:].copy()
+    with PeakRSS() as rss:
+        device_knn(queries, priors, priors_count - 4000, 100, torch.device("cpu"))
+    return rss.peak
+
+
+def test_device_search_memory_is_bounded_by_its_blocks_not_by_the_priors():
+    """Three times the priors (an unblocked search would hold 2.4 GB more query x prior scores) adds little more
+    than the priors themselves (+41 MB), measured in child processes."""
+    from paper_assets.benchkit.measure import in_a_fresh_process
+
+    small = in_a_fresh_process(_device_search_peak_rss, 80_000)
+    large = in_a_fresh_process(_device_search_peak_rss, 240_000)
+    priors_growth = 160_000 * 64 * 4
+    assert large - small < priors_growth + 200 * 2**20, (small, large)
+
+
+def test_the_first_block_filter_keeps_each_rows_best_also_with_many_ties():
+    """The first block's filter (scores reaching the keep-th largest of the column groups' maxima) returns fewer
+    scores than the block has and always the row's best ``keep``, also where most scores are tied."""
+    import torch
+
+    from paper_assets.engine.device_knn import FIRST_BLOCK_GROUPS, _first_block
+
+    width, keep = 4 * FIRST_BLOCK_GROUPS + 77, 60
+    generator = torch.Generator().manual_seed(2)
+    continuous = torch.randn(50, width, generator=generator).bfloat16()
+    tied = torch.randint(0, 12, (50, width), generator=generator).bfloat16()  # ~1/12 of each row ties with its best
+    for scores in (continuous, tied):
+        val, index = _first_block(scores, keep)
+        assert ((val > -torch.inf).sum(dim=1) >= keep).all()
+        found = val > -torch.inf
+        assert torch.equal(scores.gather(1, index)[found], val[found])
+        assert torch.equal(torch.topk(val.float(), keep, dim=1).values,
+                           torch.topk(scores.float(), keep, dim=1).values)
+    assert val.shape[1] < width and _first_block(continuous, keep)[0].shape[1] < width // 10
+
+
+def test_months_in_date_order_reuse_the_rounded_prior_blocks_and_get_the_same_neighbours(monkeypatch):
+    """One PriorBlocks over a run of months keeps full blocks rounded within its byte budget (and every full block's
+    norms), and each month's neighbours equal a search that rounds every block afresh."""
+    import torch
+
+    from paper_assets.engine import device_knn as knn
+
+    monkeypatch.setattr(knn, "QUERY_ROWS", 150)
+    monkeypatch.setattr(knn, "PRIOR_ROWS", 400)
+    rng = np.random.default_rng(4)
+    centres = rng.normal(size=(12, 32))
+    priors = _unit(centres[rng.integers(0, 12, 3000)] + 0.5 * rng.normal(size=(3000, 32)))
+    block_bytes = 400 * 32 * 2
+    blocks = knn.PriorBlocks(priors, torch.bfloat16, torch.device("cpu"), budget=2 * block_bytes + 10)
+    stats = knn.DeviceKnnStats()
+    for end in (500, 1300, 2100, 2700):
+        queries = priors[end:end + 300]
+        kept = knn.device_knn(queries, priors, end, 10, torch.device("cpu"), stats=stats, blocks=blocks)
+        fresh = knn.device_knn(queries, priors, end, 10, torch.device("cpu"))
+        np.testing.assert_array_equal(kept[0], fresh[0])
+        np.testing.assert_array_equal(kept[1], fresh[1])
+    assert sorted(blocks._blocks) == [0, 400] and blocks.kept_bytes == 2 * block_bytes
+    assert sorted(blocks._norms) == [0, 400, 800, 1200, 1600, 2000]  # 2400.. ends at a month
+    assert stats.queries == 1200 and min(stats.seconds_rounding, stats.seconds_products, stats.seconds_selection,
+                                         stats.seconds_rescoring) > 0
+    with pytest.raises(ValueError, match="other vectors"):
+        knn.device_knn(priors[:5], priors.copy(), 100, 3, torch.device("cpu"), blocks=blocks)
+
+
+def test_the_index_keeps_its_prior_blocks_across_months_and_equals_faiss(tmp_path, monkeypatch):
+    """paper_novelty's months through PaperIndex.search_device with bf16 candidates (as on a CPU with native bf16):
+    one PriorBlocks for the whole run, and every month's metrics equal FAISS's exact search."""
+    import torch
+
+    from paper_assets.benchkit.novelty_bench import synthetic_corpus
+    from paper_assets.engine import device_knn as knn
+    from paper_assets.engine import novelty
+    from paper_assets.engine.novelty_params import IndexParams, NoveltyParams
+    from paper_assets.engine.paper_index import PaperIndex, write_index
+
+    monkeypatch.setattr(knn, "knn_device", lambda: (torch.device("cpu"), True))
+    monkeypatch.setattr(knn, "PRIOR_ROWS", 256)
+    ids, days, vectors = synthetic_corpus(1500, 6, dim=32, topics=30, seed=3)
+    manifest = write_index(tmp_path, ids, days, vectors, "fp", "test", IndexParams(graph="never"))
+    index = PaperIndex(tmp_path / manifest.build)
+    for month in sorted(manifest.months)[1:]:
+        device = novelty.compute_month(index, month, NoveltyParams(search="device"))
+        exact = novelty.compute_month(index, month, NoveltyParams(search="exact"))
+        assert device.search == "device" and device.recall == 1.0
+        for metric in novelty.METRICS:
+            np.testing.assert_allclose(device.table.column(metric).to_numpy(), exact.table.column(metric).to_numpy(),
+                                       atol=1e-5)
+    assert index.prior_blocks.dtype == torch.bfloat16 and index.prior_blocks.kept_bytes > 0
+    assert index.device_search_stats.queries == sum(manifest.month_bounds(m)[1] - manifest.month_bounds(m)[0]
+                                                    for m in sorted(manifest.months)[1:])
