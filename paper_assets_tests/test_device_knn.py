@@ -143,7 +143,7 @@ def test_the_first_block_filter_keeps_each_rows_best_also_with_many_ties():
     scores than the block has and always the row's best ``keep``, also where most scores are tied."""
     import torch
 
-    from paper_assets.engine.device_knn import FIRST_BLOCK_GROUPS, _first_block
+    from paper_assets.engine.device_knn import FIRST_BLOCK_GROUPS, _first_block, _topk_merge
 
     width, keep = 4 * FIRST_BLOCK_GROUPS + 77, 60
     generator = torch.Generator().manual_seed(2)
@@ -157,6 +157,13 @@ def test_the_first_block_filter_keeps_each_rows_best_also_with_many_ties():
         assert torch.equal(torch.topk(val.float(), keep, dim=1).values,
                            torch.topk(scores.float(), keep, dim=1).values)
     assert val.shape[1] < width and _first_block(continuous, keep)[0].shape[1] < width // 10
+    exactly = torch.full((3, width), -1.0).bfloat16()  # every row with exactly keep scores at the floor or above
+    in_distinct_groups = torch.randperm(FIRST_BLOCK_GROUPS, generator=generator)[:keep]
+    exactly[:, in_distinct_groups] = torch.rand(keep, generator=generator).bfloat16()
+    val, index = _first_block(exactly, keep)
+    merged, positions = _topk_merge(None, None, val.float(), index, keep)  # best first, as the next block needs
+    assert val.shape[1] == keep and torch.equal(merged, torch.topk(exactly.float(), keep, dim=1).values)
+    assert torch.equal(exactly.gather(1, positions).float(), merged)
 
 
 def test_months_in_date_order_reuse_the_rounded_prior_blocks_and_get_the_same_neighbours(monkeypatch):

@@ -124,10 +124,8 @@ def _topk_merge(best_val: torch.Tensor | None, best_pos: torch.Tensor | None, va
     """The best ``keep`` of both, best first (merged values always come out sorted, also when fewer than ``keep``)."""
     if best_val is not None:
         val, pos = torch.cat([best_val, val], dim=1), torch.cat([best_pos, pos], dim=1)
-    if val.shape[1] > keep or best_val is not None:
-        val, index = torch.topk(val, min(keep, val.shape[1]), dim=1)
-        pos = torch.gather(pos, 1, index)
-    return val, pos
+    val, index = torch.topk(val, min(keep, val.shape[1]), dim=1)
+    return val, torch.gather(pos, 1, index)
 
 
 def _candidates(chunks: list[torch.Tensor], blocks: PriorBlocks, end: int, keep: int, stats: DeviceKnnStats
