@@ -138,32 +138,28 @@ def test_device_search_memory_is_bounded_by_its_blocks_not_by_the_priors():
     assert large - small < priors_growth + 200 * 2**20, (small, large)
 
 
-def test_the_first_block_filter_keeps_each_rows_best_also_with_many_ties():
-    """The first block's filter (scores reaching the keep-th largest of the column groups' maxima) returns fewer
-    scores than the block has and always the row's best ``keep``, also where most scores are tied."""
+def test_the_threshold_pass_finds_exactly_the_scores_above_each_rows_threshold():
+    """``_above`` (column groups' maxima, then the groups left element by element) returns exactly the scores
+    strictly above each row's threshold, with their columns: continuous and heavily tied scores, widths with and
+    without a remainder after the groups, thresholds that leave many, few or no scores."""
     import torch
 
-    from paper_assets.engine.device_knn import FIRST_BLOCK_GROUPS, _first_block, _topk_merge
+    from paper_assets.engine.device_knn import GROUP_COLUMNS, _above
 
-    width, keep = 4 * FIRST_BLOCK_GROUPS + 77, 60
     generator = torch.Generator().manual_seed(2)
-    continuous = torch.randn(50, width, generator=generator).bfloat16()
-    tied = torch.randint(0, 12, (50, width), generator=generator).bfloat16()  # ~1/12 of each row ties with its best
-    for scores in (continuous, tied):
-        val, index = _first_block(scores, keep)
-        assert ((val > -torch.inf).sum(dim=1) >= keep).all()
-        found = val > -torch.inf
-        assert torch.equal(scores.gather(1, index)[found], val[found])
-        assert torch.equal(torch.topk(val.float(), keep, dim=1).values,
-                           torch.topk(scores.float(), keep, dim=1).values)
-    assert val.shape[1] < width and _first_block(continuous, keep)[0].shape[1] < width // 10
-    exactly = torch.full((3, width), -1.0).bfloat16()  # every row with exactly keep scores at the floor or above
-    in_distinct_groups = torch.randperm(FIRST_BLOCK_GROUPS, generator=generator)[:keep]
-    exactly[:, in_distinct_groups] = torch.rand(keep, generator=generator).bfloat16()
-    val, index = _first_block(exactly, keep)
-    merged, positions = _topk_merge(None, None, val.float(), index, keep)  # best first, as the next block needs
-    assert val.shape[1] == keep and torch.equal(merged, torch.topk(exactly.float(), keep, dim=1).values)
-    assert torch.equal(exactly.gather(1, positions).float(), merged)
+    for width in (GROUP_COLUMNS * 40, GROUP_COLUMNS * 40 + 77, 50):
+        continuous = torch.randn(64, width, generator=generator).bfloat16()
+        tied = torch.randint(0, 12, (64, width), generator=generator).bfloat16()
+        for scores in (continuous, tied):
+            threshold = torch.quantile(scores.float(), torch.rand(64, generator=generator) * 0.2 + 0.8, dim=1)
+            threshold = threshold.diagonal().bfloat16().float()  # a score of the block's dtype, as the k-th best is
+            threshold[0] = float(scores[0].float().max())  # nothing above
+            val, index = _above(scores, threshold)
+            for row in range(64):
+                want = {(int(c), float(scores[row, c])) for c in torch.nonzero(scores[row].float() > threshold[row])}
+                found = val[row] > -torch.inf
+                got = {(int(c), float(v)) for c, v in zip(index[row][found], val[row][found], strict=True)}
+                assert got == want, (width, row)
 
 
 def test_months_in_date_order_reuse_the_rounded_prior_blocks_and_get_the_same_neighbours(monkeypatch):
