@@ -1,9 +1,10 @@
 """Exact k nearest earlier papers by blocked matrix products on the embedding device (torch: CUDA, or a CPU with
 native bf16), so that novelty over millions of papers costs minutes instead of hours.
 
-Each block of prior papers is rounded to bf16 once and multiplied with every block of queries: the top
-``k + margin`` per query are kept, merged block by block, so memory is bounded by the block sizes, not by N². The
-candidates are then rescored in fp32 and the top k taken by (cosine, then position), as the fp32 search orders them.
+Each block of prior papers is rounded to bf16 once and multiplied with every block of queries (``PriorBlocks``
+keeps rounded blocks for the next months, within a byte budget): the top ``k + margin`` per query are kept, merged
+block by block, so memory is bounded by the block sizes and that budget, not by N². The candidates are then
+rescored in fp32 and the top k taken by (cosine, then position), as the fp32 search orders them.
 
 Exactness is certified per query, not hoped for. Write q = q̂ + δq and p = p̂ + δp with q̂, p̂ the bf16 roundings;
 the device computes q̂·p̂ with fp32 accumulation and rounds the result to bf16, so
