@@ -67,10 +67,14 @@ class _Rounded:
     error_max: float  # largest |δp|
 
 
-def _round(rows: np.ndarray, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, _Rounded]:
+def _fp32_rows(rows: np.ndarray, device: torch.device) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the index's vectors are a read-only memory map; nothing here writes to it
-        full = torch.from_numpy(np.asarray(rows, dtype=np.float32)).to(device)
+        return torch.from_numpy(np.asarray(rows, dtype=np.float32)).to(device)
+
+
+def _round(rows: np.ndarray, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, _Rounded]:
+    full = _fp32_rows(rows, device)
     low = full.to(dtype)
     if dtype == torch.float32:
         norm_max = float(full.norm(dim=1).max()) if len(full) else 0.0
@@ -98,10 +102,7 @@ class PriorBlocks:
         if full and start in self._blocks:
             return self._blocks[start]
         if full and start in self._norms:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # a read-only memory map; nothing here writes to it
-                rows = torch.from_numpy(np.asarray(self.priors[start:stop], dtype=np.float32))
-            rounded = _Rounded(rows.to(self.device).to(self.dtype), *self._norms[start])
+            rounded = _Rounded(_fp32_rows(self.priors[start:stop], self.device).to(self.dtype), *self._norms[start])
         else:
             _, rounded = _round(self.priors[start:stop], self.dtype, self.device)
         if full:
