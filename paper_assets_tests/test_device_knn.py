@@ -35,7 +35,7 @@ def test_device_search_equals_exact_fp32_search(low_precision):
     np.testing.assert_allclose(np.take_along_axis(sims, positions, 1)[differ], cosines[differ], atol=2e-6)
     assert stats.queries == 300
     if low_precision:
-        assert stats.searched_again_in_fp32 > 0 and stats.certified + stats.searched_again_in_fp32 == 300
+        assert stats.searched_again_wider > 0 and stats.certified + stats.searched_again_in_fp32 == 300
 
 
 def test_device_search_with_fewer_priors_than_k():
@@ -88,11 +88,13 @@ def test_device_search_in_blocks_smaller_than_a_month_equals_faiss_with_ties(mon
             np.testing.assert_allclose(values, theirs[name], atol=1e-5)
 
 
-def test_fp32_rescoring_corrects_a_kth_neighbour_that_bf16_swaps():
+def test_fp32_rescoring_corrects_a_kth_neighbour_that_bf16_swaps(monkeypatch):
     """Two papers whose bf16 scores rank them the other way round from their fp32 cosines: with no spare candidate
-    the bf16 winner is picked, its certificate fails and the fp32 search returns the true nearest."""
+    the bf16 winner is picked, its certificate fails, and the wider search (here every prior) or, past the widest,
+    the fp32 search returns the true nearest."""
     import torch
 
+    from paper_assets.engine import device_knn as knn
     from paper_assets.engine.device_knn import DeviceKnnStats, device_knn
 
     rng = np.random.default_rng(3)
@@ -110,7 +112,12 @@ def test_fp32_rescoring_corrects_a_kth_neighbour_that_bf16_swaps():
     stats = DeviceKnnStats()
     positions, cosines = device_knn(query, priors, 4, 1, torch.device("cpu"), margin=0, stats=stats)
     assert positions[0, 0] == 0 and cosines[0, 0] == pytest.approx(fp32[0], abs=1e-6)
-    assert stats.searched_again_in_fp32 == 1
+    assert (stats.searched_again_wider, stats.searched_again_in_fp32, stats.certified) == (1, 0, 1)
+    monkeypatch.setattr(knn, "WIDEST_KEEP", 1)
+    stats = DeviceKnnStats()
+    positions, cosines = device_knn(query, priors, 4, 1, torch.device("cpu"), margin=0, stats=stats)
+    assert positions[0, 0] == 0 and cosines[0, 0] == pytest.approx(fp32[0], abs=1e-6)
+    assert (stats.searched_again_wider, stats.searched_again_in_fp32, stats.certified) == (0, 1, 0)
 
 
 def _device_search_peak_rss(priors_count: int) -> int:

@@ -338,3 +338,22 @@ def test_recall_counts_a_paper_tied_with_the_last_true_neighbour():
     tied = Neighbours(np.array([[0, 2]]), np.array([[0.9, 0.8 - 1e-7]], np.float32))
     lower = Neighbours(np.array([[0, 3]]), np.array([[0.9, 0.79]], np.float32))
     assert recall_at_k(tied, truth) == 1.0 and recall_at_k(lower, truth) == 0.5
+
+
+def test_auto_builds_the_graph_only_where_a_month_would_search_it(tmp_path, monkeypatch):
+    """``graph=auto`` without the device search: the graph is built from ``graph_min_papers`` papers on, and only
+    where some month has more query x prior pairs than ``exact_max_pairs`` (else every month searches exactly and
+    the build would be paid for nothing)."""
+    from paper_assets.engine import device_knn
+
+    monkeypatch.setattr(device_knn, "device_search_pays", lambda: False)
+    ids, days, vectors = synthetic_corpus(400, 4, dim=16, topics=5, seed=2)
+    manifest = write_index(tmp_path / "a", ids, days, vectors, "fp", "r", IndexParams(graph_min_papers=100))
+    largest = max((end - start) * start for start, end, _ in manifest.months.values())
+    assert 0 < largest and not PaperIndex(tmp_path / "a" / manifest.build).has_graph
+    below = IndexParams(graph_min_papers=100, exact_max_pairs=largest - 1)
+    manifest = write_index(tmp_path / "b", ids, days, vectors, "fp", "r", below)
+    assert PaperIndex(tmp_path / "b" / manifest.build).has_graph
+    few_papers = IndexParams(graph_min_papers=401, exact_max_pairs=largest - 1)
+    assert not few_papers.builds_graph(400, largest) and below.builds_graph(400, largest)
+    assert not below.builds_graph(400, largest, device_search=True)

@@ -316,6 +316,7 @@ class BenchOptions:
     novelty_papers: int = 0  # novelty backfill vs the authors' month-by-month loop on this many papers (0: skip)
     stand_in: str = "bert-base"  # the offline stand-in's shape where no model is given: bert-base | gpu-rate
     novelty_months: int = 24
+    novelty_every: int = 1  # > 1: only the default search, timed on every novelty_every-th month
     corpus_papers: int = 0  # the whole job on a synthetic S2-shaped source of this many papers, and a tenth (0: skip)
     corpus_until: str = "catalog_queries"  # the last stage of the whole job the corpus bench runs
 
@@ -373,7 +374,11 @@ def run_benchmark(options: BenchOptions) -> int:
             raise UserError(f"bench --retrieval needs the SciRepEval samples in {SHARED_PAPERS.parent}")
         print(f"retrieval quality on {SHARED_PAPERS.parent} (trained MiniLM weights in SPECTER2's architecture):")
         result["retrieval"] = run_retrieval(SHARED_PAPERS.parent, work, options.device)
-    if options.novelty_papers:
+    if options.novelty_papers and options.novelty_every > 1:
+        from .novelty_sampled import run_sampled
+
+        result["novelty_sampled"] = run_sampled(options.novelty_papers, options.novelty_months, options.novelty_every)
+    elif options.novelty_papers:
         from .novelty_bench import run as run_novelty
 
         result["novelty"] = run_novelty(options.novelty_papers, options.novelty_months)

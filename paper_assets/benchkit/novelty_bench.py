@@ -37,7 +37,11 @@ def synthetic_corpus(papers: int, months: int, dim: int = 768, topics: int = 400
     # Topics open over time: month m draws from the first (m+1)/months share of topics (and half stay popular).
     limit = np.minimum(topics, np.maximum(8, ((month_of_paper + 1) * topics) // months))
     topic = (rng.random(papers) * limit).astype(np.int64)
-    vectors = centres[topic] + rng.normal(scale=0.9, size=(papers, dim)).astype(np.float32)
+    vectors = np.empty((papers, dim), dtype=np.float32)
+    for start in range(0, papers, 1 << 16):  # in pieces (the same draws as one): millions of papers fit in memory
+        stop = min(papers, start + (1 << 16))
+        noise = rng.normal(scale=0.9, size=(stop - start, dim)).astype(np.float32)
+        vectors[start:stop] = centres[topic[start:stop]] + noise
     month_starts = np.array([month_start_day(str(np.datetime64(first_month, "M") + m)) for m in range(months + 1)])
     days = month_starts[month_of_paper] + (rng.random(papers) * (month_starts[month_of_paper + 1]
                                                                   - month_starts[month_of_paper])).astype(np.int64)
@@ -128,18 +132,25 @@ def _platform(ids, days, vectors, index_params: IndexParams, params: novelty.Nov
     return results, info
 
 
-def _variants(papers: int) -> tuple[dict[str, tuple], dict[str, str]]:
+def largest_month_pairs(days: np.ndarray) -> int:
+    """The most query x prior pairs of any month (what ``IndexParams.builds_graph`` weighs)."""
+    sizes = np.unique(month_of(np.sort(days)), return_counts=True)[1].astype(np.int64)
+    return int((sizes * (np.cumsum(sizes) - sizes)).max(initial=0))
+
+
+def _variants(papers: int, month_pairs: int) -> tuple[dict[str, tuple], dict[str, str]]:
     """The searches to time (name -> index params, novelty params, device_pays), and the names that resolve to the
     same search as another one here (name -> that one), which are reported, not rerun."""
     # default: what `auto` picks here (the device's exact search where it multiplies in bf16, else as below);
     # auto_without_device: `auto` where the device search does not pay (FAISS's exact search while a month's
-    # queries x priors <= exact_max_pairs, else the HNSW graph, built from graph_min_papers papers on);
+    # queries x priors <= exact_max_pairs, else the HNSW graph, built from graph_min_papers papers on where a month
+    # has more pairs than that);
     # faiss_exact: FAISS's fp32 exact search; graph_from_200k_papers: the graph built from 200k papers and taken
     # above 10^8 pairs a month (the reference the speed targets name); graph: every month through the HNSW graph
     # (up to 100k papers). A variant that resolves to the same search as an earlier one is reported, not rerun.
     from ..engine.device_knn import device_search_pays
 
-    fallback_graph = "always" if papers >= IndexParams().graph_min_papers else "never"
+    fallback_graph = "always" if IndexParams().builds_graph(papers, month_pairs) else "never"
     variants: dict[str, tuple] = {}
     same_as: dict[str, str] = {}
     if device_search_pays():
@@ -152,7 +163,8 @@ def _variants(papers: int) -> tuple[dict[str, tuple], dict[str, str]]:
     else:
         variants["faiss_exact"] = (IndexParams(graph="never"), novelty.NoveltyParams(search="exact"), False)
     if papers >= REFERENCE_GRAPH_MIN_PAPERS:
-        variants["graph_from_200k_papers"] = (IndexParams(graph_min_papers=REFERENCE_GRAPH_MIN_PAPERS),
+        variants["graph_from_200k_papers"] = (IndexParams(graph_min_papers=REFERENCE_GRAPH_MIN_PAPERS,
+                                                          exact_max_pairs=REFERENCE_EXACT_MAX_PAIRS),
                                               novelty.NoveltyParams(exact_max_pairs=REFERENCE_EXACT_MAX_PAIRS), False)
     if papers <= 100_000:
         variants["graph"] = (IndexParams(graph="always"), novelty.NoveltyParams(search="hnsw"), False)
@@ -168,7 +180,7 @@ def run(papers: int, months: int, dim: int = 768, seed: int = 0, log=print) -> d
     log(f"  authors' loop (IndexHNSWFlat, month by month): {authors_seconds:.1f} s")
     report = {"papers": papers, "months": months, "dim": dim, "authors_loop_seconds": round(authors_seconds, 2),
               "exact_loop_seconds": round(exact_seconds, 2), "authors_vs_exact": _agreement(authors, exact)}
-    variants, same_as = _variants(papers)
+    variants, same_as = _variants(papers, largest_month_pairs(days))
     for name, (index_params, params, device_pays) in variants.items():
         with PeakRSS() as rss:
             before = rss.peak

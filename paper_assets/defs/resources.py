@@ -258,4 +258,4 @@ class NoveltyResource(ConfigurableResource):
 
     def index_params(self) -> IndexParams:
         return IndexParams(hnsw_m=self.hnsw_m, ef_construction=self.ef_construction, graph=self.graph,
-                           graph_min_papers=self.graph_min_papers)
+                           graph_min_papers=self.graph_min_papers, exact_max_pairs=self.exact_max_pairs)

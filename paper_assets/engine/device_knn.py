@@ -13,9 +13,11 @@ the device computes q̂·p̂ with fp32 accumulation and rounds the result to bf1
 
 with the norms measured on the actual vectors (largest over the priors). A paper outside the candidates scored
 at most the last candidate's score s, so its fp32 cosine is at most s + e(q). Where the k-th rescored cosine is
-above that ceiling the query's neighbours are certified; otherwise it is searched again in fp32 over every prior
-paper. Only candidates whose score reaches the k-th score − 2·e(q) can be among the k best, so only those are
-rescored. The neighbours equal an exact fp32 search up to exact ties and fp32 rounding (≈ 1e-7).
+above that ceiling the query's neighbours are certified; otherwise it is searched again with ``WIDEN`` times the
+candidates (one more pass over the priors for the few such queries, in the same dtype), and past ``WIDEST_KEEP``
+candidates in fp32 over every prior paper. Only candidates whose score reaches the k-th score − 2·e(q) can be
+among the k best, so only those are rescored. The neighbours equal an exact fp32 search up to exact ties and fp32
+rounding (≈ 1e-7).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ OUTPUT_ROUNDING = 2.0**-9 + 768 * 2.0**-24  # bf16 rounding of the result plus f
 QUERY_ROWS = 4096
 PRIOR_ROWS = 32768
 GROUP_COLUMNS = 128
+WIDEN = 3  # a query whose certificate fails is searched again with this many times the candidates
+WIDEST_KEEP = 4096  # candidates per query beyond which an uncertified query is searched in fp32
 ROUNDED_CACHE_BYTES = 1 << 30  # rounded prior blocks kept across months (the oldest ones, which every month reads)
 
 
@@ -40,6 +44,7 @@ ROUNDED_CACHE_BYTES = 1 << 30  # rounded prior blocks kept across months (the ol
 class DeviceKnnStats:
     queries: int = 0
     certified: int = 0
+    searched_again_wider: int = 0  # queries searched again in the search's dtype with more candidates
     searched_again_in_fp32: int = 0
     rescored: int = 0  # candidate cosines recomputed in fp32
     seconds_rounding: float = 0.0  # prior and query blocks to the search's dtype, with their error norms
@@ -132,13 +137,17 @@ def _candidates(chunks: list[torch.Tensor], blocks: PriorBlocks, end: int, keep:
     best: list[tuple[torch.Tensor | None, torch.Tensor | None]] = [(None, None)] * len(chunks)
     norm_max = error_max = 0.0
     device = blocks.device
+    # One scores buffer for every product: a fresh 256 MB result each time costs the CPU its page faults, as much
+    # as the bf16 product itself on AMX.
+    buffer = torch.empty(max(len(c) for c in chunks) * min(end, PRIOR_ROWS), dtype=blocks.dtype, device=device)
     for start in range(0, end, PRIOR_ROWS):
         with stats.timing("rounding", device):
             block = blocks.block(start, min(end, start + PRIOR_ROWS))
         norm_max, error_max = max(norm_max, block.norm_max), max(error_max, block.error_max)
         for i, chunk in enumerate(chunks):
             with stats.timing("products", device):
-                scores = chunk @ block.low.T
+                scores = buffer[:len(chunk) * len(block.low)].view(len(chunk), len(block.low))
+                torch.matmul(chunk, block.low.T, out=scores)
             with stats.timing("selection", device):
                 best_val, best_pos = best[i]
                 if best_val is not None and best_val.shape[1] == keep:
@@ -151,28 +160,24 @@ def _candidates(chunks: list[torch.Tensor], blocks: PriorBlocks, end: int, keep:
 
 def _above(scores: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row the scores above the row's threshold (the current ``keep``-th best) and their columns, padded with
-    -inf. Once a few blocks are merged few scores qualify: the maximum of each of ``width / GROUP_COLUMNS`` column
-    groups rules most groups out in one cheap pass, and only the groups left are compared element by element. Group
-    g is every column j with j % (width / GROUP_COLUMNS) == g, so the maxima are an elementwise max over
-    ``GROUP_COLUMNS`` contiguous slices (about twice as fast on a CPU as reducing runs of adjacent columns)."""
+    -inf. Once a few blocks are merged few scores qualify: the maximum of each run of ``GROUP_COLUMNS`` adjacent
+    columns rules most runs out in one cheap pass, and only the runs left are compared element by element."""
     n, width = scores.shape
     limit = threshold.to(scores.dtype)
     grouped = width - width % GROUP_COLUMNS
-    slices = scores[:, :grouped].view(n, GROUP_COLUMNS, grouped // GROUP_COLUMNS)
-    group_rows, groups = torch.nonzero(slices.amax(dim=1) > limit[:, None], as_tuple=True)
-    candidates = slices[group_rows, :, groups]
-    hit, offset = torch.nonzero(candidates > limit[group_rows, None], as_tuple=True)
-    rows, cols = group_rows[hit], offset * (grouped // GROUP_COLUMNS) + groups[hit]
-    if grouped < width:  # the last columns, fewer than a group
+    runs = scores[:, :grouped].view(n, grouped // GROUP_COLUMNS, GROUP_COLUMNS)
+    run_rows, run_index = torch.nonzero(runs.amax(dim=2) > limit[:, None], as_tuple=True)
+    hit, offset = torch.nonzero(runs[run_rows, run_index] > limit[run_rows, None], as_tuple=True)
+    rows, cols = run_rows[hit], run_index[hit] * GROUP_COLUMNS + offset  # rows ascending, as nonzero lists them
+    if grouped < width:  # the last columns, fewer than a run
         tail_rows, tail_cols = torch.nonzero(scores[:, grouped:] > limit[:, None], as_tuple=True)
-        rows, cols = torch.cat([rows, tail_rows]), torch.cat([cols, tail_cols + grouped])
+        order = torch.argsort(torch.cat([rows, tail_rows]), stable=True)
+        rows, cols = torch.cat([rows, tail_rows])[order], torch.cat([cols, tail_cols + grouped])[order]
     counts = torch.bincount(rows, minlength=n)
     most = int(counts.max()) if len(rows) else 0
     val = torch.full((n, most), -torch.inf, dtype=scores.dtype, device=scores.device)
     index = torch.zeros((n, most), dtype=torch.int64, device=scores.device)
     if most:
-        order = torch.argsort(rows, stable=True)
-        rows, cols = rows[order], cols[order]
         rank = torch.arange(len(rows), device=scores.device) - (torch.cumsum(counts, 0) - counts)[rows]
         val[rows, rank] = scores[rows, cols]
         index[rows, rank] = cols
@@ -216,55 +221,75 @@ def _fp32_search(queries: np.ndarray, priors: np.ndarray, end: int, k: int, devi
     return np.concatenate([f for f, _ in found]), np.concatenate([c for _, c in found])
 
 
-def device_knn(queries: np.ndarray, priors: np.ndarray, end: int, k: int, device: torch.device,
-               low_precision: bool = True, margin: int | None = None, stats: DeviceKnnStats | None = None,
-               blocks: PriorBlocks | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Positions (-1 where fewer than k priors) and fp32 cosines of the k most similar rows of ``priors[:end]`` (unit
-    vectors) for each query, best first. ``blocks``: the priors' rounded blocks kept from earlier calls (a
-    ``PriorBlocks`` over the same ``priors``, dtype and device)."""
-    n = len(queries)
-    positions = np.full((n, k), -1, dtype=np.int64)
-    cosines = np.zeros((n, k), dtype=np.float32)
-    k_eff = min(k, end)
-    if n == 0 or k_eff == 0:
-        return positions, cosines
-    keep = min(end, k_eff + (k_eff if margin is None else margin))
-    dtype = search_dtype(low_precision)
-    if blocks is None:
-        blocks = PriorBlocks(priors, dtype, device, budget=0)
-    elif blocks.priors is not priors or blocks.dtype != dtype or blocks.device != device:
-        raise ValueError("the prior blocks were rounded from other vectors, or for another dtype or device")
-    stats = stats if stats is not None else DeviceKnnStats()
+def _certified_pass(queries: np.ndarray, priors: np.ndarray, end: int, k: int, keep: int, blocks: PriorBlocks,
+                    stats: DeviceKnnStats) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One pass with ``keep`` candidates per query: the k best positions and fp32 cosines, and the rows whose
+    certificate failed (their neighbours may lie outside the candidates)."""
+    device, low_precision = blocks.device, blocks.dtype != torch.float32
     with stats.timing("rounding", device):
-        rounded = [_round(queries[start:start + QUERY_ROWS], dtype, device) for start in range(0, n, QUERY_ROWS)]
+        rounded = [_round(queries[start:start + QUERY_ROWS], blocks.dtype, device)
+                   for start in range(0, len(queries), QUERY_ROWS)]
     best, norm_max, error_max = _candidates([r.low for _, r in rounded], blocks, end, keep, stats)
-    doubtful: list[np.ndarray] = []
+    positions, cosines, doubtful = [], [], []
     for i, ((full, query), (val, pos)) in enumerate(zip(rounded, best, strict=True)):
-        start = i * QUERY_ROWS
         with stats.timing("rescoring", device):
             if low_precision:
                 q_norm = query.low.float().norm(dim=1)
                 q_error = (query.low.float() - full).norm(dim=1)
                 bound = (q_error * norm_max + q_norm * error_max + q_error * error_max
                          + OUTPUT_ROUNDING * q_norm * norm_max)
-                widths = (val >= (val[:, k_eff - 1] - 2 * bound)[:, None]).sum(dim=1)
+                widths = (val >= (val[:, k - 1] - 2 * bound)[:, None]).sum(dim=1)
             else:
                 widths = torch.full((len(full),), val.shape[1])
-            found, cos, rescored = _rescore(full, priors, pos, widths, k_eff)
+            found, cos, rescored = _rescore(full, priors, pos, widths, k)
             if keep < end and low_precision:  # else every prior is a candidate, or the candidates were in fp32
                 ceiling = (val[:, -1] + bound).cpu().numpy()  # the best an uncandidated paper can be, in fp32
-                doubtful.append(start + np.flatnonzero(cos[:, -1] <= ceiling))
+                doubtful.append(i * QUERY_ROWS + np.flatnonzero(cos[:, -1] <= ceiling))
         stats.rescored += rescored
-        positions[start:start + len(full), :k_eff] = found
-        cosines[start:start + len(full), :k_eff] = cos
-    again = np.concatenate(doubtful) if doubtful else np.zeros(0, dtype=np.int64)
-    if len(again):  # one fp32 pass over the priors for every query whose certificate failed
+        positions.append(found)
+        cosines.append(cos)
+    failed = np.concatenate(doubtful) if doubtful else np.zeros(0, dtype=np.int64)
+    return np.concatenate(positions), np.concatenate(cosines), failed
+
+
+def device_knn(queries: np.ndarray, priors: np.ndarray, end: int, k: int, device: torch.device,
+               low_precision: bool = True, margin: int | None = None, stats: DeviceKnnStats | None = None,
+               blocks: PriorBlocks | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (-1 where fewer than k priors) and fp32 cosines of the k most similar rows of ``priors[:end]`` (unit
+    vectors) for each query, best first. ``margin``: spare candidates per query in the first pass (default k); a
+    query whose certificate fails is searched again with ``WIDEN`` times as many, up to ``WIDEST_KEEP``, then in
+    fp32. ``blocks``: the priors' rounded blocks kept from earlier calls (a ``PriorBlocks`` over the same
+    ``priors``, dtype and device)."""
+    n = len(queries)
+    positions = np.full((n, k), -1, dtype=np.int64)
+    cosines = np.zeros((n, k), dtype=np.float32)
+    k_eff = min(k, end)
+    if n == 0 or k_eff == 0:
+        return positions, cosines
+    dtype = search_dtype(low_precision)
+    if blocks is None:
+        blocks = PriorBlocks(priors, dtype, device, budget=0)
+    elif blocks.priors is not priors or blocks.dtype != dtype or blocks.device != device:
+        raise ValueError("the prior blocks were rounded from other vectors, or for another dtype or device")
+    stats = stats if stats is not None else DeviceKnnStats()
+    pending = np.arange(n)
+    keep = min(end, k_eff + (k_eff if margin is None else margin))
+    while True:
+        rows = queries if len(pending) == n else np.asarray(queries[pending])
+        found, cos, failed = _certified_pass(rows, priors, end, k_eff, keep, blocks, stats)
+        positions[pending, :k_eff], cosines[pending, :k_eff] = found, cos
+        pending = pending[failed]
+        if not len(pending) or keep >= min(end, WIDEST_KEEP):
+            break
+        keep = min(end, keep * WIDEN)
+        stats.searched_again_wider += len(pending)
+    if len(pending):  # one fp32 pass over the priors for every query still uncertified
         with stats.timing("fp32_again", device):
-            rows = np.array(queries[again], dtype=np.float32)
-            positions[again, :k_eff], cosines[again, :k_eff] = _fp32_search(rows, priors, end, k_eff, device)
+            rows = np.array(queries[pending], dtype=np.float32)
+            positions[pending, :k_eff], cosines[pending, :k_eff] = _fp32_search(rows, priors, end, k_eff, device)
     stats.queries += n
-    stats.searched_again_in_fp32 += len(again)
-    stats.certified += n - len(again)
+    stats.searched_again_in_fp32 += len(pending)
+    stats.certified += n - len(pending)
     return positions, cosines
 
 

@@ -7,37 +7,40 @@ from dataclasses import dataclass
 
 SEARCH_MODES = ("auto", "device", "hnsw", "exact")
 GRAPH_MODES = ("auto", "always", "never")
+# auto without the device search: FAISS's exact search while a month's queries x prior papers stays under this (~80 s
+# of fp32 products on 2 cores); beyond, the graph. At 300k papers exact search took 388 s for 36 months against the
+# graph's 1,476 s (build included), and the graph's recall fell to 0.88 (BENCHMARKS.md).
+EXACT_MAX_PAIRS = 10_000_000_000
 
 
 @dataclass(frozen=True)
 class IndexParams:
     """The authors' HNSW settings by default. ``graph``: ``auto`` builds the HNSW graph from ``graph_min_papers``
-    papers on (below it exact search is faster than building and searching the graph: BENCHMARKS.md) unless the
-    exact search on the embedding device is the default search (then nothing would read the graph), ``always`` or
+    papers on (below it exact search is faster than building and searching the graph: BENCHMARKS.md) where a month
+    has more query x prior pairs than ``exact_max_pairs`` (no month below it reads the graph), unless the exact
+    search on the embedding device is the default search (then nothing would read the graph); ``always`` or
     ``never``."""
 
     hnsw_m: int = 32
     ef_construction: int = 200
     graph: str = "auto"
     graph_min_papers: int = 1_000_000
+    exact_max_pairs: int = EXACT_MAX_PAIRS
 
     def __post_init__(self):
         if self.graph not in GRAPH_MODES:
             raise ValueError(f"index graph must be auto, always or never, not {self.graph!r}")
 
-    def builds_graph(self, papers: int, device_search: bool = False) -> bool:
+    def builds_graph(self, papers: int, largest_month_pairs: int, device_search: bool = False) -> bool:
         return self.graph == "always" or (self.graph == "auto" and papers >= self.graph_min_papers
-                                          and not device_search)
+                                          and largest_month_pairs > self.exact_max_pairs and not device_search)
 
 
 @dataclass(frozen=True)
 class NoveltyParams:
     k: int = 100
     search: str = "auto"
-    # auto without the device search: FAISS's exact search while queries x prior papers stays under this (~80 s of
-    # fp32 products on 2 cores); beyond, the graph. At 300k papers exact search took 388 s for 36 months against the
-    # graph's 1,476 s (build included), and the graph's recall fell to 0.88 (BENCHMARKS.md).
-    exact_max_pairs: int = 10_000_000_000
+    exact_max_pairs: int = EXACT_MAX_PAIRS
     ef_search: int = 50
     recall_sample: int = 256
     min_recall: float = 0.95

@@ -108,9 +108,14 @@ def months_between(first: str, last: str) -> list[str]:
     return [str(m) for m in np.arange(start, stop + 1, dtype="datetime64[M]")]
 
 
-def normalise(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+def normalise(vectors: np.ndarray, in_place: bool = False, rows: int = 1 << 16) -> np.ndarray:
+    """Unit rows as float32; ``in_place`` divides ``vectors`` itself. Done ``rows`` at a time, so the temporaries
+    stay small next to millions of vectors."""
+    out = vectors if in_place else np.empty_like(vectors)
+    for start in range(0, len(vectors), rows):
+        part = vectors[start:start + rows]
+        np.divide(part, np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12), out=out[start:start + rows])
+    return out.astype(np.float32, copy=False)
 
 
 def index_inputs(layout: ProjectHome, verify: bool = True) -> dict[str, str]:
@@ -198,7 +203,8 @@ def _write_build(root: HomePath, manifest: IndexManifest, ids: np.ndarray, days:
         np.save(staging / "vectors.npy", vectors)
         from .device_knn import device_search_pays
 
-        if params.builds_graph(len(ids), device_search=device_search_pays()):
+        largest_month_pairs = max(((end - start) * start for start, end, _ in manifest.months.values()), default=0)
+        if params.builds_graph(len(ids), largest_month_pairs, device_search=device_search_pays()):
             graph = faiss.IndexHNSWFlat(manifest.dim, params.hnsw_m)
             graph.hnsw.efConstruction = params.ef_construction
             graph.add(vectors)
@@ -222,13 +228,13 @@ def write_index(root: HomePath, ids: np.ndarray, days: np.ndarray, vectors: np.n
     skipped = {**(skipped or {}), "future_publication_date": int(future.sum())}
     days = np.where(future, UNDATED, days).astype(np.int32)
     order = np.lexsort((ids, days))
-    ids, days, vectors = ids[order], days[order], normalise(vectors[order])
+    ids, days, vectors = ids[order], days[order], normalise(vectors[order], in_place=True)  # a copy, by `order`
     dated = int((days != UNDATED).sum())
     months = _month_bounds(ids, days, vectors, dated)
     content = hashlib.sha256(fingerprint.encode() + json.dumps(asdict(params), sort_keys=True).encode())
     content.update(ids.tobytes())
     content.update(days.tobytes())
-    content.update(vectors.tobytes())
+    content.update(vectors.data)
     build = content.hexdigest()[:16]
     folder = root / build
     manifest = IndexManifest(build=build, fingerprint=fingerprint, dim=int(vectors.shape[1]), papers=len(ids),
