@@ -15,7 +15,7 @@ def _unit(rows: np.ndarray) -> np.ndarray:
 def test_device_search_equals_exact_fp32_search(low_precision):
     """bf16 candidates rescored in fp32 give the exact fp32 neighbours: the same cosines (to fp32 rounding) and the
     same papers except where two cosines are equal to that rounding. Clustered vectors put many near-ties at the
-    k-th neighbour, so some queries must be searched again in fp32 (the certificate at work)."""
+    k-th neighbour, so many queries rescore more than k candidates (the band at work)."""
     import torch
 
     from paper_assets.engine.device_knn import DeviceKnnStats, device_knn
@@ -28,14 +28,15 @@ def test_device_search_equals_exact_fp32_search(low_precision):
     truth = np.argsort(-sims, axis=1, kind="stable")[:, :k]
     stats = DeviceKnnStats()
     positions, cosines = device_knn(queries, priors, end, k, torch.device("cpu"), low_precision=low_precision,
-                                    margin=10, stats=stats)
+                                    stats=stats)
     np.testing.assert_allclose(cosines, np.take_along_axis(sims, truth, 1), atol=2e-6)
     differ = positions != truth
     assert differ.mean() < 0.01
     np.testing.assert_allclose(np.take_along_axis(sims, positions, 1)[differ], cosines[differ], atol=2e-6)
     assert stats.queries == 300
+    assert stats.certified + stats.searched_again_in_fp32 == 300
     if low_precision:
-        assert stats.searched_again_wider > 0 and stats.certified + stats.searched_again_in_fp32 == 300
+        assert stats.rescored > 300 * k
 
 
 def test_device_search_with_fewer_priors_than_k():
@@ -89,9 +90,10 @@ def test_device_search_in_blocks_smaller_than_a_month_equals_faiss_with_ties(mon
 
 
 def test_fp32_rescoring_corrects_a_kth_neighbour_that_bf16_swaps(monkeypatch):
-    """Two papers whose bf16 scores rank them the other way round from their fp32 cosines: with no spare candidate
-    the bf16 winner is picked, its certificate fails, and the wider search (here every prior) or, past the widest,
-    the fp32 search returns the true nearest."""
+    """Two papers whose bf16 scores rank them the other way round from their fp32 cosines: both are in the band
+    and the fp32 rescoring picks the true nearest. With a band capped at one candidate the bf16 winner is kept, its
+    certificate fails, and the second pass (a wider cap) or, capped again, the fp32 search returns the true
+    nearest."""
     import torch
 
     from paper_assets.engine import device_knn as knn
@@ -109,15 +111,31 @@ def test_fp32_rescoring_corrects_a_kth_neighbour_that_bf16_swaps(monkeypatch):
     else:
         pytest.fail("no pair that bf16 orders the other way round")
     priors = np.vstack([pair, -pair]).astype(np.float32)  # two far papers after the pair
+    for cap, wider, outcome in ((None, 8, (0, 0, 1)), (1, 8, (1, 0, 1)), (1, 1, (1, 1, 0))):
+        monkeypatch.setattr(knn, "WIDER_CAP", wider)
+        stats = DeviceKnnStats()
+        positions, cosines = device_knn(query, priors, 4, 1, torch.device("cpu"), stats=stats, cap=cap)
+        assert positions[0, 0] == 0 and cosines[0, 0] == pytest.approx(fp32[0], abs=1e-6)
+        assert (stats.searched_again_wider, stats.searched_again_in_fp32, stats.certified) == outcome
+
+
+def test_a_score_of_one_or_more_is_certified_with_the_wider_rounding_bound():
+    """bf16 rounds a score from 1 up by up to 2^-8, twice the bound below 1: a query whose band reaches 1 (here a
+    prior equal to the query) is searched again with that bound, and still gets the exact neighbours."""
+    import torch
+
+    from paper_assets.engine.device_knn import DeviceKnnStats, device_knn
+
+    rng = np.random.default_rng(4)
+    priors = _unit(rng.normal(size=(200, 32)))
+    queries = priors[150:160].copy()
+    scores = (torch.from_numpy(queries).bfloat16() @ torch.from_numpy(priors[150:160]).bfloat16().T).float()
+    assert (torch.diagonal(scores) >= 1).any()
     stats = DeviceKnnStats()
-    positions, cosines = device_knn(query, priors, 4, 1, torch.device("cpu"), margin=0, stats=stats)
-    assert positions[0, 0] == 0 and cosines[0, 0] == pytest.approx(fp32[0], abs=1e-6)
-    assert (stats.searched_again_wider, stats.searched_again_in_fp32, stats.certified) == (1, 0, 1)
-    monkeypatch.setattr(knn, "WIDEST_KEEP", 1)
-    stats = DeviceKnnStats()
-    positions, cosines = device_knn(query, priors, 4, 1, torch.device("cpu"), margin=0, stats=stats)
-    assert positions[0, 0] == 0 and cosines[0, 0] == pytest.approx(fp32[0], abs=1e-6)
-    assert (stats.searched_again_wider, stats.searched_again_in_fp32, stats.certified) == (0, 1, 0)
+    positions, cosines = device_knn(queries, priors, 160, 5, torch.device("cpu"), stats=stats)
+    assert (positions[:, 0] == np.arange(150, 160)).all()
+    np.testing.assert_allclose(cosines[:, 0], 1.0, atol=1e-6)
+    assert 0 < stats.searched_again_wider <= 10 and stats.certified == 10
 
 
 def _device_search_peak_rss(priors_count: int) -> int:
@@ -146,9 +164,10 @@ def test_device_search_memory_is_bounded_by_its_blocks_not_by_the_priors():
 
 
 def test_the_threshold_pass_finds_exactly_the_scores_above_each_rows_threshold():
-    """``_above`` (column groups' maxima, then the groups left element by element) returns exactly the scores
-    strictly above each row's threshold, with their columns: continuous and heavily tied scores, widths with and
-    without a remainder after the groups, thresholds that leave many, few or no scores."""
+    """``_above`` (column groups' maxima, then the groups left element by element) returns exactly the scores at
+    or above each row's fp32 threshold, with their columns: continuous and heavily tied scores, widths with and
+    without a remainder after the groups, thresholds between two bf16 values and on one, leaving many, few, one
+    or no scores."""
     import torch
 
     from paper_assets.engine.device_knn import GROUP_COLUMNS, _above
@@ -159,11 +178,13 @@ def test_the_threshold_pass_finds_exactly_the_scores_above_each_rows_threshold()
         tied = torch.randint(0, 12, (64, width), generator=generator).bfloat16()
         for scores in (continuous, tied):
             threshold = torch.quantile(scores.float(), torch.rand(64, generator=generator) * 0.2 + 0.8, dim=1)
-            threshold = threshold.diagonal().bfloat16().float()  # a score of the block's dtype, as the k-th best is
-            threshold[0] = float(scores[0].float().max())  # nothing above
+            threshold = threshold.diagonal().clone()
+            threshold[1::2] = threshold[1::2].bfloat16().float()  # on a bf16 value: ties with scores
+            threshold[0] = float(scores[0].float().max()) + 1e-3  # nothing at or above
+            threshold[2] = float(scores[2].float().max())  # only the maximum (and its ties)
             val, index = _above(scores, threshold)
             for row in range(64):
-                want = {(int(c), float(scores[row, c])) for c in torch.nonzero(scores[row].float() > threshold[row])}
+                want = {(int(c), float(scores[row, c])) for c in torch.nonzero(scores[row].float() >= threshold[row])}
                 found = val[row] > -torch.inf
                 got = {(int(c), float(v)) for c, v in zip(index[row][found], val[row][found], strict=True)}
                 assert got == want, (width, row)

@@ -10,10 +10,13 @@ so the rounded prior blocks it keeps for the run are kept here too.
 
 from __future__ import annotations
 
+import datetime
 import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+
+import numpy as np
 
 from ..engine import novelty
 from ..engine.paper_index import IndexParams, PaperIndex, write_index
@@ -24,7 +27,8 @@ from .novelty_bench import USER_CORPUS, synthetic_corpus
 def run_sampled(papers: int, months: int, every: int, dim: int = 768, seed: int = 0, log=print) -> dict:
     if every < 2:
         raise ValueError("--novelty-every takes 2 or more (1 is the full bench)")
-    ids, days, vectors = synthetic_corpus(papers, months, dim=dim, seed=seed)
+    first_month = str(np.datetime64(datetime.date.today(), "M") - months)  # the last month ends before today
+    ids, days, vectors = synthetic_corpus(papers, months, dim=dim, seed=seed, first_month=first_month)
     log(f"novelty, every {every}th month: {papers:,} synthetic papers over {months} months, {dim}-d")
     params = novelty.NoveltyParams()
     with tempfile.TemporaryDirectory() as tmp, PeakRSS() as rss:

@@ -2,22 +2,23 @@
 native bf16), so that novelty over millions of papers costs minutes instead of hours.
 
 Each block of prior papers is rounded to bf16 once and multiplied with every block of queries (``PriorBlocks``
-keeps rounded blocks for the next months, within a byte budget): the top ``k + margin`` per query are kept, merged
-block by block, so memory is bounded by the block sizes and that budget, not by N². The candidates are then
-rescored in fp32 and the top k taken by (cosine, then position), as the fp32 search orders them.
+keeps rounded blocks for the next months, within a byte budget). Per query only its band is kept, block by block:
+the scores within 2·e(q) of its k-th best so far, so memory is bounded by the block sizes, that budget and the
+band, not by N². The band is then rescored in fp32 and the top k taken by (cosine, then position), as the fp32
+search orders them.
 
 Exactness is certified per query, not hoped for. Write q = q̂ + δq and p = p̂ + δp with q̂, p̂ the bf16 roundings;
-the device computes q̂·p̂ with fp32 accumulation and rounds the result to bf16, so
+the device computes q̂·p̂ with fp32 accumulation over d terms and rounds the result to bf16, so
 
-    |q·p − score| ≤ |δq|·|p̂| + |q̂|·|δp| + |δq|·|δp| + (2⁻⁹ + 768·2⁻²⁴)·|q̂|·|p̂|  =: e(q)
+    |q·p − score| ≤ |δq|·|p̂| + |q̂|·|δp| + |δq|·|δp| + d·2⁻²⁴·|q̂|·|p̂| + h  =: e(q)
 
-with the norms measured on the actual vectors (largest over the priors). A paper outside the candidates scored
-at most the last candidate's score s, so its fp32 cosine is at most s + e(q). Where the k-th rescored cosine is
-above that ceiling the query's neighbours are certified; otherwise it is searched again with ``WIDEN`` times the
-candidates (one more pass over the priors for the few such queries, in the same dtype), and past ``WIDEST_KEEP``
-candidates in fp32 over every prior paper. Only candidates whose score reaches the k-th score − 2·e(q) can be
-among the k best, so only those are rescored. The neighbours equal an exact fp32 search up to exact ties and fp32
-rounding (≈ 1e-7).
+with the norms measured on the actual vectors (largest over the priors) and h the largest bf16 rounding error of
+a score: 2⁻⁹ below 1, 2⁻⁸ from 1 to 2. Let s be the k-th best score: k papers have fp32 cosines of at least
+s − e, and a paper scored below s − 2e has a cosine below that, so it cannot be among the k best (up to exact
+ties). A query is searched with h = 2⁻⁹ and its band capped at ``CANDIDATE_CAP``; where one of its scores
+reached 1, or the cap dropped a score whose ceiling (score + e) reaches the k-th rescored cosine, it is searched
+again with h = 2⁻⁸ and ``WIDER_CAP`` times the cap, then in fp32 with no cap. The neighbours equal an exact fp32 search up to exact ties
+and fp32 rounding (≈ 1e-7).
 """
 
 from __future__ import annotations
@@ -26,25 +27,26 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-OUTPUT_ROUNDING = 2.0**-9 + 768 * 2.0**-24  # bf16 rounding of the result plus fp32 accumulation over 768 terms
+HALF_ULP_BELOW_ONE = 2.0**-9  # the largest bf16 rounding error of a score below 1 (2^-8 from 1 to 2)
 QUERY_ROWS = 4096
 PRIOR_ROWS = 32768
 GROUP_COLUMNS = 128
-WIDEN = 3  # a query whose certificate fails is searched again with this many times the candidates
-WIDEST_KEEP = 4096  # candidates per query beyond which an uncertified query is searched in fp32
+CANDIDATE_CAP = 2048  # band kept per query in the first pass
+WIDER_CAP = 8  # times the cap in the second pass
+MERGE_WIDTH = 256  # candidate columns gathered from blocks before they are merged into the band
 ROUNDED_CACHE_BYTES = 1 << 30  # rounded prior blocks kept across months (the oldest ones, which every month reads)
 
 
 @dataclass
 class DeviceKnnStats:
     queries: int = 0
-    certified: int = 0
-    searched_again_wider: int = 0  # queries searched again in the search's dtype with more candidates
+    certified: int = 0  # queries certified by a pass in the search's dtype
+    searched_again_wider: int = 0  # queries searched again in that dtype with the wider bound and cap
     searched_again_in_fp32: int = 0
     rescored: int = 0  # candidate cosines recomputed in fp32
     seconds_rounding: float = 0.0  # prior and query blocks to the search's dtype, with their error norms
@@ -92,7 +94,7 @@ class PriorBlocks:
     """The prior papers as the search reads them: blocks of ``PRIOR_ROWS`` rounded to the search's dtype with their
     error norms. Months in date order read the same leading blocks again, so full blocks are kept rounded up to
     ``budget`` bytes (the oldest first, as every later month reads them) and the norms of every full block are
-    kept; the block that ends at a month's boundary is rounded for each call."""
+    kept; the block that ends at a month's boundary is rounded once per call."""
 
     def __init__(self, priors: np.ndarray, dtype: torch.dtype, device: torch.device,
                  budget: int = ROUNDED_CACHE_BYTES):
@@ -101,41 +103,94 @@ class PriorBlocks:
         self.kept_bytes = 0
         self._blocks: dict[int, _Rounded] = {}
         self._norms: dict[int, tuple[float, float]] = {}
+        self._last: tuple[int, int, _Rounded] | None = None  # the last partial block
 
     def block(self, start: int, stop: int) -> _Rounded:
         full = stop - start == PRIOR_ROWS
         if full and start in self._blocks:
             return self._blocks[start]
+        if not full and self._last is not None and self._last[:2] == (start, stop):
+            return self._last[2]
         if full and start in self._norms:
             rounded = _Rounded(_fp32_rows(self.priors[start:stop], self.device).to(self.dtype), *self._norms[start])
         else:
             _, rounded = _round(self.priors[start:stop], self.dtype, self.device)
-        if full:
-            self._norms[start] = (rounded.norm_max, rounded.error_max)
-            size = rounded.low.numel() * rounded.low.element_size()
-            if self.kept_bytes + size <= self.budget:
-                self._blocks[start] = rounded
-                self.kept_bytes += size
+        if not full:
+            self._last = (start, stop, rounded)
+            return rounded
+        self._norms[start] = (rounded.norm_max, rounded.error_max)
+        size = rounded.low.numel() * rounded.low.element_size()
+        if self.kept_bytes + size <= self.budget:
+            self._blocks[start] = rounded
+            self.kept_bytes += size
         return rounded
 
+    def norms(self, end: int) -> tuple[float, float]:
+        """The largest |p̂| and |δp| over ``[0, end)``: rounds only the blocks whose norms are not known yet."""
+        norm_max = error_max = 0.0
+        for start in range(0, end, PRIOR_ROWS):
+            stop = min(end, start + PRIOR_ROWS)
+            known = self._norms.get(start) if stop - start == PRIOR_ROWS else None
+            if known is None:
+                rounded = self.block(start, stop)
+                known = (rounded.norm_max, rounded.error_max)
+            norm_max, error_max = max(norm_max, known[0]), max(error_max, known[1])
+        return norm_max, error_max
 
-def _topk_merge(best_val: torch.Tensor | None, best_pos: torch.Tensor | None, val: torch.Tensor, pos: torch.Tensor,
-                keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best ``keep`` of both, best first (merged values always come out sorted, also when fewer than ``keep``)."""
-    if best_val is not None:
-        val, pos = torch.cat([best_val, val], dim=1), torch.cat([best_pos, pos], dim=1)
-    if val.shape[1] > keep or best_val is not None:
-        val, index = torch.topk(val, min(keep, val.shape[1]), dim=1)
-        pos = torch.gather(pos, 1, index)
-    return val, pos
+
+@dataclass
+class _Band:
+    """One query chunk's candidates so far: scores (fp32, best first, padded with -inf) and prior positions, the
+    slack 2·e(q) per query, and per query the best score the cap dropped (-inf if none)."""
+
+    slack: torch.Tensor
+    val: torch.Tensor | None = None
+    pos: torch.Tensor | None = None
+    dropped: torch.Tensor | None = None
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # blocks' scores not merged yet
+    pending_width: int = 0
+
+    def add(self, val: torch.Tensor, pos: torch.Tensor, k: int, cap: int) -> None:
+        """A block's scores in the band: merged once they add up to ``MERGE_WIDTH`` columns (a merge sorts the whole
+        band; until then the threshold stays that of the last merge, which is lower, so nothing is lost)."""
+        self.pending.append((val, pos))
+        self.pending_width += val.shape[1]
+        if self.val is None or self.pending_width >= MERGE_WIDTH:
+            self.flush(k, cap)
+
+    def flush(self, k: int, cap: int) -> None:
+        if self.pending:
+            val = torch.cat([v for v, _ in self.pending], dim=1)
+            pos = torch.cat([p for _, p in self.pending], dim=1)
+            self.pending, self.pending_width = [], 0
+            self.merge(val, pos, k, cap)
+
+    def threshold(self, k: int) -> torch.Tensor:
+        """The lowest score still inside the band: the k-th best so far minus the slack (-inf below k scores)."""
+        if self.val is None or self.val.shape[1] < k:
+            return torch.full_like(self.slack, -torch.inf)
+        return self.val[:, k - 1] - self.slack
+
+    def merge(self, val: torch.Tensor, pos: torch.Tensor, k: int, cap: int) -> None:
+        if self.val is not None:
+            val, pos = torch.cat([self.val, val], dim=1), torch.cat([self.pos, pos], dim=1)
+        val, order = torch.sort(val, dim=1, descending=True)
+        pos = torch.gather(pos, 1, order)
+        self.val, self.pos = val, pos
+        inside = (val >= self.threshold(k)[:, None]) & (val > -torch.inf)
+        width = int(inside.sum(dim=1).max()) if len(val) else 0
+        if width > cap:
+            over = val[:, cap].masked_fill(~inside[:, cap], -torch.inf)
+            self.dropped = over if self.dropped is None else torch.maximum(self.dropped, over)
+            width = cap
+        self.val = val[:, :width].masked_fill(~inside[:, :width], -torch.inf)
+        self.pos = pos[:, :width]
 
 
-def _candidates(chunks: list[torch.Tensor], blocks: PriorBlocks, end: int, keep: int, stats: DeviceKnnStats
-                ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float, float]:
-    """Per query chunk the ``keep`` best prior positions by score in the blocks' dtype (values as fp32, best
-    first), and the largest |p̂| and |δp| over the priors. Each prior block is rounded once for all chunks."""
-    best: list[tuple[torch.Tensor | None, torch.Tensor | None]] = [(None, None)] * len(chunks)
-    norm_max = error_max = 0.0
+def _candidates(chunks: list[torch.Tensor], bands: list[_Band], blocks: PriorBlocks, end: int, k: int, cap: int,
+                stats: DeviceKnnStats) -> None:
+    """Streams the prior blocks: per query chunk, the band of each block's scores merged into ``bands``. Each
+    prior block is rounded once for all chunks."""
     device = blocks.device
     # One scores buffer for every product: a fresh 256 MB result each time costs the CPU its page faults, as much
     # as the bf16 product itself on AMX.
@@ -143,34 +198,34 @@ def _candidates(chunks: list[torch.Tensor], blocks: PriorBlocks, end: int, keep:
     for start in range(0, end, PRIOR_ROWS):
         with stats.timing("rounding", device):
             block = blocks.block(start, min(end, start + PRIOR_ROWS))
-        norm_max, error_max = max(norm_max, block.norm_max), max(error_max, block.error_max)
-        for i, chunk in enumerate(chunks):
+        for chunk, band in zip(chunks, bands, strict=True):
             with stats.timing("products", device):
                 scores = buffer[:len(chunk) * len(block.low)].view(len(chunk), len(block.low))
                 torch.matmul(chunk, block.low.T, out=scores)
             with stats.timing("selection", device):
-                best_val, best_pos = best[i]
-                if best_val is not None and best_val.shape[1] == keep:
-                    val, index = _above(scores, best_val[:, -1])
-                else:
-                    val, index = torch.topk(scores, min(keep, scores.shape[1]), dim=1)
-                best[i] = _topk_merge(best_val, best_pos, val.float(), index + start, keep)
-    return best, norm_max, error_max
+                threshold = band.threshold(k)
+                if band.val is None and scores.shape[1] > k:  # the block's own k-th best starts the band
+                    kth = torch.topk(scores, k, dim=1).values[:, -1].float()
+                    threshold = kth - band.slack
+                val, index = _above(scores, threshold)
+                band.add(val.float(), index + start, k, cap)
+    for band in bands:
+        band.flush(k, cap)
 
 
 def _above(scores: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row the scores above the row's threshold (the current ``keep``-th best) and their columns, padded with
-    -inf. Once a few blocks are merged few scores qualify: the maximum of each run of ``GROUP_COLUMNS`` adjacent
-    columns rules most runs out in one cheap pass, and only the runs left are compared element by element."""
+    """Per row the scores at or above the row's threshold (fp32) and their columns, padded with -inf. Once a few
+    blocks are merged few scores qualify: the maximum of each run of ``GROUP_COLUMNS`` adjacent columns rules most
+    runs out in one cheap pass, and only the runs left are compared element by element (in fp32, exactly)."""
     n, width = scores.shape
-    limit = threshold.to(scores.dtype)
+    limit = threshold.float()
     grouped = width - width % GROUP_COLUMNS
     runs = scores[:, :grouped].view(n, grouped // GROUP_COLUMNS, GROUP_COLUMNS)
-    run_rows, run_index = torch.nonzero(runs.amax(dim=2) > limit[:, None], as_tuple=True)
-    hit, offset = torch.nonzero(runs[run_rows, run_index] > limit[run_rows, None], as_tuple=True)
+    run_rows, run_index = torch.nonzero(runs.amax(dim=2).float() >= limit[:, None], as_tuple=True)
+    hit, offset = torch.nonzero(runs[run_rows, run_index].float() >= limit[run_rows, None], as_tuple=True)
     rows, cols = run_rows[hit], run_index[hit] * GROUP_COLUMNS + offset  # rows ascending, as nonzero lists them
     if grouped < width:  # the last columns, fewer than a run
-        tail_rows, tail_cols = torch.nonzero(scores[:, grouped:] > limit[:, None], as_tuple=True)
+        tail_rows, tail_cols = torch.nonzero(scores[:, grouped:].float() >= limit[:, None], as_tuple=True)
         order = torch.argsort(torch.cat([rows, tail_rows]), stable=True)
         rows, cols = torch.cat([rows, tail_rows])[order], torch.cat([cols, tail_cols + grouped])[order]
     counts = torch.bincount(rows, minlength=n)
@@ -209,57 +264,64 @@ def _rescore(queries: torch.Tensor, priors: np.ndarray, positions: torch.Tensor,
     return found, top[:, :k].contiguous().numpy(), len(cols)
 
 
-def _fp32_search(queries: np.ndarray, priors: np.ndarray, end: int, k: int, device: torch.device
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """The exact search in fp32, one pass over the priors for every block of queries."""
-    chunks = [torch.from_numpy(queries[i:i + QUERY_ROWS]).to(device) for i in range(0, len(queries), QUERY_ROWS)]
-    # A few spare candidates: the blocked product and the rescoring may round a near-tie differently.
-    best, _, _ = _candidates(chunks, PriorBlocks(priors, torch.float32, device), end, min(end, k + 8),
-                             DeviceKnnStats())
-    found = [_rescore(q, priors, pos, torch.full((len(q),), pos.shape[1]), k)[:2]
-             for q, (_, pos) in zip(chunks, best, strict=True)]
-    return np.concatenate([f for f, _ in found]), np.concatenate([c for _, c in found])
+@contextmanager
+def _full_precision_accumulation(device: torch.device) -> Iterator[None]:
+    """cuBLAS may reduce bf16 products in bf16 (split-K) unless told not to; the error bound assumes fp32 sums."""
+    if device.type != "cuda":
+        yield
+        return
+    flags = torch.backends.cuda.matmul
+    before = flags.allow_bf16_reduced_precision_reduction
+    flags.allow_bf16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        flags.allow_bf16_reduced_precision_reduction = before
 
 
-def _certified_pass(queries: np.ndarray, priors: np.ndarray, end: int, k: int, keep: int, blocks: PriorBlocks,
-                    stats: DeviceKnnStats) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One pass with ``keep`` candidates per query: the k best positions and fp32 cosines, and the rows whose
-    certificate failed (their neighbours may lie outside the candidates)."""
+def _certified_pass(queries: np.ndarray, priors: np.ndarray, end: int, k: int, blocks: PriorBlocks, cap: int,
+                    half_ulp: float, stats: DeviceKnnStats) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One pass over the priors: the k best positions and fp32 cosines, and the rows whose certificate failed (a
+    score reached 1 while ``half_ulp`` assumed less, or the cap dropped a score that could still be among the k)."""
     device, low_precision = blocks.device, blocks.dtype != torch.float32
     with stats.timing("rounding", device):
         rounded = [_round(queries[start:start + QUERY_ROWS], blocks.dtype, device)
                    for start in range(0, len(queries), QUERY_ROWS)]
-    best, norm_max, error_max = _candidates([r.low for _, r in rounded], blocks, end, keep, stats)
+        norm_max, error_max = blocks.norms(end)
+    accumulation = queries.shape[1] * 2.0**-24
+    bands, bounds = [], []
+    for full, query in rounded:
+        q_norm = query.low.float().norm(dim=1)
+        q_error = (query.low.float() - full).norm(dim=1) if low_precision else torch.zeros_like(q_norm)
+        bound = (q_error * norm_max + q_norm * error_max + q_error * error_max
+                 + accumulation * q_norm * norm_max + (half_ulp if low_precision else 0.0))
+        bounds.append(bound)
+        bands.append(_Band(slack=2 * bound))
+    with _full_precision_accumulation(device):
+        _candidates([r.low for _, r in rounded], bands, blocks, end, k, cap, stats)
     positions, cosines, doubtful = [], [], []
-    for i, ((full, query), (val, pos)) in enumerate(zip(rounded, best, strict=True)):
+    for i, ((full, _), band, bound) in enumerate(zip(rounded, bands, bounds, strict=True)):
         with stats.timing("rescoring", device):
-            if low_precision:
-                q_norm = query.low.float().norm(dim=1)
-                q_error = (query.low.float() - full).norm(dim=1)
-                bound = (q_error * norm_max + q_norm * error_max + q_error * error_max
-                         + OUTPUT_ROUNDING * q_norm * norm_max)
-                widths = (val >= (val[:, k - 1] - 2 * bound)[:, None]).sum(dim=1)
-            else:
-                widths = torch.full((len(full),), val.shape[1])
-            found, cos, rescored = _rescore(full, priors, pos, widths, k)
-            if keep < end and low_precision:  # else every prior is a candidate, or the candidates were in fp32
-                ceiling = (val[:, -1] + bound).cpu().numpy()  # the best an uncandidated paper can be, in fp32
-                doubtful.append(i * QUERY_ROWS + np.flatnonzero(cos[:, -1] <= ceiling))
+            found, cos, rescored = _rescore(full, priors, band.pos, (band.val > -torch.inf).sum(dim=1), k)
+            failed = torch.zeros(len(full), dtype=torch.bool)
+            if low_precision and half_ulp < 2.0**-8:
+                failed |= (band.val[:, 0] >= 1).cpu()
+            if band.dropped is not None:  # the best a dropped paper can be, in fp32
+                failed |= torch.from_numpy(cos[:, -1]) <= (band.dropped + bound).cpu()
+            doubtful.append(i * QUERY_ROWS + np.flatnonzero(failed.numpy()))
         stats.rescored += rescored
         positions.append(found)
         cosines.append(cos)
-    failed = np.concatenate(doubtful) if doubtful else np.zeros(0, dtype=np.int64)
-    return np.concatenate(positions), np.concatenate(cosines), failed
+    return np.concatenate(positions), np.concatenate(cosines), np.concatenate(doubtful)
 
 
 def device_knn(queries: np.ndarray, priors: np.ndarray, end: int, k: int, device: torch.device,
-               low_precision: bool = True, margin: int | None = None, stats: DeviceKnnStats | None = None,
-               blocks: PriorBlocks | None = None) -> tuple[np.ndarray, np.ndarray]:
+               low_precision: bool = True, stats: DeviceKnnStats | None = None, blocks: PriorBlocks | None = None,
+               cap: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Positions (-1 where fewer than k priors) and fp32 cosines of the k most similar rows of ``priors[:end]`` (unit
-    vectors) for each query, best first. ``margin``: spare candidates per query in the first pass (default k); a
-    query whose certificate fails is searched again with ``WIDEN`` times as many, up to ``WIDEST_KEEP``, then in
-    fp32. ``blocks``: the priors' rounded blocks kept from earlier calls (a ``PriorBlocks`` over the same
-    ``priors``, dtype and device)."""
+    vectors) for each query, best first. ``blocks``: the priors' rounded blocks kept from earlier calls (a
+    ``PriorBlocks`` over the same ``priors``, dtype and device). ``cap``: the band kept per query in the first
+    pass (default ``CANDIDATE_CAP``)."""
     n = len(queries)
     positions = np.full((n, k), -1, dtype=np.int64)
     cosines = np.zeros((n, k), dtype=np.float32)
@@ -272,21 +334,23 @@ def device_knn(queries: np.ndarray, priors: np.ndarray, end: int, k: int, device
     elif blocks.priors is not priors or blocks.dtype != dtype or blocks.device != device:
         raise ValueError("the prior blocks were rounded from other vectors, or for another dtype or device")
     stats = stats if stats is not None else DeviceKnnStats()
+    cap = max(k_eff, CANDIDATE_CAP if cap is None else cap)
     pending = np.arange(n)
-    keep = min(end, k_eff + (k_eff if margin is None else margin))
-    while True:
+    for attempt, (pass_cap, half_ulp) in enumerate([(cap, HALF_ULP_BELOW_ONE), (WIDER_CAP * cap, 2 * HALF_ULP_BELOW_ONE)]):
+        if attempt:
+            stats.searched_again_wider += len(pending)
         rows = queries if len(pending) == n else np.asarray(queries[pending])
-        found, cos, failed = _certified_pass(rows, priors, end, k_eff, keep, blocks, stats)
+        found, cos, failed = _certified_pass(rows, priors, end, k_eff, blocks, pass_cap, half_ulp, stats)
         positions[pending, :k_eff], cosines[pending, :k_eff] = found, cos
         pending = pending[failed]
-        if not len(pending) or keep >= min(end, WIDEST_KEEP):
+        if not len(pending):
             break
-        keep = min(end, keep * WIDEN)
-        stats.searched_again_wider += len(pending)
-    if len(pending):  # one fp32 pass over the priors for every query still uncertified
+    if len(pending):  # one fp32 pass over the priors, with no cap, for every query still uncertified
         with stats.timing("fp32_again", device):
             rows = np.array(queries[pending], dtype=np.float32)
-            positions[pending, :k_eff], cosines[pending, :k_eff] = _fp32_search(rows, priors, end, k_eff, device)
+            fp32_blocks = PriorBlocks(priors, torch.float32, device)
+            found, cos, _ = _certified_pass(rows, priors, end, k_eff, fp32_blocks, end, 0.0, DeviceKnnStats())
+            positions[pending, :k_eff], cosines[pending, :k_eff] = found, cos
     stats.queries += n
     stats.searched_again_in_fp32 += len(pending)
     stats.certified += n - len(pending)
