@@ -163,15 +163,18 @@ def test_device_search_memory_is_bounded_by_its_blocks_not_by_the_priors():
     assert large - small < priors_growth + 200 * 2**20, (small, large)
 
 
-def test_the_threshold_pass_finds_exactly_the_scores_above_each_rows_threshold():
-    """``_above`` (column groups' maxima, then the groups left element by element) returns exactly the scores at
-    or above each row's fp32 threshold, with their columns: continuous and heavily tied scores, widths with and
-    without a remainder after the groups, thresholds between two bf16 values and on one, leaving many, few, one
-    or no scores."""
+@pytest.mark.parametrize("direct_share", [0.0, 1.1], ids=["every_score", "runs_first"])
+def test_the_threshold_pass_finds_exactly_the_scores_at_or_above_each_rows_threshold(monkeypatch, direct_share):
+    """``above`` (runs' maxima, then the runs left element by element; or every score at once) returns exactly the
+    scores at or above each row's threshold rounded down to bf16, with their columns: continuous and heavily tied
+    scores, widths with and without a remainder after the runs, thresholds between two bf16 values and on one,
+    leaving many, few, one or no scores."""
     import torch
 
-    from paper_assets.engine.device_knn import GROUP_COLUMNS, _above
+    from paper_assets.engine import knn_band
+    from paper_assets.engine.knn_band import GROUP_COLUMNS, above
 
+    monkeypatch.setattr(knn_band, "DIRECT_SHARE", direct_share)
     generator = torch.Generator().manual_seed(2)
     for width in (GROUP_COLUMNS * 40, GROUP_COLUMNS * 40 + 77, 50):
         continuous = torch.randn(64, width, generator=generator).bfloat16()
@@ -182,12 +185,28 @@ def test_the_threshold_pass_finds_exactly_the_scores_above_each_rows_threshold()
             threshold[1::2] = threshold[1::2].bfloat16().float()  # on a bf16 value: ties with scores
             threshold[0] = float(scores[0].float().max()) + 1e-3  # nothing at or above
             threshold[2] = float(scores[2].float().max())  # only the maximum (and its ties)
-            val, index = _above(scores, threshold)
-            for row in range(64):
-                want = {(int(c), float(scores[row, c])) for c in torch.nonzero(scores[row].float() >= threshold[row])}
-                found = val[row] > -torch.inf
-                got = {(int(c), float(v)) for c, v in zip(index[row][found], val[row][found], strict=True)}
-                assert got == want, (width, row)
+            limit = knn_band._round_down(threshold, torch.bfloat16).float()
+            rows, cols, val = above(scores, threshold)
+            assert (torch.diff(rows) >= 0).all() and val.dtype == torch.float32
+            got = {(int(r), int(c), float(v)) for r, c, v in zip(rows, cols, val, strict=True)}
+            want = {(int(r), int(c), float(scores[r, c])) for r, c in torch.nonzero(scores.float() >= limit[:, None])}
+            assert got == want
+            assert {(r, c) for r, c, _ in got} >= {(int(r), int(c)) for r, c in
+                                                   torch.nonzero(scores.float() >= threshold[:, None])}
+
+
+def test_thresholds_round_down_to_the_nearest_bf16_value_at_or_below():
+    import torch
+
+    from paper_assets.engine.knn_band import _round_down
+
+    threshold = torch.cat([torch.randn(10_000) * 0.3, torch.tensor([0.0, -0.0, 1.0, 0.5, 1e-30, -1e-30])])
+    low = _round_down(threshold, torch.bfloat16)
+    assert (low.float() <= threshold).all()
+    finite = (low > -torch.inf) & (low != 0)
+    up = low.view(torch.int16) + torch.where(low > 0, 1, -1).to(torch.int16)  # the next bf16 value up
+    assert (up.view(torch.bfloat16)[finite].float() > threshold[finite]).all()
+    assert (_round_down(threshold, torch.float32) == threshold).all()
 
 
 def test_months_in_date_order_reuse_the_rounded_prior_blocks_and_get_the_same_neighbours(monkeypatch):

@@ -2,10 +2,10 @@
 native bf16), so that novelty over millions of papers costs minutes instead of hours.
 
 Each block of prior papers is rounded to bf16 once and multiplied with every block of queries (``PriorBlocks``
-keeps rounded blocks for the next months, within a byte budget). Per query only its band is kept, block by block:
-the scores within 2·e(q) of its k-th best so far, so memory is bounded by the block sizes, that budget and the
-band, not by N². The band is then rescored in fp32 and the top k taken by (cosine, then position), as the fp32
-search orders them.
+keeps rounded blocks for the next months, within a byte budget). Per query only its band is kept, block by block
+(``knn_band``): the scores within 2·e(q) of its k-th best so far, so memory is bounded by the block sizes, that
+budget and the band, not by N². The band is then rescored in fp32 and the top k taken by (cosine, then
+position), as the fp32 search orders them.
 
 Exactness is certified per query, not hoped for. Write q = q̂ + δq and p = p̂ + δp with q̂, p̂ the bf16 roundings;
 the device computes q̂·p̂ with fp32 accumulation over d terms and rounds the result to bf16, so
@@ -17,8 +17,8 @@ a score: 2⁻⁹ below 1, 2⁻⁸ from 1 to 2. Let s be the k-th best score: k p
 s − e, and a paper scored below s − 2e has a cosine below that, so it cannot be among the k best (up to exact
 ties). A query is searched with h = 2⁻⁹ and its band capped at ``CANDIDATE_CAP``; where one of its scores
 reached 1, or the cap dropped a score whose ceiling (score + e) reaches the k-th rescored cosine, it is searched
-again with h = 2⁻⁸ and ``WIDER_CAP`` times the cap, then in fp32 with no cap. The neighbours equal an exact fp32 search up to exact ties
-and fp32 rounding (≈ 1e-7).
+again with h = 2⁻⁸ and ``WIDER_CAP`` times the cap, then in fp32 with no cap. The neighbours equal an exact fp32
+search up to exact ties and fp32 rounding (≈ 1e-7).
 """
 
 from __future__ import annotations
@@ -27,18 +27,18 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .knn_band import Band
+
 HALF_ULP_BELOW_ONE = 2.0**-9  # the largest bf16 rounding error of a score below 1 (2^-8 from 1 to 2)
 QUERY_ROWS = 4096
 PRIOR_ROWS = 32768
-GROUP_COLUMNS = 128
 CANDIDATE_CAP = 2048  # band kept per query in the first pass
 WIDER_CAP = 8  # times the cap in the second pass
-MERGE_WIDTH = 256  # candidate columns gathered from blocks before they are merged into the band
 ROUNDED_CACHE_BYTES = 1 << 30  # rounded prior blocks kept across months (the oldest ones, which every month reads)
 
 
@@ -138,59 +138,9 @@ class PriorBlocks:
         return norm_max, error_max
 
 
-@dataclass
-class _Band:
-    """One query chunk's candidates so far: scores (fp32, best first, padded with -inf) and prior positions, the
-    slack 2·e(q) per query, and per query the best score the cap dropped (-inf if none)."""
-
-    slack: torch.Tensor
-    val: torch.Tensor | None = None
-    pos: torch.Tensor | None = None
-    dropped: torch.Tensor | None = None
-    pending: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # blocks' scores not merged yet
-    pending_width: int = 0
-
-    def add(self, val: torch.Tensor, pos: torch.Tensor, k: int, cap: int) -> None:
-        """A block's scores in the band: merged once they add up to ``MERGE_WIDTH`` columns (a merge sorts the whole
-        band; until then the threshold stays that of the last merge, which is lower, so nothing is lost)."""
-        self.pending.append((val, pos))
-        self.pending_width += val.shape[1]
-        if self.val is None or self.pending_width >= MERGE_WIDTH:
-            self.flush(k, cap)
-
-    def flush(self, k: int, cap: int) -> None:
-        if self.pending:
-            val = torch.cat([v for v, _ in self.pending], dim=1)
-            pos = torch.cat([p for _, p in self.pending], dim=1)
-            self.pending, self.pending_width = [], 0
-            self.merge(val, pos, k, cap)
-
-    def threshold(self, k: int) -> torch.Tensor:
-        """The lowest score still inside the band: the k-th best so far minus the slack (-inf below k scores)."""
-        if self.val is None or self.val.shape[1] < k:
-            return torch.full_like(self.slack, -torch.inf)
-        return self.val[:, k - 1] - self.slack
-
-    def merge(self, val: torch.Tensor, pos: torch.Tensor, k: int, cap: int) -> None:
-        if self.val is not None:
-            val, pos = torch.cat([self.val, val], dim=1), torch.cat([self.pos, pos], dim=1)
-        val, order = torch.sort(val, dim=1, descending=True)
-        pos = torch.gather(pos, 1, order)
-        self.val, self.pos = val, pos
-        inside = (val >= self.threshold(k)[:, None]) & (val > -torch.inf)
-        width = int(inside.sum(dim=1).max()) if len(val) else 0
-        if width > cap:
-            over = val[:, cap].masked_fill(~inside[:, cap], -torch.inf)
-            self.dropped = over if self.dropped is None else torch.maximum(self.dropped, over)
-            width = cap
-        self.val = val[:, :width].masked_fill(~inside[:, :width], -torch.inf)
-        self.pos = pos[:, :width]
-
-
-def _candidates(chunks: list[torch.Tensor], bands: list[_Band], blocks: PriorBlocks, end: int, k: int, cap: int,
+def _candidates(chunks: list[torch.Tensor], bands: list[Band], blocks: PriorBlocks, end: int,
                 stats: DeviceKnnStats) -> None:
-    """Streams the prior blocks: per query chunk, the band of each block's scores merged into ``bands``. Each
-    prior block is rounded once for all chunks."""
+    """Streams the prior blocks into each query chunk's band. Each prior block is rounded once for all chunks."""
     device = blocks.device
     # One scores buffer for every product: a fresh 256 MB result each time costs the CPU its page faults, as much
     # as the bf16 product itself on AMX.
@@ -203,40 +153,10 @@ def _candidates(chunks: list[torch.Tensor], bands: list[_Band], blocks: PriorBlo
                 scores = buffer[:len(chunk) * len(block.low)].view(len(chunk), len(block.low))
                 torch.matmul(chunk, block.low.T, out=scores)
             with stats.timing("selection", device):
-                threshold = band.threshold(k)
-                if band.val is None and scores.shape[1] > k:  # the block's own k-th best starts the band
-                    kth = torch.topk(scores, k, dim=1).values[:, -1].float()
-                    threshold = kth - band.slack
-                val, index = _above(scores, threshold)
-                band.add(val.float(), index + start, k, cap)
-    for band in bands:
-        band.flush(k, cap)
-
-
-def _above(scores: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row the scores at or above the row's threshold (fp32) and their columns, padded with -inf. Once a few
-    blocks are merged few scores qualify: the maximum of each run of ``GROUP_COLUMNS`` adjacent columns rules most
-    runs out in one cheap pass, and only the runs left are compared element by element (in fp32, exactly)."""
-    n, width = scores.shape
-    limit = threshold.float()
-    grouped = width - width % GROUP_COLUMNS
-    runs = scores[:, :grouped].view(n, grouped // GROUP_COLUMNS, GROUP_COLUMNS)
-    run_rows, run_index = torch.nonzero(runs.amax(dim=2).float() >= limit[:, None], as_tuple=True)
-    hit, offset = torch.nonzero(runs[run_rows, run_index].float() >= limit[run_rows, None], as_tuple=True)
-    rows, cols = run_rows[hit], run_index[hit] * GROUP_COLUMNS + offset  # rows ascending, as nonzero lists them
-    if grouped < width:  # the last columns, fewer than a run
-        tail_rows, tail_cols = torch.nonzero(scores[:, grouped:].float() >= limit[:, None], as_tuple=True)
-        order = torch.argsort(torch.cat([rows, tail_rows]), stable=True)
-        rows, cols = torch.cat([rows, tail_rows])[order], torch.cat([cols, tail_cols + grouped])[order]
-    counts = torch.bincount(rows, minlength=n)
-    most = int(counts.max()) if len(rows) else 0
-    val = torch.full((n, most), -torch.inf, dtype=scores.dtype, device=scores.device)
-    index = torch.zeros((n, most), dtype=torch.int64, device=scores.device)
-    if most:
-        rank = torch.arange(len(rows), device=scores.device) - (torch.cumsum(counts, 0) - counts)[rows]
-        val[rows, rank] = scores[rows, cols]
-        index[rows, rank] = cols
-    return val, index
+                band.take(scores, start)
+    with stats.timing("selection", device):
+        for band in bands:
+            band.flush()
 
 
 def _rescore(queries: torch.Tensor, priors: np.ndarray, positions: torch.Tensor, widths: torch.Tensor, k: int
@@ -296,18 +216,19 @@ def _certified_pass(queries: np.ndarray, priors: np.ndarray, end: int, k: int, b
         bound = (q_error * norm_max + q_norm * error_max + q_error * error_max
                  + accumulation * q_norm * norm_max + (half_ulp if low_precision else 0.0))
         bounds.append(bound)
-        bands.append(_Band(slack=2 * bound))
+        bands.append(Band(slack=2 * bound, k=k, cap=cap))
     with _full_precision_accumulation(device):
-        _candidates([r.low for _, r in rounded], bands, blocks, end, k, cap, stats)
+        _candidates([r.low for _, r in rounded], bands, blocks, end, stats)
     positions, cosines, doubtful = [], [], []
     for i, ((full, _), band, bound) in enumerate(zip(rounded, bands, bounds, strict=True)):
         with stats.timing("rescoring", device):
-            found, cos, rescored = _rescore(full, priors, band.pos, (band.val > -torch.inf).sum(dim=1), k)
+            val, pos, widths = band.padded()
+            found, cos, rescored = _rescore(full, priors, pos, widths, k)
             failed = torch.zeros(len(full), dtype=torch.bool)
             if low_precision and half_ulp < 2.0**-8:
-                failed |= (band.val[:, 0] >= 1).cpu()
-            if band.dropped is not None:  # the best a dropped paper can be, in fp32
-                failed |= torch.from_numpy(cos[:, -1]) <= (band.dropped + bound).cpu()
+                failed |= (val[:, 0] >= 1).cpu()
+            # the best a paper the cap dropped can be, in fp32
+            failed |= torch.from_numpy(cos[:, -1]) <= (band.dropped + bound).cpu()
             doubtful.append(i * QUERY_ROWS + np.flatnonzero(failed.numpy()))
         stats.rescored += rescored
         positions.append(found)
@@ -336,7 +257,8 @@ def device_knn(queries: np.ndarray, priors: np.ndarray, end: int, k: int, device
     stats = stats if stats is not None else DeviceKnnStats()
     cap = max(k_eff, CANDIDATE_CAP if cap is None else cap)
     pending = np.arange(n)
-    for attempt, (pass_cap, half_ulp) in enumerate([(cap, HALF_ULP_BELOW_ONE), (WIDER_CAP * cap, 2 * HALF_ULP_BELOW_ONE)]):
+    passes = ((cap, HALF_ULP_BELOW_ONE), (WIDER_CAP * cap, 2 * HALF_ULP_BELOW_ONE))
+    for attempt, (pass_cap, half_ulp) in enumerate(passes):
         if attempt:
             stats.searched_again_wider += len(pending)
         rows = queries if len(pending) == n else np.asarray(queries[pending])
