@@ -4,6 +4,7 @@ import datetime
 import time
 
 import duckdb
+import pytest
 from dagster import asset, instance_for_test, materialize
 
 from paper_assets.benchkit.corpus_bench import ID_SPAN, corpus_source
@@ -82,11 +83,31 @@ def test_the_novelty_bench_reports_where_the_device_search_spends_its_time(monke
     assert "device_search" not in report["auto_without_device"]
 
 
+def test_the_sampled_novelty_bench_times_every_sth_month_and_projects_the_rest(monkeypatch):
+    """``--novelty-every S``: the middle month of every S, in date order, each through ``compute_month``; every
+    month projected as their sum x months / months timed; the device search's breakdown where it ran."""
+    import torch
+
+    from paper_assets.benchkit.novelty_sampled import run_sampled
+    from paper_assets.engine import device_knn
+
+    monkeypatch.setattr(device_knn, "device_search_pays", lambda: True)
+    monkeypatch.setattr(device_knn, "knn_device", lambda: (torch.device("cpu"), True))
+    report = run_sampled(3000, 12, 4, dim=16, log=lambda line: None)
+    assert report["months"] == 12 and report["months_timed"] == 3
+    months = [row["month"] for row in report["timed"]]
+    assert months == sorted(months) and all(row["search"] == "device" for row in report["timed"])
+    priors = [row["prior_papers"] for row in report["timed"]]
+    assert 0 < priors[0] < priors[1] < priors[2] < 3000 and report["recall_at_100_min"] == 1.0
+    assert report["projected_months_seconds"] == round(report["timed_months_seconds"] * 12 / 3)
+    assert report["device_search"]["queries"] == sum(row["papers"] for row in report["timed"])
+    with pytest.raises(ValueError, match="2 or more"):
+        run_sampled(100, 2, 1, dim=16, log=lambda line: None)
+
+
 def test_wait_until_returns_the_first_ready_value_and_names_what_never_came(tmp_path):
     import subprocess
     import sys
-
-    import pytest
 
     from paper_assets.processes import wait_until
 

@@ -43,13 +43,14 @@ class Band:
     def threshold(self) -> torch.Tensor:
         return self.kth() - self.slack
 
-    def take(self, scores: torch.Tensor, start: int) -> None:
-        """A prior block's scores (its columns are prior positions from ``start``) into the band."""
+    def take(self, scores: torch.Tensor, start: int, order: torch.Tensor | None = None) -> None:
+        """A prior block's scores into the band: column j is prior position start + order[j] (start + j without
+        an order)."""
         threshold = self.threshold()
         if self.top_val is None and not self.pending and scores.shape[1] > self.k:  # its own k-th best starts it
             threshold = torch.topk(scores, self.k, dim=1).values[:, -1].float() - self.slack
         rows, cols, val = above(scores, threshold)
-        self.pending.append((rows, val, cols + start))
+        self.pending.append((rows, val, (cols if order is None else order[cols]) + start))
         self.pending_count += len(rows)
         if self.top_val is None or self.pending_count >= MERGE_PER_QUERY * len(self.slack):
             self.flush()
