@@ -163,8 +163,7 @@ def _variants(papers: int, month_pairs: int) -> tuple[dict[str, tuple], dict[str
     else:
         variants["faiss_exact"] = (IndexParams(graph="never"), novelty.NoveltyParams(search="exact"), False)
     if papers >= REFERENCE_GRAPH_MIN_PAPERS:
-        variants["graph_from_200k_papers"] = (IndexParams(graph_min_papers=REFERENCE_GRAPH_MIN_PAPERS,
-                                                          exact_max_pairs=REFERENCE_EXACT_MAX_PAIRS),
+        variants["graph_from_200k_papers"] = (IndexParams(graph="always"),
                                               novelty.NoveltyParams(exact_max_pairs=REFERENCE_EXACT_MAX_PAIRS), False)
     if papers <= 100_000:
         variants["graph"] = (IndexParams(graph="always"), novelty.NoveltyParams(search="hnsw"), False)
