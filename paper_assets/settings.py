@@ -108,7 +108,8 @@ class Settings:
     novelty_hnsw_m: int = setting(IndexParams.hnsw_m, "HNSW graph degree (the authors')")
     novelty_ef_construction: int = setting(IndexParams.ef_construction, "HNSW build beam (the authors')")
     novelty_graph: str = setting(IndexParams.graph, "build the HNSW graph: `auto` (from 1,000,000 papers where "
-                                 "`auto` search would use it: no GPU, no native bf16), `always`, `never`")
+                                 "`auto` search will use it: no GPU, no native bf16, and a month with more queries "
+                                 "× prior papers than 10¹⁰), `always`, `never`")
 
     def gate_policy(self) -> GatePolicy:
         return GatePolicy(norm_k=self.norm_k, max_norm_outlier_fraction=self.max_norm_outlier_fraction)
