@@ -374,14 +374,10 @@ def run_benchmark(options: BenchOptions) -> int:
             raise UserError(f"bench --retrieval needs the SciRepEval samples in {SHARED_PAPERS.parent}")
         print(f"retrieval quality on {SHARED_PAPERS.parent} (trained MiniLM weights in SPECTER2's architecture):")
         result["retrieval"] = run_retrieval(SHARED_PAPERS.parent, work, options.device)
-    if options.novelty_papers and options.novelty_every > 1:
-        from .novelty_sampled import run_sampled
+    if options.novelty_papers:
+        from .novelty_sampled import novelty_report
 
-        result["novelty_sampled"] = run_sampled(options.novelty_papers, options.novelty_months, options.novelty_every)
-    elif options.novelty_papers:
-        from .novelty_bench import run as run_novelty
-
-        result["novelty"] = run_novelty(options.novelty_papers, options.novelty_months)
+        key, result[key] = novelty_report(options.novelty_papers, options.novelty_months, options.novelty_every)
     if options.corpus_papers:
         from .corpus_bench import print_corpus, run_corpus
 

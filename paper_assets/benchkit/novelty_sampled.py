@@ -24,6 +24,15 @@ from .measure import PeakRSS
 from .novelty_bench import USER_CORPUS, synthetic_corpus
 
 
+def novelty_report(papers: int, months: int, every: int) -> tuple[str, dict]:
+    """The bench's novelty section: with ``every`` > 1 the sampled projection, else the full comparison."""
+    if every > 1:
+        return "novelty_sampled", run_sampled(papers, months, every)
+    from .novelty_bench import run
+
+    return "novelty", run(papers, months)
+
+
 def run_sampled(papers: int, months: int, every: int, dim: int = 768, seed: int = 0, log=print) -> dict:
     if every < 2:
         raise ValueError("--novelty-every takes 2 or more (1 is the full bench)")

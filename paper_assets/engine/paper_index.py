@@ -109,8 +109,7 @@ def months_between(first: str, last: str) -> list[str]:
 
 
 def normalise(vectors: np.ndarray, in_place: bool = False, rows: int = 1 << 16) -> np.ndarray:
-    """Unit rows as float32; ``in_place`` divides ``vectors`` itself. Done ``rows`` at a time, so the temporaries
-    stay small next to millions of vectors."""
+    """Unit rows as float32 (``in_place``: ``vectors`` itself), ``rows`` at a time: small temporaries."""
     out = vectors if in_place else np.empty_like(vectors)
     for start in range(0, len(vectors), rows):
         part = vectors[start:start + rows]
@@ -202,7 +201,6 @@ def _write_build(root: HomePath, manifest: IndexManifest, ids: np.ndarray, days:
                        staging / "papers.parquet", compression="zstd")
         np.save(staging / "vectors.npy", vectors)
         from .device_knn import device_search_pays
-
         largest_month_pairs = max(((end - start) * start for start, end, _ in manifest.months.values()), default=0)
         if params.builds_graph(len(ids), largest_month_pairs, device_search=device_search_pays()):
             graph = faiss.IndexHNSWFlat(manifest.dim, params.hnsw_m)
@@ -276,8 +274,7 @@ class PaperIndex:
         self.ids = papers.column("corpusid").to_numpy()
         self.days = papers.column("publication_date").cast(pa.int32()).fill_null(UNDATED).to_numpy()
         self.vectors = np.load(folder / "vectors.npy", mmap_mode="r")
-        self._graph = None
-        self._by_id = None
+        self._graph = self._by_id = None
         self.prior_blocks = None  # device_knn.PriorBlocks, made by the first device search
         self.device_search_stats = None  # DeviceKnnStats summed over this index's device searches
 
