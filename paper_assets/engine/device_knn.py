@@ -240,7 +240,7 @@ def _certified_pass(queries: np.ndarray, priors: np.ndarray, end: int, k: int, b
             val, pos, widths = band.padded()
             found, cos, rescored = _rescore(full, priors, pos, widths, k)
             failed = torch.zeros(len(full), dtype=torch.bool)
-            if low_precision and half_ulp < 2.0**-8:
+            if low_precision and half_ulp == HALF_ULP_BELOW_ONE:  # the pass that assumed scores below 1
                 failed |= (val[:, 0] >= 1).cpu()
             # the best a paper the cap dropped can be, in fp32
             failed |= torch.from_numpy(cos[:, -1]) <= (band.dropped + bound).cpu()
