@@ -132,7 +132,7 @@ class PriorBlocks:
         if start not in self._orders:
             self._orders[start] = _grouped_order(rounded.low)
         rounded.order = self._orders[start]
-        rounded.low = rounded.low[rounded.order]
+        rounded.low = rounded.low.index_select(0, rounded.order)
         self._norms[start] = (rounded.norm_max, rounded.error_max)
         size = rounded.low.numel() * rounded.low.element_size()
         if self.kept_bytes + size <= self.budget:
