@@ -264,3 +264,62 @@ def test_the_index_keeps_its_prior_blocks_across_months_and_equals_faiss(tmp_pat
     assert index.prior_blocks.dtype == torch.bfloat16 and index.prior_blocks.kept_bytes > 0
     assert index.device_search_stats.queries == sum(manifest.month_bounds(m)[1] - manifest.month_bounds(m)[0]
                                                     for m in sorted(manifest.months)[1:])
+
+
+def _clustered(count: int, dim: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(12, dim))
+    return _unit(centres[rng.integers(0, 12, count)] + 0.5 * rng.normal(size=(count, dim)))
+
+
+def test_seed_floors_lie_under_each_querys_kth_best_among_the_priors_before_the_end():
+    """A floor is the k-th best fp32 cosine among the latest members of the query's centroid, less e(q) and the
+    fp32 product's error: never above the k-th best cosine over ``priors[:end]`` less e(q), for an end below the
+    assigned blocks too (members at or after the end are not used, though their block is assigned), and close to
+    it on clustered papers."""
+    import torch
+
+    from paper_assets.engine.knn_seed import SeedFloors
+
+    priors = _clustered(3000, 32, 6)
+    seeds = SeedFloors(priors, centroids=16, members=300)
+    for start in range(0, 2400, 400):
+        seeds.assign(start, torch.from_numpy(priors[start:start + 400]).bfloat16())
+    queries, k = torch.from_numpy(priors[2400:2700]), 20
+    bound = torch.full((300,), 0.01)
+    for end in (2400, 1200, 300):
+        floors = seeds.floors(queries, bound, end, k).double().numpy()
+        exact = np.sort(priors[2400:2700].astype(np.float64) @ priors[:end].T.astype(np.float64), axis=1)
+        kth = exact[:, -k]
+        assert (floors <= kth - 0.01).all()
+        finite = np.isfinite(floors)
+        if end >= 1200:  # centroids with at least k members before the end
+            assert finite.mean() > 0.9 and np.median(kth[finite] - floors[finite]) < 0.05
+    assert np.isinf(seeds.floors(queries, bound, 2400, 400).numpy()).all()  # no centroid has 400 members
+    assert np.isinf(SeedFloors(priors).floors(queries, bound, 2400, k).numpy()).all()  # nothing assigned yet
+
+
+def test_seeded_bands_pass_fewer_scores_and_find_the_same_neighbours(monkeypatch):
+    """With floors the blocks' threshold passes keep fewer scores than from each block's k-th best alone, and the
+    neighbours and cosines are exactly those of the unseeded search."""
+    import torch
+
+    from paper_assets.engine import device_knn as knn
+    from paper_assets.engine.knn_seed import SeedFloors
+
+    monkeypatch.setattr(knn, "PRIOR_ROWS", 500)
+    priors = _clustered(6000, 32, 7)
+    queries, end, k = priors[5000:5600], 5000, 30
+    found = {}
+    for seeded in (True, False):
+        blocks = knn.PriorBlocks(priors, torch.bfloat16, torch.device("cpu"))
+        blocks.seeds = SeedFloors(priors, centroids=16) if seeded else None
+        stats = knn.DeviceKnnStats()
+        found[seeded] = knn.device_knn(queries, priors, end, k, torch.device("cpu"), stats=stats, blocks=blocks)
+        found[seeded] += (stats,)
+    with_floor, without = found[True][2], found[False][2]
+    assert with_floor.seeded > 500 and without.seeded == 0
+    assert with_floor.passed_threshold < 0.5 * without.passed_threshold
+    assert with_floor.rescored == without.rescored  # the final band is the same
+    np.testing.assert_array_equal(found[True][0], found[False][0])
+    np.testing.assert_array_equal(found[True][1], found[False][1])

@@ -3,9 +3,10 @@ native bf16), so that novelty over millions of papers costs minutes instead of h
 
 Each block of prior papers is rounded to bf16 once and multiplied with every block of queries (``PriorBlocks``
 keeps rounded blocks for the next months, within a byte budget). Per query only its band is kept, block by block
-(``knn_band``): the scores within 2·e(q) of its k-th best so far, so memory is bounded by the block sizes, that
-budget and the band, not by N². The band is then rescored in fp32 and the top k taken by (cosine, then
-position), as the fp32 search orders them.
+(``knn_band``): the scores within 2·e(q) of its k-th best so far, or of a floor under its final k-th best where
+that is higher (``knn_seed``: the latest papers of its nearest centroid, scored first), so memory is bounded by
+the block sizes, that budget and the band, not by N². The band is then rescored in fp32 and the top k taken by
+(cosine, then position), as the fp32 search orders them.
 
 Exactness is certified per query, not hoped for. Write q = q̂ + δq and p = p̂ + δp with q̂, p̂ the bf16 roundings;
 the device computes q̂·p̂ with fp32 accumulation over d terms and rounds the result to bf16, so
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 from .knn_band import Band
+from .knn_seed import SeedFloors
 
 HALF_ULP_BELOW_ONE = 2.0**-9  # the largest bf16 rounding error of a score below 1 (2^-8 from 1 to 2)
 QUERY_ROWS = 4096
@@ -50,7 +52,10 @@ class DeviceKnnStats:
     searched_again_wider: int = 0  # queries searched again in that dtype with the wider bound and cap
     searched_again_in_fp32: int = 0
     rescored: int = 0  # candidate cosines recomputed in fp32
+    passed_threshold: int = 0  # scores the blocks' threshold passes kept for a merge
+    seeded: int = 0  # query searches whose band started from a floor under their k-th best (``knn_seed``)
     seconds_rounding: float = 0.0  # prior and query blocks to the search's dtype, with their error norms
+    seconds_seeding: float = 0.0  # the floors: cosines of centroid members (assigning a block counts as rounding)
     seconds_products: float = 0.0  # the query x prior block products
     seconds_selection: float = 0.0  # top-k and threshold passes over the scores, merging candidates
     seconds_rescoring: float = 0.0  # fp32 cosines of the candidates, certificates
@@ -115,6 +120,7 @@ class PriorBlocks:
         self._norms: dict[int, tuple[float, float]] = {}
         self._last: tuple[int, int, _Rounded] | None = None  # the last partial block
         self._orders: dict[int, torch.Tensor] = {}  # full blocks' rows grouped by similarity
+        self.seeds = SeedFloors(priors) if dtype != torch.float32 else None  # floors under the k-th best
 
     def block(self, start: int, stop: int) -> _Rounded:
         full = stop - start == PRIOR_ROWS
@@ -131,6 +137,8 @@ class PriorBlocks:
             return rounded
         if start not in self._orders:
             self._orders[start] = _grouped_order(rounded.low)
+            if self.seeds is not None:
+                self.seeds.assign(start, rounded.low)
         rounded.order = self._orders[start]
         rounded.low = rounded.low.index_select(0, rounded.order)
         self._norms[start] = (rounded.norm_max, rounded.error_max)
@@ -224,14 +232,20 @@ def _certified_pass(queries: np.ndarray, priors: np.ndarray, end: int, k: int, b
                    for start in range(0, len(queries), QUERY_ROWS)]
         norm_max, error_max = blocks.norms(end)
     accumulation = queries.shape[1] * 2.0**-24
-    bands, bounds = [], []
+    bounds = []
     for full, query in rounded:
         q_norm = query.low.float().norm(dim=1)
         q_error = (query.low.float() - full).norm(dim=1) if low_precision else torch.zeros_like(q_norm)
-        bound = (q_error * norm_max + q_norm * error_max + q_error * error_max
-                 + accumulation * q_norm * norm_max + (half_ulp if low_precision else 0.0))
-        bounds.append(bound)
-        bands.append(Band(slack=2 * bound, k=k, cap=cap))
+        bounds.append(q_error * norm_max + q_norm * error_max + q_error * error_max
+                      + accumulation * q_norm * norm_max + (half_ulp if low_precision else 0.0))
+    floors: list[torch.Tensor | None] = [None] * len(rounded)
+    if blocks.seeds is not None:  # one call for every chunk: each centroid's members are gathered once
+        with stats.timing("seeding", device):
+            floor = blocks.seeds.floors(torch.cat([full.cpu() for full, _ in rounded]),
+                                        torch.cat([bound.cpu() for bound in bounds]), end, k)
+            floors = [part.to(device) for part in torch.split(floor, [len(full) for full, _ in rounded])]
+        stats.seeded += int((floor > -torch.inf).sum())
+    bands = [Band(slack=2 * bound, k=k, cap=cap, floor=floor) for bound, floor in zip(bounds, floors, strict=True)]
     with _full_precision_accumulation(device):
         _candidates([r.low for _, r in rounded], bands, blocks, end, stats)
     positions, cosines, doubtful = [], [], []
@@ -246,6 +260,7 @@ def _certified_pass(queries: np.ndarray, priors: np.ndarray, end: int, k: int, b
             failed |= torch.from_numpy(cos[:, -1]) <= (band.dropped + bound).cpu()
             doubtful.append(i * QUERY_ROWS + np.flatnonzero(failed.numpy()))
         stats.rescored += rescored
+        stats.passed_threshold += band.taken
         positions.append(found)
         cosines.append(cos)
     return np.concatenate(positions), np.concatenate(cosines), np.concatenate(doubtful)

@@ -24,12 +24,14 @@ class Band:
     slack: torch.Tensor  # 2·e(q) per query
     k: int
     cap: int  # scores kept per query; the best one dropped beyond it is remembered
+    floor: torch.Tensor | None = None  # a known lower bound on each query's final k-th best (``knn_seed``)
     top_val: torch.Tensor | None = None  # the k best so far (fp32, best first, padded with -inf), and positions
     top_pos: torch.Tensor | None = None
     rest: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # the rest of the band, flat, unordered
     dropped: torch.Tensor = field(init=False)
     pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     pending_count: int = 0
+    taken: int = 0  # scores that passed a block's threshold pass
 
     def __post_init__(self):
         self.dropped = torch.full_like(self.slack, -torch.inf)
@@ -40,18 +42,22 @@ class Band:
             return torch.full_like(self.slack, -torch.inf)
         return self.top_val[:, self.k - 1]
 
-    def threshold(self) -> torch.Tensor:
-        return self.kth() - self.slack
+    def threshold(self, kth: torch.Tensor | None = None) -> torch.Tensor:
+        """The lowest score still in the band: the k-th best so far (or ``kth``), raised to the floor, less the
+        slack."""
+        kth = self.kth() if kth is None else kth
+        return (kth if self.floor is None else torch.maximum(kth, self.floor)) - self.slack
 
     def take(self, scores: torch.Tensor, start: int, order: torch.Tensor | None = None) -> None:
         """A prior block's scores into the band: column j is prior position start + order[j] (start + j without
         an order)."""
         threshold = self.threshold()
         if self.top_val is None and not self.pending and scores.shape[1] > self.k:  # its own k-th best starts it
-            threshold = torch.topk(scores, self.k, dim=1).values[:, -1].float() - self.slack
+            threshold = self.threshold(torch.topk(scores, self.k, dim=1).values[:, -1].float())
         rows, cols, val = above(scores, threshold)
         self.pending.append((rows, val, (cols if order is None else order.index_select(0, cols)) + start))
         self.pending_count += len(rows)
+        self.taken += len(rows)
         if self.top_val is None or self.pending_count >= MERGE_PER_QUERY * len(self.slack):
             self.flush()
 
