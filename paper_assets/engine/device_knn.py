@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .knn_band import Band
-from .knn_seed import SeedFloors
+from .knn_seed import SeedFloors, fp32_rows
 
 HALF_ULP_BELOW_ONE = 2.0**-9  # the largest bf16 rounding error of a score below 1 (2^-8 from 1 to 2)
 QUERY_ROWS = 4096
@@ -81,14 +81,8 @@ class _Rounded:
     order: torch.Tensor | None = None  # row i of ``low`` is row order[i] of the block (None: in order)
 
 
-def _fp32_rows(rows: np.ndarray, device: torch.device) -> torch.Tensor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the index's vectors are a read-only memory map; nothing here writes to it
-        return torch.from_numpy(np.asarray(rows, dtype=np.float32)).to(device)
-
-
 def _round(rows: np.ndarray, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, _Rounded]:
-    full = _fp32_rows(rows, device)
+    full = fp32_rows(rows, device)
     low = full.to(dtype)
     if dtype == torch.float32:
         norm_max = float(full.norm(dim=1).max()) if len(full) else 0.0
@@ -129,7 +123,7 @@ class PriorBlocks:
         if not full and self._last is not None and self._last[:2] == (start, stop):
             return self._last[2]
         if full and start in self._norms:
-            rounded = _Rounded(_fp32_rows(self.priors[start:stop], self.device).to(self.dtype), *self._norms[start])
+            rounded = _Rounded(fp32_rows(self.priors[start:stop], self.device).to(self.dtype), *self._norms[start])
         else:
             _, rounded = _round(self.priors[start:stop], self.dtype, self.device)
         if not full:
@@ -241,10 +235,10 @@ def _certified_pass(queries: np.ndarray, priors: np.ndarray, end: int, k: int, b
     floors: list[torch.Tensor | None] = [None] * len(rounded)
     if blocks.seeds is not None:  # one call for every chunk: each centroid's members are gathered once
         with stats.timing("seeding", device):
-            floor = blocks.seeds.floors(torch.cat([full.cpu() for full, _ in rounded]),
-                                        torch.cat([bound.cpu() for bound in bounds]), end, k)
-            floors = [part.to(device) for part in torch.split(floor, [len(full) for full, _ in rounded])]
-        stats.seeded += int((floor > -torch.inf).sum())
+            every_floor = blocks.seeds.floors(torch.cat([full.cpu() for full, _ in rounded]),
+                                              torch.cat([bound.cpu() for bound in bounds]), end, k)
+            floors = [part.to(device) for part in torch.split(every_floor, [len(full) for full, _ in rounded])]
+        stats.seeded += int((every_floor > -torch.inf).sum())
     bands = [Band(slack=2 * bound, k=k, cap=cap, floor=floor) for bound, floor in zip(bounds, floors, strict=True)]
     with _full_precision_accumulation(device):
         _candidates([r.low for _, r in rounded], bands, blocks, end, stats)

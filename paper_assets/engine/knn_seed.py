@@ -3,12 +3,12 @@ block, so that every block's threshold pass keeps about the final band instead o
 the blocks seen so far.
 
 The priors are assigned to the nearest of ``CENTROIDS`` k-means centroids (a coarse quantiser trained once on a
-sample of the index); a query's floor comes from
-the ``MEMBERS`` latest priors of its nearest centroid: their fp32 cosines, the k-th best c, minus the error bound
-e(q) and the fp32 product's own error. Those are k distinct earlier papers whose search scores are at least c − e,
-so the k-th best score of the whole search is at least the floor: the band, which keeps the scores within 2·e(q) of
-max(k-th best so far, floor), loses nothing. Members come only from positions before the search's end, so a floor is
-valid for any call order; a query whose centroid has fewer than k such members gets no floor.
+sample of the index); a query's floor comes from the ``MEMBERS`` latest priors of its nearest centroid: their fp32
+cosines, the k-th best c, minus the error bound e(q) and the fp32 product's own error. Those are k distinct earlier
+papers whose search scores are at least c − e, so the k-th best score of the whole search is at least the floor:
+the band, which keeps the scores within 2·e(q) of max(k-th best so far, floor), loses nothing. Members come only
+from positions before the search's end, so a floor is valid for any call order; a query whose centroid has fewer
+than k such members gets no floor.
 """
 
 from __future__ import annotations
@@ -21,6 +21,13 @@ import torch
 CENTROIDS = 256  # k-means centroids the priors are assigned to
 MEMBERS = 2048  # the latest members of a query's centroid its floor is taken from
 TRAINING_ROWS_PER_CENTROID = 64  # evenly spaced rows of the index the k-means is trained on
+
+
+def fp32_rows(rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Rows of the index's vectors as an fp32 tensor on ``device``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the index's vectors are a read-only memory map; nothing here writes to it
+        return torch.from_numpy(np.asarray(rows, dtype=np.float32)).to(device)
 
 
 class SeedFloors:
@@ -44,9 +51,7 @@ class SeedFloors:
         priors = self.priors
         count = max(1, min(self.count, len(priors) // TRAINING_ROWS_PER_CENTROID))
         picks = np.linspace(0, len(priors) - 1, min(len(priors), count * TRAINING_ROWS_PER_CENTROID)).astype(np.int64)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a read-only memory map; nothing here writes to it
-            sample = np.ascontiguousarray(priors[picks], dtype=np.float32)
+        sample = fp32_rows(priors[picks], torch.device("cpu")).numpy()
         # Centroids only route a query to papers worth scoring first; any centroids keep the floors valid.
         kmeans = faiss.Kmeans(sample.shape[1], count, niter=10, spherical=True, seed=1234, verbose=False)
         kmeans.train(sample)
@@ -75,9 +80,7 @@ class SeedFloors:
             if stop - first < k:
                 continue
             rows = torch.nonzero(nearest == centroid, as_tuple=True)[0]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                members = torch.from_numpy(np.asarray(self.priors[order[first:stop]], dtype=np.float32))
+            members = fp32_rows(self.priors[order[first:stop]], torch.device("cpu"))
             cosines = queries.index_select(0, rows) @ members.T
             kth = torch.topk(cosines, k, dim=1).values[:, -1]
             floor[rows] = kth - accumulation[rows] * float(members.norm(dim=1).max())
