@@ -258,6 +258,7 @@ def test_the_index_keeps_its_prior_blocks_across_months_and_equals_faiss(tmp_pat
         device = novelty.compute_month(index, month, NoveltyParams(search="device"))
         exact = novelty.compute_month(index, month, NoveltyParams(search="exact"))
         assert device.search == "device" and device.recall == 1.0
+        assert device.recall_sample == min(NoveltyParams().device_recall_sample, device.papers) < exact.recall_sample
         for metric in novelty.METRICS:
             np.testing.assert_allclose(device.table.column(metric).to_numpy(), exact.table.column(metric).to_numpy(),
                                        atol=1e-5)

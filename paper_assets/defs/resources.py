@@ -244,6 +244,8 @@ class NoveltyResource(ConfigurableResource):
     ef_search: int = from_setting("novelty_ef_search")
     recall_sample: int = Field(default=NoveltyParams.recall_sample, description="papers per month checked against "
                                "exact search")
+    device_recall_sample: int = Field(default=NoveltyParams.device_recall_sample, description="papers per month "
+                                      "the certified device search is checked on against exact search")
     min_recall: float = from_setting("novelty_min_recall")
     hnsw_m: int = from_setting("novelty_hnsw_m")
     ef_construction: int = from_setting("novelty_ef_construction")
@@ -253,7 +255,8 @@ class NoveltyResource(ConfigurableResource):
 
     def params(self) -> NoveltyParams:
         return NoveltyParams(k=self.k, search=self.search, exact_max_pairs=self.exact_max_pairs,
-                             ef_search=self.ef_search, recall_sample=self.recall_sample, min_recall=self.min_recall,
+                             ef_search=self.ef_search, recall_sample=self.recall_sample,
+                             device_recall_sample=self.device_recall_sample, min_recall=self.min_recall,
                              first_month=self.first_month)
 
     def index_params(self) -> IndexParams:

@@ -166,7 +166,7 @@ def compute_month(index: PaperIndex, month: str, params: NoveltyParams, seed: in
     elif mode == "device":
         found = index.search_device(queries, params.k, priors)
         if end > start and priors > 0:  # checked against FAISS's fp32 exact search, as the graph's results are
-            check = np.random.default_rng(seed).permutation(end - start)[:params.recall_sample]
+            check = np.random.default_rng(seed).permutation(end - start)[:params.device_recall_sample]
             truth = index.search_exact(queries[check], params.k, priors)
             recall, sample_size = recall_at_k(_recomputed(index, queries, found, check), truth), len(check)
     else:
