@@ -232,6 +232,10 @@ def test_months_in_date_order_reuse_the_rounded_prior_blocks_and_get_the_same_ne
         np.testing.assert_array_equal(kept[1], fresh[1])
     assert sorted(blocks._blocks) == [0, 400] and blocks.kept_bytes == 2 * block_bytes
     assert sorted(blocks._norms) == [0, 400, 800, 1200, 1600, 2000]  # 2400.. ends at a month
+    again = [blocks.block(start, start + 400) for start in (800, 1200)]  # beyond the budget: one reused buffer
+    assert again[0].low.data_ptr() == again[1].low.data_ptr() != blocks.block(400, 800).low.data_ptr()
+    _, fresh_block = knn._round(priors[1200:1600], torch.bfloat16, torch.device("cpu"))
+    assert torch.equal(again[1].low, fresh_block.low.index_select(0, again[1].order))
     assert stats.queries == 1200 and min(stats.seconds_rounding, stats.seconds_products, stats.seconds_selection,
                                          stats.seconds_rescoring) > 0
     with pytest.raises(ValueError, match="other vectors"):

@@ -115,6 +115,10 @@ class PriorBlocks:
         self._last: tuple[int, int, _Rounded] | None = None  # the last partial block
         self._orders: dict[int, torch.Tensor] = {}  # full blocks' rows grouped by similarity
         self.seeds = SeedFloors(priors) if dtype != torch.float32 else None  # floors under the k-th best
+        # Reused for every block rounded again and every product: a fresh buffer of tens of MB costs the CPU a page
+        # fault per 4 KiB each time, as much as the rounding itself.
+        self._again: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._scores: torch.Tensor | None = None
 
     def block(self, start: int, stop: int) -> _Rounded:
         full = stop - start == PRIOR_ROWS
@@ -122,10 +126,9 @@ class PriorBlocks:
             return self._blocks[start]
         if not full and self._last is not None and self._last[:2] == (start, stop):
             return self._last[2]
-        if full and start in self._norms:
-            rounded = _Rounded(fp32_rows(self.priors[start:stop], self.device).to(self.dtype), *self._norms[start])
-        else:
-            _, rounded = _round(self.priors[start:stop], self.dtype, self.device)
+        if full and start in self._norms:  # rounded before and not kept (nothing is kept once the budget is full)
+            return self._rounded_again(start, stop)
+        _, rounded = _round(self.priors[start:stop], self.dtype, self.device)
         if not full:
             self._last = (start, stop, rounded)
             return rounded
@@ -141,6 +144,23 @@ class PriorBlocks:
             self._blocks[start] = rounded
             self.kept_bytes += size
         return rounded
+
+    def _rounded_again(self, start: int, stop: int) -> _Rounded:
+        """A full block rounded into the reused buffers: valid until the next block is rounded again."""
+        rows = fp32_rows(self.priors[start:stop], self.device)
+        if self._again is None:
+            self._again = (torch.empty(rows.shape, dtype=self.dtype, device=self.device),
+                           torch.empty(rows.shape, dtype=self.dtype, device=self.device))
+        staged, ordered = self._again
+        staged.copy_(rows)
+        order = self._orders[start]
+        return _Rounded(torch.index_select(staged, 0, order, out=ordered), *self._norms[start], order=order)
+
+    def scores(self, rows: int, columns: int) -> torch.Tensor:
+        """A rows x columns buffer for a product's scores (in the search's dtype), reused by every product."""
+        if self._scores is None or self._scores.numel() < rows * columns:
+            self._scores = torch.empty(rows * columns, dtype=self.dtype, device=self.device)
+        return self._scores[:rows * columns].view(rows, columns)
 
     def norms(self, end: int) -> tuple[float, float]:
         """The largest |p̂| and |δp| over ``[0, end)``: rounds only the blocks whose norms are not known yet."""
@@ -159,15 +179,14 @@ def _candidates(chunks: list[torch.Tensor], bands: list[Band], blocks: PriorBloc
                 stats: DeviceKnnStats) -> None:
     """Streams the prior blocks into each query chunk's band. Each prior block is rounded once for all chunks."""
     device = blocks.device
-    # One scores buffer for every product: a fresh 256 MB result each time costs the CPU its page faults, as much
-    # as the bf16 product itself on AMX.
-    buffer = torch.empty(max(len(c) for c in chunks) * min(end, PRIOR_ROWS), dtype=blocks.dtype, device=device)
     for start in range(0, end, PRIOR_ROWS):
         with stats.timing("rounding", device):
             block = blocks.block(start, min(end, start + PRIOR_ROWS))
         for chunk, band in zip(chunks, bands, strict=True):
             with stats.timing("products", device):
-                scores = buffer[:len(chunk) * len(block.low)].view(len(chunk), len(block.low))
+                # One buffer for every product: a fresh 256 MB result each time costs the CPU its page faults, as
+                # much as the bf16 product itself on AMX.
+                scores = blocks.scores(len(chunk), len(block.low))
                 torch.matmul(chunk, block.low.T, out=scores)
             with stats.timing("selection", device):
                 band.take(scores, start, block.order)
