@@ -166,9 +166,9 @@ def test_device_search_memory_is_bounded_by_its_blocks_not_by_the_priors():
 @pytest.mark.parametrize("direct_share", [0.0, 1.1], ids=["every_score", "runs_first"])
 def test_the_threshold_pass_finds_exactly_the_scores_at_or_above_each_rows_threshold(monkeypatch, direct_share):
     """``above`` (runs' maxima, then the runs left element by element; or every score at once) returns exactly the
-    scores at or above each row's threshold rounded down to bf16, with their columns: continuous and heavily tied
-    scores, widths with and without a remainder after the runs, thresholds between two bf16 values and on one,
-    leaving many, few, one or no scores."""
+    scores at or above each row's threshold rounded down to bf16, with their columns: continuous, mostly negative
+    and heavily tied scores, widths with and without a remainder after the runs, thresholds between two bf16 values
+    and on one, negative, -0 and -inf, leaving many, few, one or no scores."""
     import torch
 
     from paper_assets.engine import knn_band
@@ -179,12 +179,15 @@ def test_the_threshold_pass_finds_exactly_the_scores_at_or_above_each_rows_thres
     for width in (GROUP_COLUMNS * 40, GROUP_COLUMNS * 40 + 77, 50):
         continuous = torch.randn(64, width, generator=generator).bfloat16()
         tied = torch.randint(0, 12, (64, width), generator=generator).bfloat16()
-        for scores in (continuous, tied):
+        negative = (continuous.float() - 1.5).bfloat16()
+        negative[5] = -0.1 - 0.1 * torch.rand(width, generator=generator)  # every score negative and above -0.5
+        for scores in (continuous, negative, tied):
             threshold = torch.quantile(scores.float(), torch.rand(64, generator=generator) * 0.2 + 0.8, dim=1)
             threshold = threshold.diagonal().clone()
             threshold[1::2] = threshold[1::2].bfloat16().float()  # on a bf16 value: ties with scores
             threshold[0] = float(scores[0].float().max()) + 1e-3  # nothing at or above
             threshold[2] = float(scores[2].float().max())  # only the maximum (and its ties)
+            threshold[3], threshold[4], threshold[5] = -0.0, -torch.inf, -0.5
             limit = knn_band._round_down(threshold, torch.bfloat16).float()
             rows, cols, val = above(scores, threshold)
             assert (torch.diff(rows) >= 0).all() and val.dtype == torch.float32

@@ -140,6 +140,17 @@ def _round_down(threshold: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return low
 
 
+def _runs_reaching(runs: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """Which runs (n × runs × columns) hold a score at or above their row's limit (in the scores' dtype). bf16
+    scores are compared by their bit patterns as int16, whose maximum the CPU takes 3-4x faster: for a limit of +0
+    or more that order is the float order of every score that can reach it (a negative score's int16 is negative);
+    rows with a negative limit pass every run, so their scores are compared one by one."""
+    if runs.dtype != torch.bfloat16:
+        return runs.amax(dim=2) >= limit[:, None]
+    limit_bits = limit.view(torch.int16)
+    return (runs.view(torch.int16).amax(dim=2) >= limit_bits[:, None]) | (limit_bits < 0)[:, None]
+
+
 def above(scores: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The scores at or above each row's threshold, flat: rows (ascending), columns and values (fp32). Once a few
     blocks are merged few scores qualify: the maximum of each run of ``GROUP_COLUMNS`` adjacent columns rules most
@@ -150,7 +161,7 @@ def above(scores: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, 
     grouped = width - width % GROUP_COLUMNS
     per_row = grouped // GROUP_COLUMNS
     runs = scores[:, :grouped].view(n, per_row, GROUP_COLUMNS)
-    passing = runs.amax(dim=2) >= limit[:, None]
+    passing = _runs_reaching(runs, limit)
     run_rows, run_index = torch.nonzero(passing, as_tuple=True)
     if len(run_rows) > DIRECT_SHARE * passing.numel():
         rows, cols = torch.nonzero(scores >= limit[:, None], as_tuple=True)
