@@ -16,7 +16,7 @@ import torch
 
 GROUP_COLUMNS = 128
 DIRECT_SHARE = 0.35  # above this share of runs passing their maximum, every score is compared directly
-MERGE_PER_QUERY = 256  # candidates gathered per query (on average) before a merge
+MERGE_PER_QUERY = 64  # candidates gathered per query (on average) before a merge: a fresher threshold pays
 
 
 @dataclass
