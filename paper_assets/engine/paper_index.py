@@ -43,6 +43,9 @@ from .versions import current_name, local_version, prune_versions, staged_versio
 UNDATED = np.iinfo(np.int32).max  # sort key of papers without a publication date: after every real date
 KEEP_BUILDS = 2
 EXACT_BLOCK_PRIORS = 131_072
+# FAISS 1.15 multiplies through BLAS only from 128,000 queries; below it 64 queries (the device search's recall
+# sample) over 2.3M priors take 6.5 s instead of 1.4 s on 2 cores, while thousands run as fast either way.
+BLAS_FROM_QUERIES = 20
 MAX_EF_SEARCH = 4096
 
 
@@ -314,6 +317,7 @@ class PaperIndex:
         if k_eff == 0 or n == 0:
             return Neighbours(positions, cosines)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        faiss.cvar.distance_compute_blas_threshold = BLAS_FROM_QUERIES
         best_sim = np.full((n, 0), -np.inf, dtype=np.float32)
         best_pos = np.zeros((n, 0), dtype=np.int64)
         for p0 in range(0, end, EXACT_BLOCK_PRIORS):
