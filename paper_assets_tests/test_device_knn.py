@@ -331,3 +331,35 @@ def test_seeded_bands_pass_fewer_scores_and_find_the_same_neighbours(monkeypatch
     assert with_floor.rescored == without.rescored  # the final band is the same
     np.testing.assert_array_equal(found[True][0], found[False][0])
     np.testing.assert_array_equal(found[True][1], found[False][1])
+
+
+def test_priors_too_alike_for_bf16_go_to_fp32_and_later_calls_skip_bf16_until_it_pays():
+    """Half the priors so alike that bf16 cannot order a query's neighbours among them (every score within its
+    error bound of the k-th): the first call sends the uncertified to fp32 at once, without the wider bf16 pass;
+    the next call searches in fp32 only; a call whose queries bf16 can separate tries bf16 again and is certified.
+    Every call returns the exact fp32 neighbours."""
+    import torch
+
+    from paper_assets.engine import device_knn as knn
+
+    rng = np.random.default_rng(7)
+    base = rng.normal(size=32)
+    priors = _unit(np.vstack([base + 0.002 * rng.normal(size=(1500, 32)), rng.normal(size=(1500, 32))]))
+    alike, apart = _unit(base + 0.002 * rng.normal(size=(200, 32))), _unit(rng.normal(size=(200, 32)))
+    blocks = knn.PriorBlocks(priors, torch.bfloat16, torch.device("cpu"))
+    expected = ((alike, "wider 0, fp32 again", (1, 2)), (alike, "fp32 only", (0, 2)), (apart, "certified", (0, 1)))
+    for queries, what, skips_and_backoff in expected:
+        stats = knn.DeviceKnnStats()
+        positions, cosines = knn.device_knn(queries, priors, 3000, 20, torch.device("cpu"), stats=stats,
+                                            blocks=blocks)
+        sims = queries @ priors.T
+        truth = np.sort(sims, axis=1)[:, ::-1][:, :20]
+        np.testing.assert_allclose(cosines, truth, atol=2e-6)
+        np.testing.assert_allclose(np.take_along_axis(sims, positions, 1), cosines, atol=2e-6)
+        if what == "wider 0, fp32 again":
+            assert stats.searched_again_wider == 0 and stats.searched_again_in_fp32 > 100
+        elif what == "fp32 only":
+            assert stats.searched_in_fp32_only == 200 and stats.certified == stats.passed_threshold == 0
+        else:
+            assert stats.certified == 200 and stats.searched_in_fp32_only == 0
+        assert (blocks.low_precision.skips, blocks.low_precision.backoff) == skips_and_backoff

@@ -43,6 +43,9 @@ GROUPS = 256  # similarity groups a full prior block's rows are ordered by
 CANDIDATE_CAP = 2048  # band kept per query in the first pass
 WIDER_CAP = 8  # times the cap in the second pass
 ROUNDED_CACHE_BYTES = 1 << 30  # rounded prior blocks kept across months (the oldest ones, which every month reads)
+GIVE_UP_SHARE = 0.5  # a first pass that certifies fewer of its queries: the rest go to fp32 at once
+JUDGED_FROM = 64  # queries a first pass needs for that judgement
+MAX_SKIPPED_CALLS = 64
 
 
 @dataclass
@@ -51,6 +54,7 @@ class DeviceKnnStats:
     certified: int = 0  # queries certified by a pass in the search's dtype
     searched_again_wider: int = 0  # queries searched again in that dtype with the wider bound and cap
     searched_again_in_fp32: int = 0
+    searched_in_fp32_only: int = 0  # queries of calls that skipped bf16, which had not paid on these priors
     rescored: int = 0  # candidate cosines recomputed in fp32
     passed_threshold: int = 0  # scores the blocks' threshold passes kept for a merge
     seeded: int = 0  # query searches whose band started from a floor under their k-th best (``knn_seed``)
@@ -99,6 +103,31 @@ def _grouped_order(low: torch.Tensor) -> torch.Tensor:
     return torch.argsort(torch.argmax(low @ seeds.T, dim=1), stable=True)
 
 
+@dataclass
+class LowPrecisionRecord:
+    """Whether bf16 candidates pay on these priors. Vectors so alike that bf16 cannot tell a query's K nearest apart
+    (its band holds nearly every prior) make a first pass certify few queries; then the rest go to fp32 at once and
+    the next 1, 2, 4, ... calls (at most ``MAX_SKIPPED_CALLS``) search in fp32 only, until a first pass pays again."""
+
+    failed_share: float = 0.0  # of the last first pass
+    skips: int = 0
+    backoff: int = 1
+
+    def record(self, failed_share: float) -> None:
+        self.failed_share = failed_share
+        if failed_share > GIVE_UP_SHARE:
+            self.skips, self.backoff = self.backoff, min(2 * self.backoff, MAX_SKIPPED_CALLS)
+        else:
+            self.backoff = 1
+
+    def skip(self) -> bool:
+        """Whether this call searches in fp32 only (counts the call)."""
+        if self.skips:
+            self.skips -= 1
+            return True
+        return False
+
+
 class PriorBlocks:
     """The prior papers as the search reads them: blocks of ``PRIOR_ROWS`` rounded to the search's dtype with their
     error norms. Months in date order read the same leading blocks again, so full blocks are kept rounded up to
@@ -119,6 +148,16 @@ class PriorBlocks:
         # fault per 4 KiB each time, as much as the rounding itself.
         self._again: tuple[torch.Tensor, torch.Tensor] | None = None
         self._scores: torch.Tensor | None = None
+        self.low_precision = LowPrecisionRecord()
+        self._fp32: PriorBlocks | None = None
+
+    def fp32(self) -> PriorBlocks:
+        """The same priors in fp32 (their orders and norms kept across calls), for queries bf16 cannot certify."""
+        if self.dtype == torch.float32:
+            return self
+        if self._fp32 is None:
+            self._fp32 = PriorBlocks(self.priors, torch.float32, self.device)
+        return self._fp32
 
     def block(self, start: int, stop: int) -> _Rounded:
         full = stop - start == PRIOR_ROWS
@@ -301,24 +340,31 @@ def device_knn(queries: np.ndarray, priors: np.ndarray, end: int, k: int, device
     cap = max(k_eff, CANDIDATE_CAP if cap is None else cap)
     pending = np.arange(n)
     passes = ((cap, HALF_ULP_BELOW_ONE), (WIDER_CAP * cap, 2 * HALF_ULP_BELOW_ONE))
-    for attempt, (pass_cap, half_ulp) in enumerate(passes):
+    fp32_only = dtype != torch.float32 and blocks.low_precision.skip()
+    for attempt, (pass_cap, half_ulp) in enumerate(() if fp32_only else passes):
         if attempt:
             stats.searched_again_wider += len(pending)
         rows = queries if len(pending) == n else np.asarray(queries[pending])
         found, cos, failed = _certified_pass(rows, priors, end, k_eff, blocks, pass_cap, half_ulp, stats)
         positions[pending, :k_eff], cosines[pending, :k_eff] = found, cos
+        give_up = False
+        if not attempt and dtype != torch.float32 and len(rows) >= JUDGED_FROM:
+            blocks.low_precision.record(len(failed) / len(rows))
+            give_up = blocks.low_precision.failed_share > GIVE_UP_SHARE
         pending = pending[failed]
-        if not len(pending):
+        if not len(pending) or give_up:
             break
     if len(pending):  # one fp32 pass over the priors, with no cap, for every query still uncertified
         with stats.timing("fp32_again", device):
             rows = np.array(queries[pending], dtype=np.float32)
-            fp32_blocks = PriorBlocks(priors, torch.float32, device)
-            found, cos, _ = _certified_pass(rows, priors, end, k_eff, fp32_blocks, end, 0.0, DeviceKnnStats())
+            found, cos, _ = _certified_pass(rows, priors, end, k_eff, blocks.fp32(), end, 0.0, DeviceKnnStats())
             positions[pending, :k_eff], cosines[pending, :k_eff] = found, cos
     stats.queries += n
-    stats.searched_again_in_fp32 += len(pending)
-    stats.certified += n - len(pending)
+    if fp32_only:
+        stats.searched_in_fp32_only += n
+    else:
+        stats.searched_again_in_fp32 += len(pending)
+        stats.certified += n - len(pending)
     return positions, cosines
 
 
