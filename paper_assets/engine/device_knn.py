@@ -109,16 +109,16 @@ class LowPrecisionRecord:
     (its band holds nearly every prior) make a first pass certify few queries; then the rest go to fp32 at once and
     the next 1, 2, 4, ... calls (at most ``MAX_SKIPPED_CALLS``) search in fp32 only, until a first pass pays again."""
 
-    failed_share: float = 0.0  # of the last first pass
     skips: int = 0
     backoff: int = 1
 
-    def record(self, failed_share: float) -> None:
-        self.failed_share = failed_share
-        if failed_share > GIVE_UP_SHARE:
-            self.skips, self.backoff = self.backoff, min(2 * self.backoff, MAX_SKIPPED_CALLS)
-        else:
+    def record(self, failed_share: float) -> bool:
+        """A first pass's share of uncertified queries; whether the rest of this call gives up on bf16."""
+        if failed_share <= GIVE_UP_SHARE:
             self.backoff = 1
+            return False
+        self.skips, self.backoff = self.backoff, min(2 * self.backoff, MAX_SKIPPED_CALLS)
+        return True
 
     def skip(self) -> bool:
         """Whether this call searches in fp32 only (counts the call)."""
@@ -191,9 +191,10 @@ class PriorBlocks:
             self._again = (torch.empty(rows.shape, dtype=self.dtype, device=self.device),
                            torch.empty(rows.shape, dtype=self.dtype, device=self.device))
         staged, ordered = self._again
-        staged.copy_(rows)
+        if rows.dtype != self.dtype:  # an fp32 search reorders the rows as they are
+            rows = staged.copy_(rows)
         order = self._orders[start]
-        return _Rounded(torch.index_select(staged, 0, order, out=ordered), *self._norms[start], order=order)
+        return _Rounded(torch.index_select(rows, 0, order, out=ordered), *self._norms[start], order=order)
 
     def scores(self, rows: int, columns: int) -> torch.Tensor:
         """A rows x columns buffer for a product's scores (in the search's dtype), reused by every product."""
@@ -349,8 +350,7 @@ def device_knn(queries: np.ndarray, priors: np.ndarray, end: int, k: int, device
         positions[pending, :k_eff], cosines[pending, :k_eff] = found, cos
         give_up = False
         if not attempt and dtype != torch.float32 and len(rows) >= JUDGED_FROM:
-            blocks.low_precision.record(len(failed) / len(rows))
-            give_up = blocks.low_precision.failed_share > GIVE_UP_SHARE
+            give_up = blocks.low_precision.record(len(failed) / len(rows))
         pending = pending[failed]
         if not len(pending) or give_up:
             break
