@@ -333,11 +333,12 @@ def test_seeded_bands_pass_fewer_scores_and_find_the_same_neighbours(monkeypatch
     np.testing.assert_array_equal(found[True][1], found[False][1])
 
 
-def test_priors_too_alike_for_bf16_go_to_fp32_and_later_calls_skip_bf16_until_it_pays():
+def test_priors_too_alike_for_bf16_go_to_fp32_and_later_calls_skip_bf16_until_a_sample_pays():
     """Half the priors so alike that bf16 cannot order a query's neighbours among them (every score within its
     error bound of the k-th): the first call sends the uncertified to fp32 at once, without the wider bf16 pass;
-    the next call searches in fp32 only; a call whose queries bf16 can separate tries bf16 again and is certified.
-    Every call returns the exact fp32 neighbours."""
+    the next call searches in fp32 only; the one after tries bf16 on a sample of 64 queries, which fails, so that
+    call and the next two search in fp32 only; a call whose queries bf16 can separate passes the sample and is
+    certified. Every call returns the exact fp32 neighbours."""
     import torch
 
     from paper_assets.engine import device_knn as knn
@@ -347,7 +348,9 @@ def test_priors_too_alike_for_bf16_go_to_fp32_and_later_calls_skip_bf16_until_it
     priors = _unit(np.vstack([base + 0.002 * rng.normal(size=(1500, 32)), rng.normal(size=(1500, 32))]))
     alike, apart = _unit(base + 0.002 * rng.normal(size=(200, 32))), _unit(rng.normal(size=(200, 32)))
     blocks = knn.PriorBlocks(priors, torch.bfloat16, torch.device("cpu"))
-    expected = ((alike, "wider 0, fp32 again", (1, 2)), (alike, "fp32 only", (0, 2)), (apart, "certified", (0, 1)))
+    expected = ((alike, "wider 0, fp32 again", (1, 2)), (alike, "fp32 only", (0, 2)),
+                (alike, "sample fails", (2, 4)), (alike, "fp32 only", (1, 4)), (alike, "fp32 only", (0, 4)),
+                (apart, "sample pays", (0, 1)))
     for queries, what, skips_and_backoff in expected:
         stats = knn.DeviceKnnStats()
         positions, cosines = knn.device_knn(queries, priors, 3000, 20, torch.device("cpu"), stats=stats,
@@ -359,7 +362,9 @@ def test_priors_too_alike_for_bf16_go_to_fp32_and_later_calls_skip_bf16_until_it
         if what == "wider 0, fp32 again":
             assert stats.searched_again_wider == 0 and stats.searched_again_in_fp32 > 100
         elif what == "fp32 only":
-            assert stats.searched_in_fp32_only == 200 and stats.certified == stats.passed_threshold == 0
+            assert stats.searched_in_fp32_only == 200 and stats.certified == stats.passed_threshold == stats.probed == 0
+        elif what == "sample fails":
+            assert stats.probed == 64 and stats.searched_in_fp32_only == 200 and stats.certified == 0
         else:
-            assert stats.certified == 200 and stats.searched_in_fp32_only == 0
+            assert stats.probed == 64 and stats.certified == 200 and stats.searched_in_fp32_only == 0
         assert (blocks.low_precision.skips, blocks.low_precision.backoff) == skips_and_backoff

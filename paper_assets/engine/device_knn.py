@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .knn_band import Band
+from .knn_precision import JUDGED_FROM, LowPrecisionRecord
 from .knn_seed import SeedFloors, fp32_rows
 
 HALF_ULP_BELOW_ONE = 2.0**-9  # the largest bf16 rounding error of a score below 1 (2^-8 from 1 to 2)
@@ -43,9 +44,6 @@ GROUPS = 256  # similarity groups a full prior block's rows are ordered by
 CANDIDATE_CAP = 2048  # band kept per query in the first pass
 WIDER_CAP = 8  # times the cap in the second pass
 ROUNDED_CACHE_BYTES = 1 << 30  # rounded prior blocks kept across months (the oldest ones, which every month reads)
-GIVE_UP_SHARE = 0.5  # a first pass that certifies fewer of its queries: the rest go to fp32 at once
-JUDGED_FROM = 64  # queries a first pass needs for that judgement
-MAX_SKIPPED_CALLS = 64
 
 
 @dataclass
@@ -55,6 +53,7 @@ class DeviceKnnStats:
     searched_again_wider: int = 0  # queries searched again in that dtype with the wider bound and cap
     searched_again_in_fp32: int = 0
     searched_in_fp32_only: int = 0  # queries of calls that skipped bf16, which had not paid on these priors
+    probed: int = 0  # queries of a sample that tried bf16 again before the call's queries did
     rescored: int = 0  # candidate cosines recomputed in fp32
     passed_threshold: int = 0  # scores the blocks' threshold passes kept for a merge
     seeded: int = 0  # query searches whose band started from a floor under their k-th best (``knn_seed``)
@@ -101,31 +100,6 @@ def _grouped_order(low: torch.Tensor) -> torch.Tensor:
     pass (``knn_band.above``) compares far fewer of them element by element."""
     seeds = low[torch.linspace(0, len(low) - 1, GROUPS, device=low.device).long()]
     return torch.argsort(torch.argmax(low @ seeds.T, dim=1), stable=True)
-
-
-@dataclass
-class LowPrecisionRecord:
-    """Whether bf16 candidates pay on these priors. Vectors so alike that bf16 cannot tell a query's K nearest apart
-    (its band holds nearly every prior) make a first pass certify few queries; then the rest go to fp32 at once and
-    the next 1, 2, 4, ... calls (at most ``MAX_SKIPPED_CALLS``) search in fp32 only, until a first pass pays again."""
-
-    skips: int = 0
-    backoff: int = 1
-
-    def record(self, failed_share: float) -> bool:
-        """A first pass's share of uncertified queries; whether the rest of this call gives up on bf16."""
-        if failed_share <= GIVE_UP_SHARE:
-            self.backoff = 1
-            return False
-        self.skips, self.backoff = self.backoff, min(2 * self.backoff, MAX_SKIPPED_CALLS)
-        return True
-
-    def skip(self) -> bool:
-        """Whether this call searches in fp32 only (counts the call)."""
-        if self.skips:
-            self.skips -= 1
-            return True
-        return False
 
 
 class PriorBlocks:
@@ -341,7 +315,8 @@ def device_knn(queries: np.ndarray, priors: np.ndarray, end: int, k: int, device
     cap = max(k_eff, CANDIDATE_CAP if cap is None else cap)
     pending = np.arange(n)
     passes = ((cap, HALF_ULP_BELOW_ONE), (WIDER_CAP * cap, 2 * HALF_ULP_BELOW_ONE))
-    fp32_only = dtype != torch.float32 and blocks.low_precision.skip()
+    fp32_only = dtype != torch.float32 and (blocks.low_precision.skip() or not _sample_pays(
+        queries, priors, end, k_eff, blocks, cap, stats))
     for attempt, (pass_cap, half_ulp) in enumerate(() if fp32_only else passes):
         if attempt:
             stats.searched_again_wider += len(pending)
@@ -366,6 +341,19 @@ def device_knn(queries: np.ndarray, priors: np.ndarray, end: int, k: int, device
         stats.searched_again_in_fp32 += len(pending)
         stats.certified += n - len(pending)
     return positions, cosines
+
+
+def _sample_pays(queries: np.ndarray, priors: np.ndarray, end: int, k: int, blocks: PriorBlocks, cap: int,
+                 stats: DeviceKnnStats) -> bool:
+    """After bf16 gave up on these priors: whether a first pass over ``JUDGED_FROM`` of the queries, evenly spaced,
+    certifies enough of them for the call to search in bf16 (a call that small is its own sample)."""
+    if not blocks.low_precision.on_trial or len(queries) <= JUDGED_FROM:
+        return True
+    sample = np.linspace(0, len(queries) - 1, JUDGED_FROM).round().astype(np.int64)
+    _, _, failed = _certified_pass(np.asarray(queries[sample]), priors, end, k, blocks, cap, HALF_ULP_BELOW_ONE,
+                                   stats)
+    stats.probed += JUDGED_FROM
+    return not blocks.low_precision.record(len(failed) / JUDGED_FROM)
 
 
 def search_dtype(low_precision: bool) -> torch.dtype:
