@@ -61,10 +61,11 @@ def test_bench_command_reports_every_figure(tmp_path, tiny_model, generated_pape
     base, adapter = tiny_model
     src = make_source(tmp_path / "s.duckdb", generated_papers[:120])
     report = tmp_path / "bench.json"
+    report.write_text(json.dumps({"novelty_300k_zen5": {"commit": "abc"}, "papers": 5}))  # entries of other runs
     stdout = cli("bench", "--source", str(src), "--base-model", base, "--adapter", adapter, "--papers", "96",
                  "--precision", "fp32", "--json", str(report), env={"PAPER_ASSETS_BENCH_DIR": str(tmp_path / "b")})
     result = json.loads(report.read_text())
-    assert "speedup" in stdout and result["papers"] == 96
+    assert "speedup" in stdout and result["papers"] == 96 and result["novelty_300k_zen5"] == {"commit": "abc"}
     for side in ("reference", "engine"):
         for key in ("papers_per_second", "tokens_per_second", "token_efficiency", "peak_rss_mb"):
             assert result[side][key] > 0
@@ -89,6 +90,17 @@ def test_bench_command_reports_every_figure(tmp_path, tiny_model, generated_pape
     assert 0 < flops["matmul_median_call_gflops_engine_precision"] <= flops["matmul_peak_gflops_engine_precision"]
     assert flops["engine_utilisation_of_median_matmul_call"] >= flops["engine_utilisation_of_matmul_peak"]
     assert "median call" in stdout
+
+
+def test_bench_refuses_to_write_its_results_over_json_that_is_not_an_object(tmp_path):
+    from paper_assets.benchkit.bench import write_results
+    from paper_assets.engine.errors import UserError
+
+    report = tmp_path / "bench.json"
+    report.write_text("[1, 2]")
+    with pytest.raises(UserError, match="not an object"):
+        write_results(report, {"papers": 1})
+    assert report.read_text() == "[1, 2]"
 
 
 def test_bench_pipeline_reports_the_data_path_and_memory_of_processes_that_did_not_build_their_source(tmp_path):

@@ -384,5 +384,14 @@ def run_benchmark(options: BenchOptions) -> int:
         result["corpus"] = run_corpus(options.corpus_papers, work, until=options.corpus_until)
         print_corpus(result["corpus"])
     if options.json:
-        Path(options.json).write_text(json.dumps(result, indent=2), encoding="utf-8")
+        write_results(Path(options.json), result)
     return 0
+
+
+def write_results(path: Path, result: dict) -> None:
+    """The run's results into ``path``: an existing JSON object keeps the keys this run did not produce (the
+    entries BENCHMARKS.json keeps for other machines and benches)."""
+    kept = json.loads(path.read_text(encoding="utf-8")) if path.exists() and path.stat().st_size else {}
+    if not isinstance(kept, dict):
+        raise UserError(f"{path} holds JSON that is not an object; bench --json writes its results into an object")
+    path.write_text(json.dumps({**kept, **result}, indent=1) + "\n", encoding="utf-8")
