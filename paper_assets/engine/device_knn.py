@@ -315,7 +315,7 @@ def device_knn(queries: np.ndarray, priors: np.ndarray, end: int, k: int, device
     cap = max(k_eff, CANDIDATE_CAP if cap is None else cap)
     pending = np.arange(n)
     passes = ((cap, HALF_ULP_BELOW_ONE), (WIDER_CAP * cap, 2 * HALF_ULP_BELOW_ONE))
-    fp32_only = dtype != torch.float32 and (blocks.low_precision.skip() or not _sample_pays(
+    fp32_only = low_precision and (blocks.low_precision.skip() or not _sample_pays(
         queries, priors, end, k_eff, blocks, cap, stats))
     for attempt, (pass_cap, half_ulp) in enumerate(() if fp32_only else passes):
         if attempt:
@@ -324,7 +324,7 @@ def device_knn(queries: np.ndarray, priors: np.ndarray, end: int, k: int, device
         found, cos, failed = _certified_pass(rows, priors, end, k_eff, blocks, pass_cap, half_ulp, stats)
         positions[pending, :k_eff], cosines[pending, :k_eff] = found, cos
         give_up = False
-        if not attempt and dtype != torch.float32 and len(rows) >= JUDGED_FROM:
+        if not attempt and low_precision and len(rows) >= JUDGED_FROM:
             give_up = blocks.low_precision.record(len(failed) / len(rows))
         pending = pending[failed]
         if not len(pending) or give_up:
