@@ -53,11 +53,11 @@ def test_device_search_with_fewer_priors_than_k():
     assert sorted(positions[0, :5]) == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("prior_rows", [101, 7], ids=["blocks_above_k", "blocks_below_k"])
+@pytest.mark.parametrize("prior_rows", [101, 7, 384], ids=["blocks_above_k", "blocks_below_k", "column_slices"])
 def test_device_search_in_blocks_smaller_than_a_month_equals_faiss_with_ties(monkeypatch, prior_rows):
-    """Query and prior blocks far smaller than the month (prior blocks even smaller than k), duplicated papers
-    (exact ties) and months with fewer priors than k: the ids, cosines and metrics equal FAISS's exact search (ids
-    up to the order within a tie)."""
+    """Query and prior blocks far smaller than the month (prior blocks even smaller than k, or full blocks
+    multiplied in column slices), duplicated papers (exact ties) and months with fewer priors than k: the ids,
+    cosines and metrics equal FAISS's exact search (ids up to the order within a tie)."""
     import faiss
     import torch
 
@@ -66,6 +66,10 @@ def test_device_search_in_blocks_smaller_than_a_month_equals_faiss_with_ties(mon
 
     monkeypatch.setattr(knn, "QUERY_ROWS", 37)
     monkeypatch.setattr(knn, "PRIOR_ROWS", prior_rows)
+    monkeypatch.setattr(knn, "SLICE_COLUMNS", 128)
+    sliced = []
+    take_slices = knn.Band.take_slices
+    monkeypatch.setattr(knn.Band, "take_slices", lambda band, *args: sliced.append(1) or take_slices(band, *args))
     rng = np.random.default_rng(11)
     centres = rng.normal(size=(8, 32))
     priors = _unit(centres[rng.integers(0, 8, 900)] + 0.4 * rng.normal(size=(900, 32)))
@@ -87,6 +91,7 @@ def test_device_search_in_blocks_smaller_than_a_month_equals_faiss_with_ties(mon
         theirs = metrics_from_cosines(padded, np.full(len(sims), k_eff), k)
         for name, values in mine.items():
             np.testing.assert_allclose(values, theirs[name], atol=1e-5)
+    assert bool(sliced) == (prior_rows % 128 == 0)
 
 
 def test_fp32_rescoring_corrects_a_kth_neighbour_that_bf16_swaps(monkeypatch):
@@ -165,10 +170,11 @@ def test_device_search_memory_is_bounded_by_its_blocks_not_by_the_priors():
 
 @pytest.mark.parametrize("direct_share", [0.0, 1.1], ids=["every_score", "runs_first"])
 def test_the_threshold_pass_finds_exactly_the_scores_at_or_above_each_rows_threshold(monkeypatch, direct_share):
-    """``above`` (runs' maxima, then the runs left element by element; or every score at once) returns exactly the
-    scores at or above each row's threshold rounded down to bf16, with their columns: continuous, mostly negative
-    and heavily tied scores, widths with and without a remainder after the runs, thresholds between two bf16 values
-    and on one, negative, -0 and -inf, leaving many, few, one or no scores."""
+    """``above`` (runs' maxima, then the runs left element by element; or every score at once), and the same over
+    the block held as column slices, return exactly the scores at or above each row's threshold rounded down to
+    bf16, with their columns: continuous, mostly negative and heavily tied scores, widths with and without a
+    remainder after the runs, thresholds between two bf16 values and on one, negative, -0 and -inf, leaving many,
+    few, one or no scores."""
     import torch
 
     from paper_assets.engine import knn_band
@@ -188,14 +194,21 @@ def test_the_threshold_pass_finds_exactly_the_scores_at_or_above_each_rows_thres
             threshold[0] = float(scores[0].float().max()) + 1e-3  # nothing at or above
             threshold[2] = float(scores[2].float().max())  # only the maximum (and its ties)
             threshold[3], threshold[4], threshold[5] = -0.0, -torch.inf, -0.5
-            limit = knn_band._round_down(threshold, torch.bfloat16).float()
-            rows, cols, val = above(scores, threshold)
+            limit = knn_band._round_down(threshold, torch.bfloat16)
+            rows, cols, val = above(scores, limit)
             assert (torch.diff(rows) >= 0).all() and val.dtype == torch.float32
             got = {(int(r), int(c), float(v)) for r, c, v in zip(rows, cols, val, strict=True)}
-            want = {(int(r), int(c), float(scores[r, c])) for r, c in torch.nonzero(scores.float() >= limit[:, None])}
+            want = {(int(r), int(c), float(scores[r, c]))
+                    for r, c in torch.nonzero(scores.float() >= limit.float()[:, None])}
             assert got == want
             assert {(r, c) for r, c, _ in got} >= {(int(r), int(c)) for r, c in
                                                    torch.nonzero(scores.float() >= threshold[:, None])}
+            if width % (8 * GROUP_COLUMNS) == 0:  # the same block as column slices, judged slice by slice
+                slices = scores.view(64, -1, 8 * GROUP_COLUMNS).transpose(0, 1).contiguous()
+                passing = knn_band.runs_passing(torch.cat([knn_band.run_maxima(part) for part in slices], dim=1), limit)
+                rows, cols, val = knn_band.above_in_slices(slices, passing, limit)
+                assert (torch.diff(rows) >= 0).all() and val.dtype == torch.float32
+                assert {(int(r), int(c), float(v)) for r, c, v in zip(rows, cols, val, strict=True)} == want
 
 
 def test_thresholds_round_down_to_the_nearest_bf16_value_at_or_below():

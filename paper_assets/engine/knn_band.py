@@ -48,13 +48,30 @@ class Band:
         kth = self.kth() if kth is None else kth
         return (kth if self.floor is None else torch.maximum(kth, self.floor)) - self.slack
 
+    def limit(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The threshold rounded down to the scores' dtype (``_round_down``), or None before the first block: its
+        own k-th best raises the threshold then (``take``)."""
+        if self.top_val is None and not self.pending:
+            return None
+        return _round_down(self.threshold().float(), dtype)
+
     def take(self, scores: torch.Tensor, start: int, order: torch.Tensor | None = None) -> None:
         """A prior block's scores into the band: column j is prior position start + order[j] (start + j without
         an order)."""
-        threshold = self.threshold()
-        if self.top_val is None and not self.pending and scores.shape[1] > self.k:  # its own k-th best starts it
-            threshold = self.threshold(torch.topk(scores, self.k, dim=1).values[:, -1].float())
-        rows, cols, val = above(scores, threshold)
+        limit = self.limit(scores.dtype)
+        if limit is None:  # its own k-th best starts it
+            kth = torch.topk(scores, self.k, dim=1).values[:, -1].float() if scores.shape[1] > self.k else None
+            limit = _round_down(self.threshold(kth).float(), scores.dtype)
+        self._pend(*above(scores, limit), start, order)
+
+    def take_slices(self, slices: torch.Tensor, passing: torch.Tensor, limit: torch.Tensor, start: int,
+                    order: torch.Tensor | None = None) -> None:
+        """As ``take``, for a block's scores in equal column slices (slices × queries × columns) whose runs'
+        verdicts (``runs_passing`` against ``limit``, this band's) were taken slice by slice."""
+        self._pend(*above_in_slices(slices, passing, limit), start, order)
+
+    def _pend(self, rows: torch.Tensor, cols: torch.Tensor, val: torch.Tensor, start: int,
+              order: torch.Tensor | None) -> None:
         self.pending.append((rows, val, (cols if order is None else order.index_select(0, cols)) + start))
         self.pending_count += len(rows)
         self.taken += len(rows)
@@ -140,42 +157,65 @@ def _round_down(threshold: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return low
 
 
-def _runs_reaching(runs: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
-    """Which runs (n × runs × columns) hold a score at or above their row's limit (in the scores' dtype). bf16
-    scores are compared by their bit patterns as int16, whose maximum the CPU takes 3-4x faster: for a limit of +0
-    or more that order is the float order of every score that can reach it (a negative score's int16 is negative);
-    rows with a negative limit pass every run, so their scores are compared one by one."""
-    if runs.dtype != torch.bfloat16:
-        return runs.amax(dim=2) >= limit[:, None]
+def run_maxima(scores: torch.Tensor) -> torch.Tensor:
+    """The maximum of each run of ``GROUP_COLUMNS`` adjacent columns of an n × width block (width a multiple of
+    ``GROUP_COLUMNS``). bf16 scores are compared by their bit patterns as int16, whose maximum the CPU takes 3-4x
+    faster; ``runs_passing`` reads them."""
+    runs = scores.unflatten(1, (-1, GROUP_COLUMNS))
+    return runs.view(torch.int16).amax(dim=2) if runs.dtype == torch.bfloat16 else runs.amax(dim=2)
+
+
+def runs_passing(maxima: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """Which runs hold a score at or above their row's limit (in the scores' dtype), from ``run_maxima``. For a
+    limit of +0 or more the int16 order of bf16 bit patterns is the float order of every score that can reach it (a
+    negative score's int16 is negative); rows with a negative limit pass every run, so their scores are compared
+    one by one."""
+    if maxima.dtype != torch.int16:
+        return maxima >= limit[:, None]
     limit_bits = limit.view(torch.int16)
-    return (runs.view(torch.int16).amax(dim=2) >= limit_bits[:, None]) | (limit_bits < 0)[:, None]
+    return (maxima >= limit_bits[:, None]) | (limit_bits < 0)[:, None]
 
 
-def above(scores: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The scores at or above each row's threshold, flat: rows (ascending), columns and values (fp32). Once a few
-    blocks are merged few scores qualify: the maximum of each run of ``GROUP_COLUMNS`` adjacent columns rules most
-    runs out in one cheap pass, and only the runs left are compared element by element; where most runs pass,
-    every score is compared at once."""
+def above(scores: torch.Tensor, limit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The scores at or above each row's limit (in the scores' dtype, ``_round_down``), flat: rows (ascending),
+    columns and values (fp32). Once a few blocks are merged few scores qualify: the maximum of each run of
+    ``GROUP_COLUMNS`` adjacent columns rules most runs out in one cheap pass, and only the runs left are compared
+    element by element; where most runs pass, every score is compared at once."""
     n, width = scores.shape
-    limit = _round_down(threshold.float(), scores.dtype)
     grouped = width - width % GROUP_COLUMNS
-    per_row = grouped // GROUP_COLUMNS
-    runs = scores[:, :grouped].view(n, per_row, GROUP_COLUMNS)
-    passing = _runs_reaching(runs, limit)
+    if grouped == width:
+        return above_in_slices(scores.view(1, n, width), runs_passing(run_maxima(scores), limit), limit)
+    runs = scores[:, :grouped].unflatten(1, (-1, GROUP_COLUMNS))
+    passing = runs_passing(run_maxima(scores[:, :grouped]), limit)
     run_rows, run_index = torch.nonzero(passing, as_tuple=True)
     if len(run_rows) > DIRECT_SHARE * passing.numel():
         rows, cols = torch.nonzero(scores >= limit[:, None], as_tuple=True)
     else:
-        # Whole runs are copied by row (index_select), far faster than indexing by (row, run) pairs.
-        if grouped == width:
-            gathered = runs.view(n * per_row, GROUP_COLUMNS).index_select(0, run_rows * per_row + run_index)
-        else:
-            gathered = runs[run_rows, run_index]
-        hit, offset = torch.nonzero(gathered >= limit.index_select(0, run_rows)[:, None], as_tuple=True)
-        rows = run_rows.index_select(0, hit)  # ascending, as nonzero lists them
-        cols = run_index.index_select(0, hit) * GROUP_COLUMNS + offset
-        if grouped < width:  # the last columns, fewer than a run
-            tail_rows, tail_cols = torch.nonzero(scores[:, grouped:] >= limit[:, None], as_tuple=True)
-            order = torch.argsort(torch.cat([rows, tail_rows]), stable=True)
-            rows, cols = torch.cat([rows, tail_rows])[order], torch.cat([cols, tail_cols + grouped])[order]
+        hit, offset = torch.nonzero(runs[run_rows, run_index] >= limit.index_select(0, run_rows)[:, None],
+                                    as_tuple=True)
+        rows, cols = run_rows.index_select(0, hit), run_index.index_select(0, hit) * GROUP_COLUMNS + offset
+        tail_rows, tail_cols = torch.nonzero(scores[:, grouped:] >= limit[:, None], as_tuple=True)
+        order = torch.argsort(torch.cat([rows, tail_rows]), stable=True)  # rows ascending, as nonzero lists them
+        rows, cols = torch.cat([rows, tail_rows])[order], torch.cat([cols, tail_cols + grouped])[order]
     return rows, cols, scores.reshape(-1).index_select(0, rows * width + cols).float()
+
+
+def above_in_slices(slices: torch.Tensor, passing: torch.Tensor, limit: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``above`` over a block held as equal, contiguous column slices (slices × n × columns, the columns a
+    multiple of ``GROUP_COLUMNS``), given its runs' verdicts (``runs_passing``, n × runs of the whole block):
+    columns are the block's."""
+    count, n, width = slices.shape
+    per_slice = width // GROUP_COLUMNS
+    run_rows, run_index = torch.nonzero(passing, as_tuple=True)
+    if len(run_rows) > DIRECT_SHARE * passing.numel():
+        part, rows, cols = torch.nonzero(slices >= limit[None, :, None], as_tuple=True)
+        order = torch.argsort(rows, stable=True)
+        part, rows, cols = part[order], rows[order], cols[order]
+        return rows, part * width + cols, slices[part, rows, cols].float()
+    # Whole runs are copied by row (index_select), far faster than indexing by (row, run) pairs.
+    part, within = run_index // per_slice, run_index % per_slice
+    gathered = slices.view(-1, GROUP_COLUMNS).index_select(0, (part * n + run_rows) * per_slice + within)
+    hit, offset = torch.nonzero(gathered >= limit.index_select(0, run_rows)[:, None], as_tuple=True)
+    rows = run_rows.index_select(0, hit)  # ascending, as nonzero lists them
+    return rows, run_index.index_select(0, hit) * GROUP_COLUMNS + offset, gathered[hit, offset].float()
