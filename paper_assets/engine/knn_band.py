@@ -205,13 +205,11 @@ def above_in_slices(slices: torch.Tensor, passing: torch.Tensor, limit: torch.Te
     """``above`` over a block held as equal, contiguous column slices (slices × n × columns, the columns a
     multiple of ``GROUP_COLUMNS``), given its runs' verdicts (``runs_passing``, n × runs of the whole block):
     columns are the block's."""
-    count, n, width = slices.shape
+    _, n, width = slices.shape
     per_slice = width // GROUP_COLUMNS
     run_rows, run_index = torch.nonzero(passing, as_tuple=True)
-    if len(run_rows) > DIRECT_SHARE * passing.numel():
-        part, rows, cols = torch.nonzero(slices >= limit[None, :, None], as_tuple=True)
-        order = torch.argsort(rows, stable=True)
-        part, rows, cols = part[order], rows[order], cols[order]
+    if len(run_rows) > DIRECT_SHARE * passing.numel():  # by row, then slice: rows ascending, as nonzero lists them
+        rows, part, cols = torch.nonzero(slices.transpose(0, 1) >= limit[:, None, None], as_tuple=True)
         return rows, part * width + cols, slices[part, rows, cols].float()
     # Whole runs are copied by row (index_select), far faster than indexing by (row, run) pairs.
     part, within = run_index // per_slice, run_index % per_slice
