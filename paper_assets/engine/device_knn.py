@@ -199,11 +199,11 @@ def _candidates(chunks: list[torch.Tensor], bands: list[Band], blocks: PriorBloc
             block = blocks.block(start, min(end, start + PRIOR_ROWS))
         width = len(block.low)
         for chunk, band in zip(chunks, bands, strict=True):
-            limit = band.limit(blocks.dtype)
             # One buffer for every product: a fresh 256 MB result each time costs the CPU its page faults, as
             # much as the bf16 product itself on AMX.
             scores = blocks.scores(len(chunk), width)
-            if limit is None or width % SLICE_COLUMNS or width == SLICE_COLUMNS:
+            limit = None if width % SLICE_COLUMNS else band.limit(blocks.dtype)
+            if limit is None:  # a partial block, or the first: its own k-th best starts the band (``Band.take``)
                 with stats.timing("products", device):
                     torch.matmul(chunk, block.low.T, out=scores)
                 with stats.timing("selection", device):

@@ -185,12 +185,12 @@ def above(scores: torch.Tensor, limit: torch.Tensor) -> tuple[torch.Tensor, torc
     grouped = width - width % GROUP_COLUMNS
     if grouped == width:
         return above_in_slices(scores.view(1, n, width), runs_passing(run_maxima(scores), limit), limit)
-    runs = scores[:, :grouped].unflatten(1, (-1, GROUP_COLUMNS))
     passing = runs_passing(run_maxima(scores[:, :grouped]), limit)
     run_rows, run_index = torch.nonzero(passing, as_tuple=True)
     if len(run_rows) > DIRECT_SHARE * passing.numel():
         rows, cols = torch.nonzero(scores >= limit[:, None], as_tuple=True)
     else:
+        runs = scores[:, :grouped].unflatten(1, (-1, GROUP_COLUMNS))
         hit, offset = torch.nonzero(runs[run_rows, run_index] >= limit.index_select(0, run_rows)[:, None],
                                     as_tuple=True)
         rows, cols = run_rows.index_select(0, hit), run_index.index_select(0, hit) * GROUP_COLUMNS + offset
