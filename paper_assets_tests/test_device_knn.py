@@ -62,14 +62,14 @@ def test_device_search_in_blocks_smaller_than_a_month_equals_faiss_with_ties(mon
     import torch
 
     from paper_assets.engine import device_knn as knn
+    from paper_assets.engine import knn_band
     from paper_assets.engine.novelty import metrics_from_cosines
 
     monkeypatch.setattr(knn, "QUERY_ROWS", 37)
     monkeypatch.setattr(knn, "PRIOR_ROWS", prior_rows)
     monkeypatch.setattr(knn, "SLICE_COLUMNS", 128)
-    sliced = []
-    take_slices = knn.Band.take_slices
-    monkeypatch.setattr(knn.Band, "take_slices", lambda band, *args: sliced.append(1) or take_slices(band, *args))
+    sliced = []  # the threshold passes of blocks multiplied in column slices
+    monkeypatch.setattr(knn, "above", lambda *args: sliced.append(1) or knn_band.above(*args))
     rng = np.random.default_rng(11)
     centres = rng.normal(size=(8, 32))
     priors = _unit(centres[rng.integers(0, 8, 900)] + 0.4 * rng.normal(size=(900, 32)))
@@ -170,11 +170,10 @@ def test_device_search_memory_is_bounded_by_its_blocks_not_by_the_priors():
 
 @pytest.mark.parametrize("direct_share", [0.0, 1.1], ids=["every_score", "runs_first"])
 def test_the_threshold_pass_finds_exactly_the_scores_at_or_above_each_rows_threshold(monkeypatch, direct_share):
-    """``above`` (runs' maxima, then the runs left element by element; or every score at once), and the same over
-    the block held as column slices, return exactly the scores at or above each row's threshold rounded down to
-    bf16, with their columns: continuous, mostly negative and heavily tied scores, widths with and without a
-    remainder after the runs, thresholds between two bf16 values and on one, negative, -0 and -inf, leaving many,
-    few, one or no scores."""
+    """``above`` (runs' maxima, then the runs left element by element; or every score at once) returns exactly the
+    scores at or above each row's threshold rounded down to bf16, with their columns: continuous, mostly negative
+    and heavily tied scores, widths with and without a remainder after the runs, thresholds between two bf16 values
+    and on one, negative, -0 and -inf, leaving many, few, one or no scores."""
     import torch
 
     from paper_assets.engine import knn_band
@@ -203,12 +202,6 @@ def test_the_threshold_pass_finds_exactly_the_scores_at_or_above_each_rows_thres
             assert got == want
             assert {(r, c) for r, c, _ in got} >= {(int(r), int(c)) for r, c in
                                                    torch.nonzero(scores.float() >= threshold[:, None])}
-            if width % (8 * GROUP_COLUMNS) == 0:  # the same block as column slices, judged slice by slice
-                slices = scores.view(64, -1, 8 * GROUP_COLUMNS).transpose(0, 1).contiguous()
-                passing = knn_band.runs_passing(torch.cat([knn_band.run_maxima(part) for part in slices], dim=1), limit)
-                rows, cols, val = knn_band.above_in_slices(slices, passing, limit)
-                assert (torch.diff(rows) >= 0).all() and val.dtype == torch.float32
-                assert {(int(r), int(c), float(v)) for r, c, v in zip(rows, cols, val, strict=True)} == want
 
 
 def test_thresholds_round_down_to_the_nearest_bf16_value_at_or_below():

@@ -33,14 +33,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .knn_band import Band, run_maxima, runs_passing
+from .knn_band import Band, above
 from .knn_precision import JUDGED_FROM, LowPrecisionRecord
 from .knn_seed import SeedFloors, fp32_rows
 
 HALF_ULP_BELOW_ONE = 2.0**-9  # the largest bf16 rounding error of a score below 1 (2^-8 from 1 to 2)
 QUERY_ROWS = 4096
 PRIOR_ROWS = 32768
-SLICE_COLUMNS = 2048  # a product's columns whose runs are judged at once: 16 MB of bf16 scores, within the cache
+SLICE_COLUMNS = 2048  # a product's columns judged at once: 16 MB of bf16 scores for 4,096 queries, within the cache
 GROUPS = 256  # similarity groups a full prior block's rows are ordered by
 CANDIDATE_CAP = 2048  # band kept per query in the first pass
 WIDER_CAP = 8  # times the cap in the second pass
@@ -201,25 +201,23 @@ def _candidates(chunks: list[torch.Tensor], bands: list[Band], blocks: PriorBloc
         for chunk, band in zip(chunks, bands, strict=True):
             # One buffer for every product: a fresh 256 MB result each time costs the CPU its page faults, as
             # much as the bf16 product itself on AMX.
-            scores = blocks.scores(len(chunk), width)
             limit = None if width % SLICE_COLUMNS else band.limit(blocks.dtype)
             if limit is None:  # a partial block, or the first: its own k-th best starts the band (``Band.take``)
+                scores = blocks.scores(len(chunk), width)
                 with stats.timing("products", device):
                     torch.matmul(chunk, block.low.T, out=scores)
                 with stats.timing("selection", device):
                     band.take(scores, start, block.order)
                 continue
-            # In column slices, each slice's runs judged while it is still in the cache: the whole block's
-            # scores are read back only where a run passed.
-            slices = scores.view(width // SLICE_COLUMNS, len(chunk), SLICE_COLUMNS)
-            maxima = []
-            for i, part in enumerate(slices):
+            # In column slices into the buffer's first 16 MB, each judged while it is still in the cache: neither
+            # the products nor the threshold passes write or read memory beyond it.
+            scores = blocks.scores(len(chunk), SLICE_COLUMNS)
+            for offset in range(0, width, SLICE_COLUMNS):
                 with stats.timing("products", device):
-                    torch.matmul(chunk, block.low[i * SLICE_COLUMNS:(i + 1) * SLICE_COLUMNS].T, out=part)
+                    torch.matmul(chunk, block.low[offset:offset + SLICE_COLUMNS].T, out=scores)
                 with stats.timing("selection", device):
-                    maxima.append(run_maxima(part))
-            with stats.timing("selection", device):
-                band.take_slices(slices, runs_passing(torch.cat(maxima, dim=1), limit), limit, start, block.order)
+                    rows, cols, val = above(scores, limit)
+                    band.add(rows, cols + offset, val, start, block.order)
     with stats.timing("selection", device):
         for band in bands:
             band.flush()

@@ -62,16 +62,12 @@ class Band:
         if limit is None:  # its own k-th best starts it
             kth = torch.topk(scores, self.k, dim=1).values[:, -1].float() if scores.shape[1] > self.k else None
             limit = _round_down(self.threshold(kth).float(), scores.dtype)
-        self._pend(*above(scores, limit), start, order)
+        self.add(*above(scores, limit), start, order)
 
-    def take_slices(self, slices: torch.Tensor, passing: torch.Tensor, limit: torch.Tensor, start: int,
-                    order: torch.Tensor | None = None) -> None:
-        """As ``take``, for a block's scores in equal column slices (slices × queries × columns) whose runs'
-        verdicts (``runs_passing`` against ``limit``, this band's) were taken slice by slice."""
-        self._pend(*above_in_slices(slices, passing, limit), start, order)
-
-    def _pend(self, rows: torch.Tensor, cols: torch.Tensor, val: torch.Tensor, start: int,
-              order: torch.Tensor | None) -> None:
+    def add(self, rows: torch.Tensor, cols: torch.Tensor, val: torch.Tensor, start: int,
+            order: torch.Tensor | None = None) -> None:
+        """Scores of a prior block that passed this band's limit (``above``): column j is prior position
+        start + order[j] (start + j without an order)."""
         self.pending.append((rows, val, (cols if order is None else order.index_select(0, cols)) + start))
         self.pending_count += len(rows)
         self.taken += len(rows)
@@ -173,47 +169,31 @@ def runs_passing(maxima: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
     if maxima.dtype != torch.int16:
         return maxima >= limit[:, None]
     limit_bits = limit.view(torch.int16)
-    return (maxima >= limit_bits[:, None]) | (limit_bits < 0)[:, None]
+    return maxima >= torch.where(limit_bits < 0, torch.iinfo(torch.int16).min, limit_bits)[:, None]
 
 
 def above(scores: torch.Tensor, limit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The scores at or above each row's limit (in the scores' dtype, ``_round_down``), flat: rows (ascending),
-    columns and values (fp32). Once a few blocks are merged few scores qualify: the maximum of each run of
-    ``GROUP_COLUMNS`` adjacent columns rules most runs out in one cheap pass, and only the runs left are compared
-    element by element; where most runs pass, every score is compared at once."""
+    columns and values (fp32), from a contiguous n × width block. Once a few blocks are merged few scores qualify:
+    the maximum of each run of ``GROUP_COLUMNS`` adjacent columns rules most runs out in one cheap pass, and only
+    the runs left are compared element by element; where most runs pass, every score is compared at once."""
     n, width = scores.shape
     grouped = width - width % GROUP_COLUMNS
-    if grouped == width:
-        return above_in_slices(scores.view(1, n, width), runs_passing(run_maxima(scores), limit), limit)
     passing = runs_passing(run_maxima(scores[:, :grouped]), limit)
     run_rows, run_index = torch.nonzero(passing, as_tuple=True)
     if len(run_rows) > DIRECT_SHARE * passing.numel():
         rows, cols = torch.nonzero(scores >= limit[:, None], as_tuple=True)
+        return rows, cols, scores.reshape(-1).index_select(0, rows * width + cols).float()
+    if grouped == width:  # whole runs copied by row (index_select), far faster than indexing by (row, run) pairs
+        gathered = scores.view(-1, GROUP_COLUMNS).index_select(0, run_rows * (width // GROUP_COLUMNS) + run_index)
     else:
-        runs = scores[:, :grouped].unflatten(1, (-1, GROUP_COLUMNS))
-        hit, offset = torch.nonzero(runs[run_rows, run_index] >= limit.index_select(0, run_rows)[:, None],
-                                    as_tuple=True)
-        rows, cols = run_rows.index_select(0, hit), run_index.index_select(0, hit) * GROUP_COLUMNS + offset
+        gathered = scores[:, :grouped].unflatten(1, (-1, GROUP_COLUMNS))[run_rows, run_index]
+    hit, offset = torch.nonzero(gathered >= limit.index_select(0, run_rows)[:, None], as_tuple=True)
+    rows, cols = run_rows.index_select(0, hit), run_index.index_select(0, hit) * GROUP_COLUMNS + offset
+    val = gathered[hit, offset]
+    if grouped < width:  # the columns after the last whole run, compared one by one
         tail_rows, tail_cols = torch.nonzero(scores[:, grouped:] >= limit[:, None], as_tuple=True)
         order = torch.argsort(torch.cat([rows, tail_rows]), stable=True)  # rows ascending, as nonzero lists them
         rows, cols = torch.cat([rows, tail_rows])[order], torch.cat([cols, tail_cols + grouped])[order]
-    return rows, cols, scores.reshape(-1).index_select(0, rows * width + cols).float()
-
-
-def above_in_slices(slices: torch.Tensor, passing: torch.Tensor, limit: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``above`` over a block held as equal, contiguous column slices (slices × n × columns, the columns a
-    multiple of ``GROUP_COLUMNS``), given its runs' verdicts (``runs_passing``, n × runs of the whole block):
-    columns are the block's."""
-    _, n, width = slices.shape
-    per_slice = width // GROUP_COLUMNS
-    run_rows, run_index = torch.nonzero(passing, as_tuple=True)
-    if len(run_rows) > DIRECT_SHARE * passing.numel():  # by row, then slice: rows ascending, as nonzero lists them
-        rows, part, cols = torch.nonzero(slices.transpose(0, 1) >= limit[:, None, None], as_tuple=True)
-        return rows, part * width + cols, slices[part, rows, cols].float()
-    # Whole runs are copied by row (index_select), far faster than indexing by (row, run) pairs.
-    part, within = run_index // per_slice, run_index % per_slice
-    gathered = slices.view(-1, GROUP_COLUMNS).index_select(0, (part * n + run_rows) * per_slice + within)
-    hit, offset = torch.nonzero(gathered >= limit.index_select(0, run_rows)[:, None], as_tuple=True)
-    rows = run_rows.index_select(0, hit)  # ascending, as nonzero lists them
-    return rows, run_index.index_select(0, hit) * GROUP_COLUMNS + offset, gathered[hit, offset].float()
+        val = torch.cat([val, scores[tail_rows, tail_cols + grouped]])[order]
+    return rows, cols, val.float()
