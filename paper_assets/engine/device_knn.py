@@ -211,13 +211,15 @@ def _candidates(chunks: list[torch.Tensor], bands: list[Band], blocks: PriorBloc
                 continue
             # In column slices into the buffer's first 16 MB, each judged while it is still in the cache: neither
             # the products nor the threshold passes write or read memory beyond it.
-            scores = blocks.scores(len(chunk), SLICE_COLUMNS)
+            scores, found = blocks.scores(len(chunk), SLICE_COLUMNS), []
             for offset in range(0, width, SLICE_COLUMNS):
                 with stats.timing("products", device):
                     torch.matmul(chunk, block.low[offset:offset + SLICE_COLUMNS].T, out=scores)
                 with stats.timing("selection", device):
                     rows, cols, val = above(scores, limit)
-                    band.add(rows, cols + offset, val, start, block.order)
+                    found.append((rows, cols + offset, val))
+            with stats.timing("selection", device):  # one merge decision per block, as for a block taken whole
+                band.add(*(torch.cat(part) for part in zip(*found, strict=True)), start, block.order)
     with stats.timing("selection", device):
         for band in bands:
             band.flush()
