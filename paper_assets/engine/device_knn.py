@@ -3,10 +3,10 @@ native bf16), so that novelty over millions of papers costs minutes instead of h
 
 Each block of prior papers is rounded to bf16 once and multiplied with every block of queries (``PriorBlocks``
 keeps rounded blocks for the next months, within a byte budget). Per query only its band is kept, block by block
-(``knn_band``): the scores within 2·e(q) of its k-th best so far, or of a floor under its final k-th best where
-that is higher (``knn_seed``: the latest papers of its nearest centroid, scored first), so memory is bounded by
-the block sizes, that budget and the band, not by N². The band is then rescored in fp32 and the top k taken by
-(cosine, then position), as the fp32 search orders them.
+(``knn_band``): the scores within 2·e(q) of its k-th best so far, or within e(q) of a floor under its k-th best
+cosine where that is higher (``knn_seed``: the latest papers of its nearest centroid, scored first in fp32), so
+memory is bounded by the block sizes, that budget and the band, not by N². The band is then rescored in fp32 and
+the top k taken by (cosine, then position), as the fp32 search orders them.
 
 Exactness is certified per query, not hoped for. Write q = q̂ + δq and p = p̂ + δp with q̂, p̂ the bf16 roundings;
 the device computes q̂·p̂ with fp32 accumulation over d terms and rounds the result to bf16, so
@@ -284,11 +284,10 @@ def _certified_pass(queries: np.ndarray, priors: np.ndarray, end: int, k: int, b
     floors: list[torch.Tensor | None] = [None] * len(rounded)
     if blocks.seeds is not None:  # one call for every chunk: each centroid's members are gathered once
         with stats.timing("seeding", device):
-            every_floor = blocks.seeds.floors(torch.cat([full.cpu() for full, _ in rounded]),
-                                              torch.cat([bound.cpu() for bound in bounds]), end, k)
+            every_floor = blocks.seeds.floors(torch.cat([full.cpu() for full, _ in rounded]), end, k)
             floors = [part.to(device) for part in torch.split(every_floor, [len(full) for full, _ in rounded])]
         stats.seeded += int((every_floor > -torch.inf).sum())
-    bands = [Band(slack=2 * bound, k=k, cap=cap, floor=floor) for bound, floor in zip(bounds, floors, strict=True)]
+    bands = [Band(error=bound, k=k, cap=cap, floor=floor) for bound, floor in zip(bounds, floors, strict=True)]
     with _full_precision_accumulation(device):
         _candidates([r.low for _, r in rounded], bands, blocks, end, stats)
     positions, cosines, doubtful = [], [], []

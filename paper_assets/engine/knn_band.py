@@ -1,6 +1,8 @@
 """What a block of queries keeps while the device search (``device_knn``) streams over the prior blocks: per
-query its band, the scores within the slack 2·e(q) of its k-th best so far (the only papers that can still be
-among its k nearest), and the best score its cap dropped.
+query its band, the scores that can still belong to one of its k nearest papers, and the best score its cap dropped.
+A score s is within e(q) of the paper's fp32 cosine, so the band keeps the scores at or above the higher of its k-th
+best so far less 2·e(q) (k papers have cosines of at least that k-th best less e) and a floor under its k-th best
+cosine less e(q) (``knn_seed``).
 
 The k best so far are a small sorted table; the rest of the band is kept flat (query, score, prior position) and
 unordered, not padded to the widest query: a few queries with thousands of near-ties would otherwise make every
@@ -21,10 +23,10 @@ MERGE_PER_QUERY = 64  # candidates gathered per query (on average) before a merg
 
 @dataclass
 class Band:
-    slack: torch.Tensor  # 2·e(q) per query
+    error: torch.Tensor  # e(q) per query: how far a score may be from its fp32 cosine
     k: int
     cap: int  # scores kept per query; the best one dropped beyond it is remembered
-    floor: torch.Tensor | None = None  # a known lower bound on each query's final k-th best (``knn_seed``)
+    floor: torch.Tensor | None = None  # a lower bound on each query's k-th best fp32 cosine (``knn_seed``)
     top_val: torch.Tensor | None = None  # the k best so far (fp32, best first, padded with -inf), and positions
     top_pos: torch.Tensor | None = None
     rest: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # the rest of the band, flat, unordered
@@ -34,19 +36,19 @@ class Band:
     taken: int = 0  # scores that passed a block's threshold pass
 
     def __post_init__(self):
-        self.dropped = torch.full_like(self.slack, -torch.inf)
+        self.dropped = torch.full_like(self.error, -torch.inf)
 
     def kth(self) -> torch.Tensor:
         """The k-th best score so far per query (-inf below k)."""
         if self.top_val is None or self.top_val.shape[1] < self.k:
-            return torch.full_like(self.slack, -torch.inf)
+            return torch.full_like(self.error, -torch.inf)
         return self.top_val[:, self.k - 1]
 
     def threshold(self, kth: torch.Tensor | None = None) -> torch.Tensor:
-        """The lowest score still in the band: the k-th best so far (or ``kth``), raised to the floor, less the
-        slack."""
-        kth = self.kth() if kth is None else kth
-        return (kth if self.floor is None else torch.maximum(kth, self.floor)) - self.slack
+        """The lowest score still in the band: the k-th best so far (or ``kth``) less 2·e(q), raised to the floor
+        less e(q)."""
+        running = (self.kth() if kth is None else kth) - 2 * self.error
+        return running if self.floor is None else torch.maximum(running, self.floor - self.error)
 
     def limit(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The threshold rounded down to the scores' dtype (``_round_down``), or None before the first block: its
@@ -71,7 +73,7 @@ class Band:
         self.pending.append((rows, val, (cols if order is None else order.index_select(0, cols)) + start))
         self.pending_count += len(rows)
         self.taken += len(rows)
-        if self.top_val is None or self.pending_count >= MERGE_PER_QUERY * len(self.slack):
+        if self.top_val is None or self.pending_count >= MERGE_PER_QUERY * len(self.error):
             self.flush()
 
     def flush(self) -> None:
@@ -82,7 +84,7 @@ class Band:
         rows, val, pos = (torch.cat([part[i] for part in self.pending]) for i in range(3))
         self.pending, self.pending_count = [], 0
         better = val > self.kth().index_select(0, rows)
-        contest_val, contest_pos = _padded(rows[better], val[better], pos[better], len(self.slack))
+        contest_val, contest_pos = _padded(rows[better], val[better], pos[better], len(self.error))
         if self.top_val is not None:
             contest_val = torch.cat([self.top_val, contest_val], dim=1)
             contest_pos = torch.cat([self.top_pos, contest_pos], dim=1)
@@ -101,7 +103,7 @@ class Band:
     def _cap(self) -> None:
         rows, val, pos = self.rest
         room = max(self.cap - self.k, 0)
-        counts = torch.bincount(rows, minlength=len(self.slack))
+        counts = torch.bincount(rows, minlength=len(self.error))
         if not len(rows) or int(counts.max()) <= room:
             return
         order = torch.argsort(rows.double() * 8 - val.double())  # by query, then best first (|val| < 4)
@@ -115,7 +117,7 @@ class Band:
         """The band's scores (the best first, -inf past each query's band) and positions, padded to the widest
         band, and the widths."""
         self.flush()
-        rest_val, rest_pos = _padded(*self.rest, len(self.slack))
+        rest_val, rest_pos = _padded(*self.rest, len(self.error))
         val = torch.cat([self.top_val, rest_val], dim=1)
         pos = torch.cat([self.top_pos, rest_pos], dim=1)
         valid = val > -torch.inf

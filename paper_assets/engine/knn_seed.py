@@ -1,14 +1,14 @@
-"""A floor under each query's k-th best score before the device search (``device_knn``) streams its first prior
-block, so that every block's threshold pass keeps about the final band instead of everything near the k-th best of
-the blocks seen so far.
+"""A floor under each query's k-th best fp32 cosine before the device search (``device_knn``) streams its first
+prior block, so that every block's threshold pass keeps about the final band instead of everything near the k-th
+best of the blocks seen so far.
 
 The priors are assigned to the nearest of ``CENTROIDS`` k-means centroids (a coarse quantiser trained once on a
-sample of the index); a query's floor comes from the ``MEMBERS`` latest priors of its nearest centroid: their fp32
-cosines, the k-th best c, minus the error bound e(q) and the fp32 product's own error. Those are k distinct earlier
-papers whose search scores are at least c − e, so the k-th best score of the whole search is at least the floor:
-the band, which keeps the scores within 2·e(q) of max(k-th best so far, floor), loses nothing. Members come only
-from positions before the search's end, so a floor is valid for any call order; a query whose centroid has fewer
-than k such members gets no floor.
+sample of the index); a query's floor comes from the ``MEMBERS`` latest priors of its nearest centroid: the k-th best
+of their fp32 cosines, less the fp32 product's own error. Those are k distinct earlier papers with cosines of at
+least the floor, so the query's k-th best cosine over all the priors is at least the floor too, and a paper scored
+below the floor less e(q) cannot be among its k nearest (``knn_band``). Members come only from positions before the
+search's end, so a floor is valid for any call order; a query whose centroid has fewer than k such members gets no
+floor.
 """
 
 from __future__ import annotations
@@ -62,9 +62,9 @@ class SeedFloors:
         nearest = torch.argmax(rows @ self.centroids.to(rows.device, rows.dtype).T, dim=1)
         self.assigned[start:start + len(rows)] = nearest.cpu().numpy().astype(np.int16)
 
-    def floors(self, queries: torch.Tensor, bound: torch.Tensor, end: int, k: int) -> torch.Tensor:
-        """Per query (fp32 rows on the CPU) a floor under its k-th best search score among ``priors[:end]``
-        (-inf where none is known); ``bound``: e(q) per query."""
+    def floors(self, queries: torch.Tensor, end: int, k: int) -> torch.Tensor:
+        """Per query (fp32 rows on the CPU) a floor under its k-th best fp32 cosine among ``priors[:end]`` (-inf
+        where none is known)."""
         floor = torch.full((len(queries),), -torch.inf)
         assigned = self.assigned[:end]
         known = np.flatnonzero(assigned >= 0)
@@ -84,4 +84,4 @@ class SeedFloors:
             cosines = queries.index_select(0, rows) @ members.T
             kth = torch.topk(cosines, k, dim=1).values[:, -1]
             floor[rows] = kth - accumulation[rows] * float(members.norm(dim=1).max())
-        return floor - bound.cpu()
+        return floor
